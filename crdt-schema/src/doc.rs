@@ -1,0 +1,387 @@
+//! The Automerge layout of an entity document, identical on every node.
+//!
+//! Root map:
+//! - `_kind`, `_name`: strings written by the genesis change.
+//! - `_alive`: boolean register; absent or false means deleted (a tombstone). A create writes
+//!   true, a delete writes false, and a field update does not touch it, so a delete concurrent
+//!   with an update leaves the entity deleted (the update is kept underneath and comes back if
+//!   the entity is created again and the field is not replaced).
+//! - one key per field. Registers hold a scalar; sets are maps `item -> true` and texts are
+//!   Automerge text objects, both created by the genesis change so that no two nodes ever create
+//!   the same nested object concurrently (which would make one side's items vanish).
+//!
+//! The genesis change uses a fixed actor and timestamp 0, so every node that creates `(kind,
+//! name)` produces the byte-identical first change, and concurrent creations merge field by field.
+
+use crate::validate::{cert_info, FieldValue};
+use crate::{Kind, Merge, Type};
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{ActorId, AutoCommit, AutomergeError, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+use serde_json::{json, Map, Value as Json};
+use std::collections::BTreeSet;
+
+/// The actor of every genesis change. No node ever uses it for anything else.
+pub const GENESIS_ACTOR: [u8; 16] = *b"peerconf-genesis";
+const ALIVE: &str = "_alive";
+
+/// A fresh document for `(kind, name)`, holding only the genesis change. Its actor is still the
+/// genesis actor: call [`AutoCommit::set_actor`] with the node's actor before any write.
+pub fn genesis(kind: Kind, name: &str) -> AutoCommit {
+    let mut doc = AutoCommit::new().with_actor(ActorId::from(GENESIS_ACTOR.as_slice()));
+    (|| -> Result<(), AutomergeError> {
+        doc.put(ROOT, "_kind", kind.as_str())?;
+        doc.put(ROOT, "_name", name)?;
+        for field in kind.fields() {
+            match field.merge {
+                Merge::AddWinsSet => {
+                    doc.put_object(ROOT, field.name, ObjType::Map)?;
+                }
+                Merge::Text => {
+                    doc.put_object(ROOT, field.name, ObjType::Text)?;
+                }
+                Merge::Register => {}
+            }
+        }
+        Ok(())
+    })()
+    .expect("genesis writes to a new document cannot fail");
+    doc.commit_with(CommitOptions::default().with_message("genesis").with_time(0));
+    doc
+}
+
+/// Who made a change and why: stored as the change message, read back by [`history`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChangeNote {
+    pub node: String,
+    pub op: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fields: Vec<String>,
+}
+
+/// What one write does to a document.
+#[derive(Debug, Clone)]
+pub struct Edit<'a> {
+    /// Some(true) to create, Some(false) to delete, None to leave as is.
+    pub alive: Option<bool>,
+    /// Values already validated; secrets already turned into what is stored.
+    pub values: &'a [(&'static crate::Field, FieldValue)],
+}
+
+/// Applies an edit as one change stamped with `note` and `time_ms`. Unchanged values are not
+/// written (so history shows real changes), except where a field holds conflicting values: then
+/// the write resolves the conflict. Returns the names of the fields written, and whether a change
+/// was made at all.
+pub fn apply(
+    doc: &mut AutoCommit,
+    kind: Kind,
+    edit: &Edit<'_>,
+    note: &ChangeNote,
+    time_ms: i64,
+) -> Result<Vec<String>, AutomergeError> {
+    let mut written = Vec::new();
+    if let Some(alive) = edit.alive {
+        let cur = doc.get_all(ROOT, ALIVE)?;
+        if cur.len() != 1 || scalar(&cur[0].0) != Some(&ScalarValue::Boolean(alive)) {
+            doc.put(ROOT, ALIVE, alive)?;
+            written.push(ALIVE.to_string());
+        }
+    }
+    for (field, value) in edit.values {
+        if write_field(doc, kind, field, value)? {
+            written.push(field.name.to_string());
+        }
+    }
+    if written.is_empty() {
+        return Ok(written);
+    }
+    let mut note = note.clone();
+    note.fields = written.iter().filter(|f| *f != ALIVE).cloned().collect();
+    let msg = serde_json::to_string(&note).unwrap_or_default();
+    doc.commit_with(CommitOptions::default().with_message(msg).with_time(time_ms));
+    Ok(written)
+}
+
+fn scalar<'a>(v: &'a Value<'_>) -> Option<&'a ScalarValue> {
+    match v {
+        Value::Scalar(s) => Some(s.as_ref()),
+        Value::Object(_) => None,
+    }
+}
+
+fn to_scalar(value: &FieldValue) -> Option<ScalarValue> {
+    match value {
+        FieldValue::Bool(b) => Some(ScalarValue::Boolean(*b)),
+        FieldValue::Int(i) => Some(ScalarValue::Int(*i)),
+        FieldValue::Str(s) | FieldValue::Secret(s) => Some(ScalarValue::Str(s.as_str().into())),
+        _ => None,
+    }
+}
+
+fn write_field(
+    doc: &mut AutoCommit,
+    _kind: Kind,
+    field: &crate::Field,
+    value: &FieldValue,
+) -> Result<bool, AutomergeError> {
+    match field.merge {
+        Merge::Register => {
+            let cur = doc.get_all(ROOT, field.name)?;
+            match value {
+                FieldValue::Reset => {
+                    if cur.is_empty() {
+                        return Ok(false);
+                    }
+                    doc.delete(ROOT, field.name)?;
+                }
+                v => {
+                    let new = to_scalar(v).ok_or(AutomergeError::InvalidOp(ObjType::Map))?;
+                    if cur.len() == 1 && scalar(&cur[0].0) == Some(&new) {
+                        return Ok(false);
+                    }
+                    doc.put(ROOT, field.name, new)?;
+                }
+            }
+            Ok(true)
+        }
+        Merge::AddWinsSet => {
+            let obj = container(doc, field.name, ObjType::Map)?;
+            let want = match value {
+                FieldValue::Set(s) => s.clone(),
+                _ => BTreeSet::new(),
+            };
+            let have: BTreeSet<String> = doc.keys(&obj).collect();
+            let mut changed = false;
+            for gone in have.difference(&want) {
+                doc.delete(&obj, gone.as_str())?;
+                changed = true;
+            }
+            for new in want.difference(&have) {
+                doc.put(&obj, new.as_str(), true)?;
+                changed = true;
+            }
+            Ok(changed)
+        }
+        Merge::Text => {
+            let obj = container(doc, field.name, ObjType::Text)?;
+            let want = match value {
+                FieldValue::Text(s) => s.as_str(),
+                _ => "",
+            };
+            if doc.text(&obj)? == want {
+                return Ok(false);
+            }
+            doc.update_text(&obj, want)?;
+            Ok(true)
+        }
+    }
+}
+
+/// The genesis-created container of a set or text field.
+fn container(
+    doc: &AutoCommit,
+    name: &str,
+    ty: ObjType,
+) -> Result<automerge::ObjId, AutomergeError> {
+    match doc.get(ROOT, name)? {
+        Some((Value::Object(t), id)) if t == ty => Ok(id),
+        _ => Err(AutomergeError::InvalidOp(ty)),
+    }
+}
+
+/// An entity as read from its document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntityState {
+    pub kind: Kind,
+    pub name: String,
+    pub alive: bool,
+    /// Every public field, defaults filled in, derived fields computed. Secrets are absent.
+    pub fields: Map<String, Json>,
+    /// Names of the secret fields that hold a value.
+    pub secrets_set: Vec<String>,
+    /// Fields whose concurrent writes have not been resolved: every value, winner first.
+    pub conflicts: Map<String, Json>,
+}
+
+impl EntityState {
+    /// The public JSON form served by every read path.
+    pub fn to_json(&self) -> Json {
+        let mut o = Map::new();
+        o.insert("kind".into(), json!(self.kind.as_str()));
+        o.insert("name".into(), json!(self.name));
+        o.insert("fields".into(), Json::Object(self.fields.clone()));
+        if !self.secrets_set.is_empty() {
+            o.insert("secrets_set".into(), json!(self.secrets_set));
+        }
+        if !self.conflicts.is_empty() {
+            o.insert("conflicts".into(), Json::Object(self.conflicts.clone()));
+        }
+        Json::Object(o)
+    }
+}
+
+/// Reads the entity out of its document. Secret values never leave this function: only whether
+/// they are set.
+pub fn read(doc: &AutoCommit, kind: Kind, name: &str) -> Result<EntityState, AutomergeError> {
+    let alive = matches!(
+        doc.get(ROOT, ALIVE)?,
+        Some((Value::Scalar(s), _)) if s.as_ref() == &ScalarValue::Boolean(true)
+    );
+    let mut fields = Map::new();
+    let mut secrets_set = Vec::new();
+    let mut conflicts = Map::new();
+    for field in kind.fields() {
+        if field.read_only {
+            continue;
+        }
+        match field.merge {
+            Merge::Register => {
+                let all = doc.get_all(ROOT, field.name)?;
+                if field.secret {
+                    if !all.is_empty() {
+                        secrets_set.push(field.name.to_string());
+                    }
+                    continue;
+                }
+                let winner = match doc.get(ROOT, field.name)? {
+                    Some((v, _)) => scalar(&v).and_then(scalar_json),
+                    None => None,
+                };
+                if all.len() > 1 {
+                    let mut distinct: Vec<Json> = winner.iter().cloned().collect();
+                    for v in all.iter().filter_map(|(v, _)| scalar(v).and_then(scalar_json)) {
+                        if !distinct.contains(&v) {
+                            distinct.push(v);
+                        }
+                    }
+                    if distinct.len() > 1 {
+                        conflicts.insert(field.name.into(), Json::Array(distinct));
+                    }
+                }
+                if let Some(v) = winner.or_else(|| field.default.to_json()) {
+                    fields.insert(field.name.into(), v);
+                }
+            }
+            Merge::AddWinsSet => {
+                let items: Vec<Json> = match doc.get(ROOT, field.name)? {
+                    Some((Value::Object(ObjType::Map), obj)) => {
+                        doc.keys(&obj).map(Json::String).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                fields.insert(field.name.into(), Json::Array(items));
+            }
+            Merge::Text => {
+                let text = match doc.get(ROOT, field.name)? {
+                    Some((Value::Object(ObjType::Text), obj)) => doc.text(&obj)?,
+                    _ => String::new(),
+                };
+                fields.insert(field.name.into(), Json::String(text));
+            }
+        }
+    }
+    if kind == Kind::Certificate {
+        if let Some((subject, not_after, fp)) = fields
+            .get("cert_pem")
+            .and_then(Json::as_str)
+            .and_then(|pem| cert_info(pem).ok())
+        {
+            fields.insert("subject".into(), json!(subject));
+            fields.insert("not_after".into(), json!(not_after));
+            fields.insert("fingerprint".into(), json!(fp));
+        }
+    }
+    Ok(EntityState {
+        kind,
+        name: name.to_string(),
+        alive,
+        fields,
+        secrets_set,
+        conflicts,
+    })
+}
+
+/// The stored value of a secret register (a password hash, a private key). For the embedding
+/// server's own use (checking a login, loading a key); no read path of peerconf calls it.
+pub fn read_secret(doc: &AutoCommit, field: &str) -> Option<String> {
+    match doc.get(ROOT, field).ok()?? {
+        (Value::Scalar(s), _) => match s.as_ref() {
+            ScalarValue::Str(s) => Some(s.to_string()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn scalar_json(s: &ScalarValue) -> Option<Json> {
+    match s {
+        ScalarValue::Boolean(b) => Some(json!(b)),
+        ScalarValue::Int(i) => Some(json!(i)),
+        ScalarValue::Uint(u) => Some(json!(u)),
+        ScalarValue::Str(s) => Some(json!(s.as_str())),
+        _ => None,
+    }
+}
+
+/// One entry of an entity's history.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HistoryEntry {
+    pub hash: String,
+    pub actor: String,
+    pub seq: u64,
+    pub time_ms: i64,
+    pub node: Option<String>,
+    pub op: Option<String>,
+    pub fields: Vec<String>,
+}
+
+/// Every change of the document after genesis, in causal order.
+pub fn history(doc: &mut AutoCommit) -> Vec<HistoryEntry> {
+    let genesis = ActorId::from(GENESIS_ACTOR.as_slice());
+    doc.get_changes_meta(&[])
+        .into_iter()
+        .filter(|c| *c.actor != genesis)
+        .map(|c| {
+            let note: Option<ChangeNote> = c
+                .message
+                .as_deref()
+                .and_then(|m| serde_json::from_str(m).ok());
+            HistoryEntry {
+                hash: c.hash.to_string(),
+                actor: c.actor.to_hex_string(),
+                seq: c.seq,
+                time_ms: c.timestamp,
+                node: note.as_ref().map(|n| n.node.clone()),
+                op: note.as_ref().map(|n| n.op.clone()),
+                fields: note.map(|n| n.fields).unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// Checks that a document has the layout of `(kind, name)`: a peer cannot plant a document under
+/// another entity's ID, nor replace a genesis container.
+pub fn check_layout(doc: &AutoCommit, kind: Kind, name: &str) -> Result<(), String> {
+    let str_at = |key: &str| match doc.get(ROOT, key) {
+        Ok(Some((Value::Scalar(s), _))) => match s.as_ref() {
+            ScalarValue::Str(s) => Some(s.to_string()),
+            _ => None,
+        },
+        _ => None,
+    };
+    if str_at("_kind").as_deref() != Some(kind.as_str()) || str_at("_name").as_deref() != Some(name)
+    {
+        return Err(format!("document is not {kind}/{name}"));
+    }
+    for field in kind.fields() {
+        let want = match field.ty {
+            Type::Set { .. } => ObjType::Map,
+            Type::Text { .. } => ObjType::Text,
+            _ => continue,
+        };
+        match doc.get_all(ROOT, field.name) {
+            Ok(v) if v.len() == 1 && matches!(v[0].0, Value::Object(t) if t == want) => {}
+            _ => return Err(format!("{kind}.{}: container replaced", field.name)),
+        }
+    }
+    Ok(())
+}
