@@ -1,0 +1,239 @@
+//! The admin HTTP API (JSON). Served on the node's API address, loopback by default.
+//!
+//! Every request passes the `authorize` layer, which attaches the [`Principal`] making it. Until
+//! admin authentication lands every caller of the (loopback) listener is the local operator; the
+//! accounts will come from this very store (`admin` kind), and handlers already receive the
+//! principal, so authentication slots in at that one layer.
+
+use crate::core::entity::WriteError;
+use crate::node::{Error, Node};
+use crate::store::StoreError;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use crdt_schema::{Kind, SchemaError};
+use serde_json::{json, Value};
+
+/// Largest request body: a script of 1 MiB as JSON, escaped, with room to spare.
+pub const BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Who is making a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// A caller of the node's own API listener, trusted as the operator of this node.
+    LocalOperator,
+}
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub node: Node,
+}
+
+pub fn router(node: Node) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/v1/node", get(node_info))
+        .route("/v1/schema", get(schema_all))
+        .route("/v1/schema/{kind}", get(schema_kind))
+        .route("/v1/entities/{kind}", get(list))
+        .route(
+            "/v1/entities/{kind}/{name}",
+            get(get_entity)
+                .put(put_entity)
+                .patch(patch_entity)
+                .delete(delete_entity),
+        )
+        .route("/v1/entities/{kind}/{name}/history", get(history))
+        .route("/v1/conflicts", get(conflicts))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API route".into())
+        })
+        .layer(middleware::from_fn(authorize))
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(ApiState { node })
+}
+
+async fn authorize(mut req: Request, next: Next) -> Response {
+    req.extensions_mut().insert(Principal::LocalOperator);
+    next.run(req).await
+}
+
+/// An error answer: `{"error": {"code", "message", "kind"?, "field"?}}`.
+pub struct ApiError {
+    status: StatusCode,
+    body: Value,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: String) -> ApiError {
+        ApiError {
+            status,
+            body: json!({"error": {"code": code, "message": message}}),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<SchemaError> for ApiError {
+    fn from(e: SchemaError) -> Self {
+        let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string());
+        if let Some(f) = e.field() {
+            err.body["error"]["field"] = json!(f);
+        }
+        if let SchemaError::UnknownKind { .. } = e {
+            err.body["error"]["code"] = json!("unknown_kind");
+        }
+        err
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Write(WriteError::Schema(s)) => s.into(),
+            Error::Write(WriteError::NotFound { kind, name }) => {
+                let mut err = ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("{kind} {name:?} not found"),
+                );
+                err.body["error"]["kind"] = json!(kind.as_str());
+                err
+            }
+            Error::Write(e @ WriteError::MissingReference { .. }) => {
+                let field = match &e {
+                    WriteError::MissingReference { field, .. } => field.clone(),
+                    _ => unreachable!(),
+                };
+                let mut err =
+                    ApiError::new(StatusCode::BAD_REQUEST, "missing_reference", e.to_string());
+                err.body["error"]["field"] = json!(field);
+                err
+            }
+            Error::ShuttingDown => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                e.to_string(),
+            ),
+            Error::Store(StoreError::Corrupt(_)) | Error::Store(_) | Error::Write(_) => {
+                tracing::error!(error = %e, "request failed");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            }
+            other => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                other.to_string(),
+            ),
+        }
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn json_body(bytes: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("request body is not valid JSON: {e}"),
+        )
+    })
+}
+
+fn kind(s: &str) -> Result<Kind, ApiError> {
+    Ok(Kind::parse(s)?)
+}
+
+async fn node_info(State(st): State<ApiState>) -> ApiResult {
+    let c = st.node.config();
+    Ok(Json(json!({
+        "id": c.node_id,
+        "name": c.name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "schema_version": crdt_schema::SCHEMA_VERSION,
+        "api_listen": c.api_listen.to_string(),
+        "ipc_listen": c.ipc_listen.to_string(),
+    }))
+    .into_response())
+}
+
+async fn schema_all() -> ApiResult {
+    Ok(Json(crdt_schema::schema_json(None)).into_response())
+}
+
+async fn schema_kind(Path(k): Path<String>) -> ApiResult {
+    Ok(Json(crdt_schema::schema_json(Some(kind(&k)?))).into_response())
+}
+
+async fn list(State(st): State<ApiState>, Path(k): Path<String>) -> ApiResult {
+    let k = kind(&k)?;
+    let node = st.node.clone();
+    let body = tokio::task::spawn_blocking(move || node.list_json(k))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+async fn get_entity(State(st): State<ApiState>, Path((k, name)): Path<(String, String)>) -> ApiResult {
+    let k = kind(&k)?;
+    match st.node.get(k, &name)? {
+        Some(v) => Ok(Json(v).into_response()),
+        None => Err(Error::not_found(k, &name).into()),
+    }
+}
+
+async fn put_entity(
+    State(st): State<ApiState>,
+    Extension(_who): Extension<Principal>,
+    Path((k, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let k = kind(&k)?;
+    let v = json_body(&body)?;
+    Ok(Json(st.node.put(k, &name, v).await?).into_response())
+}
+
+async fn patch_entity(
+    State(st): State<ApiState>,
+    Extension(_who): Extension<Principal>,
+    Path((k, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let k = kind(&k)?;
+    let v = json_body(&body)?;
+    Ok(Json(st.node.patch(k, &name, v).await?).into_response())
+}
+
+async fn delete_entity(
+    State(st): State<ApiState>,
+    Extension(_who): Extension<Principal>,
+    Path((k, name)): Path<(String, String)>,
+) -> ApiResult {
+    let k = kind(&k)?;
+    st.node.delete(k, &name).await?;
+    Ok(Json(json!({"deleted": {"kind": k.as_str(), "name": name}})).into_response())
+}
+
+async fn history(State(st): State<ApiState>, Path((k, name)): Path<(String, String)>) -> ApiResult {
+    let k = kind(&k)?;
+    let h = st.node.history(k, &name)?;
+    Ok(Json(json!({"kind": k.as_str(), "name": name, "changes": h})).into_response())
+}
+
+async fn conflicts(State(st): State<ApiState>) -> ApiResult {
+    let node = st.node.clone();
+    let c = tokio::task::spawn_blocking(move || node.conflicts())
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+    Ok(Json(json!({"conflicts": c})).into_response())
+}

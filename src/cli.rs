@@ -1,0 +1,206 @@
+//! The `peerconf` command line: node commands (init, run) and admin commands that talk to a
+//! running node's API. The admin commands never open the database themselves.
+
+use crate::client::{seg, ApiClient, CallError};
+use crate::node::{InitOptions, Node, NodeOptions, DEFAULT_API_LISTEN, DEFAULT_IPC_LISTEN};
+use clap::{Parser, Subcommand};
+use hyper::Method;
+use serde_json::Value;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "peerconf", version, about = "Replicated configuration store for active/active server clusters")]
+pub struct Cli {
+    /// URL of the node's admin API.
+    #[arg(long, global = true, env = "PEERCONF_API", default_value = "http://127.0.0.1:7700")]
+    pub api: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a node in a new data directory and print its node ID.
+    Init {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Human-readable node name (default: derived from the node ID).
+        #[arg(long)]
+        name: Option<String>,
+        /// Address of the admin API.
+        #[arg(long, default_value = DEFAULT_API_LISTEN)]
+        api_listen: SocketAddr,
+        /// Address of the peer-to-peer (IPC) port.
+        #[arg(long, default_value = DEFAULT_IPC_LISTEN)]
+        ipc_listen: SocketAddr,
+    },
+    /// Run the node in DIR until SIGINT or SIGTERM.
+    Run {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// List every entity of a kind.
+    List { kind: String },
+    /// Show one entity.
+    Get { kind: String, name: String },
+    /// Create or replace an entity (fields as JSON, from --json or stdin).
+    Put {
+        kind: String,
+        name: String,
+        #[arg(long)]
+        json: Option<String>,
+    },
+    /// Change some fields of an entity (a JSON merge patch, from --json or stdin).
+    Patch {
+        kind: String,
+        name: String,
+        #[arg(long)]
+        json: Option<String>,
+    },
+    /// Delete an entity.
+    Delete { kind: String, name: String },
+    /// Show the changes of an entity: who, when, which fields.
+    History { kind: String, name: String },
+    /// List entities whose fields hold unresolved concurrent values.
+    Conflicts,
+    /// Show the schema, of every kind or of one.
+    Schema { kind: Option<String> },
+    /// Measure this machine.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Load N users into a fresh node: writes/s, write latency, listing time, peak RSS.
+    Store {
+        #[arg(long, default_value_t = 100_000)]
+        entities: usize,
+        /// Concurrent writers.
+        #[arg(long, default_value_t = 64)]
+        writers: usize,
+    },
+}
+
+fn body_arg(json: Option<String>) -> Result<Vec<u8>, CallError> {
+    let text = match json {
+        Some(j) => j,
+        None => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| CallError(format!("reading JSON from stdin: {e}")))?;
+            s
+        }
+    };
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| CallError(format!("the fields are not valid JSON: {e}")))?;
+    Ok(serde_json::to_vec(&v).expect("json serializes"))
+}
+
+fn kind_arg(kind: &str) -> Result<String, CallError> {
+    crdt_schema::Kind::parse(kind)
+        .map(|k| k.as_str().to_string())
+        .map_err(|e| CallError(e.to_string()))
+}
+
+/// Runs a command; returns the process exit code.
+pub fn main(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Init {
+            data_dir,
+            name,
+            api_listen,
+            ipc_listen,
+        } => {
+            let opts = InitOptions {
+                name,
+                api_listen,
+                ipc_listen,
+            };
+            Node::init(&data_dir, &opts, &NodeOptions::default())
+                .map(|cfg| {
+                    eprintln!(
+                        "initialised node {} ({}) in {}; start it with: peerconf run --data-dir {}",
+                        cfg.name,
+                        cfg.node_id,
+                        data_dir.display(),
+                        data_dir.display()
+                    );
+                    println!("{}", cfg.node_id);
+                })
+                .map_err(|e| e.to_string())
+        }
+        Command::Run { data_dir } => runtime().and_then(|rt| {
+            rt.block_on(crate::daemon::run(&data_dir, crate::daemon::stop_signal()))
+        }),
+        Command::Bench { what } => match what {
+            BenchCommand::Store { entities, writers } => {
+                runtime().and_then(|rt| rt.block_on(crate::bench::store(entities, writers)))
+            }
+        },
+        admin => runtime().and_then(|rt| {
+            rt.block_on(admin_command(&cli.api, admin))
+                .map(|v| {
+                    println!("{}", serde_json::to_string_pretty(&v).expect("json serializes"));
+                })
+                .map_err(|e| e.0)
+        }),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            1
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+async fn admin_command(api: &str, cmd: Command) -> Result<Value, CallError> {
+    let c = ApiClient::new(api)?;
+    let entity = |k: &str, n: &str| -> Result<String, CallError> {
+        Ok(format!("/v1/entities/{}/{}", kind_arg(k)?, seg(n)))
+    };
+    match cmd {
+        Command::List { kind } => {
+            c.call(Method::GET, &format!("/v1/entities/{}", kind_arg(&kind)?), None)
+                .await
+        }
+        Command::Get { kind, name } => c.call(Method::GET, &entity(&kind, &name)?, None).await,
+        Command::Put { kind, name, json } => {
+            let path = entity(&kind, &name)?;
+            c.call(Method::PUT, &path, Some(body_arg(json)?)).await
+        }
+        Command::Patch { kind, name, json } => {
+            let path = entity(&kind, &name)?;
+            c.call(Method::PATCH, &path, Some(body_arg(json)?)).await
+        }
+        Command::Delete { kind, name } => c.call(Method::DELETE, &entity(&kind, &name)?, None).await,
+        Command::History { kind, name } => {
+            c.call(Method::GET, &format!("{}/history", entity(&kind, &name)?), None)
+                .await
+        }
+        Command::Conflicts => c.call(Method::GET, "/v1/conflicts", None).await,
+        Command::Schema { kind } => {
+            let path = match kind {
+                Some(k) => format!("/v1/schema/{}", kind_arg(&k)?),
+                None => "/v1/schema".to_string(),
+            };
+            c.call(Method::GET, &path, None).await
+        }
+        Command::Init { .. } | Command::Run { .. } | Command::Bench { .. } => {
+            unreachable!("handled by main")
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Executing one write against one entity document: validation, references, secrets, the edit
+//! itself. Pure: what it needs from the world (does a referenced entity exist, what is the password
+//! policy) comes through [`World`], and time and salt come as arguments.
+//!
+//! Invariant: when `execute` returns an error, the document is exactly as it was.
+
+use automerge::AutoCommit;
+use crdt_schema::doc::{self, ChangeNote, Edit, EntityState};
+use crdt_schema::{check_entity, Field, FieldValue, Kind, SchemaError, WriteMode};
+use serde_json::{Map, Value};
+
+/// What a write does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Create or replace: every field not named goes back to its default (secrets excepted).
+    Put(Value),
+    /// JSON merge patch (RFC 7386) of the fields: named fields change, `null` resets one.
+    Patch(Value),
+    /// Tombstone the entity.
+    Delete,
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Put(_) => "put",
+            Op::Patch(_) => "patch",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+/// Why a write was refused. In every case nothing stored was changed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: Kind, name: String },
+    #[error("{kind}.{field}: {target_kind} {target:?} does not exist")]
+    MissingReference {
+        kind: Kind,
+        field: String,
+        target_kind: Kind,
+        target: String,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The parts of the node's state a write depends on, besides its own document.
+pub trait World {
+    /// Whether the entity exists (alive) as of this write.
+    fn exists(&self, kind: Kind, name: &str) -> Result<bool, WriteError>;
+    /// `security/global.password_min_length`.
+    fn password_min_length(&self) -> Result<usize, WriteError>;
+}
+
+/// Who writes and when.
+pub struct Context<'a> {
+    pub node_id: &'a str,
+    /// Wall-clock time recorded in the change, for history only.
+    pub wall_ms: i64,
+    /// Fresh random salt for password hashes, from the driver's seeded generator.
+    pub salt: [u8; 16],
+}
+
+/// The result of a write: the entity as it now reads, and whether the document changed.
+#[derive(Debug)]
+pub struct Outcome {
+    pub state: EntityState,
+    pub changed: bool,
+}
+
+/// Accepts both a bare fields object and the wrapped form every read returns
+/// (`{"kind", "name", "fields", ...}`), so `get | edit | put` works. Read-only fields of a wrapped
+/// body are dropped: they are derived, and echoing them back is not an attempt to write them.
+fn unwrap_body(kind: Kind, body: &Value) -> Value {
+    if let Some(o) = body.as_object() {
+        let wrapper_keys = ["kind", "name", "fields", "secrets_set", "conflicts"];
+        if let Some(Value::Object(fields)) = o.get("fields") {
+            if o.keys().all(|k| wrapper_keys.contains(&k.as_str())) {
+                let mut f = fields.clone();
+                f.retain(|k, _| !kind.field(k).is_some_and(|f| f.read_only));
+                return Value::Object(f);
+            }
+        }
+    }
+    body.clone()
+}
+
+pub fn execute(
+    doc: &mut AutoCommit,
+    kind: Kind,
+    name: &str,
+    op: &Op,
+    world: &dyn World,
+    ctx: &Context<'_>,
+) -> Result<Outcome, WriteError> {
+    crdt_schema::validate_name(kind, name)?;
+    let internal = |e: automerge::AutomergeError| WriteError::Internal(e.to_string());
+    let current = doc::read(doc, kind, name).map_err(internal)?;
+    let not_found = || WriteError::NotFound {
+        kind,
+        name: name.to_string(),
+    };
+    let (alive, mut values) = match op {
+        Op::Put(body) => {
+            let body = unwrap_body(kind, body);
+            let v = crdt_schema::validate_write(kind, &body, WriteMode::Put, current.alive)?;
+            (Some(true), v)
+        }
+        Op::Patch(body) => {
+            if !current.alive {
+                return Err(not_found());
+            }
+            let body = unwrap_body(kind, body);
+            (
+                None,
+                crdt_schema::validate_write(kind, &body, WriteMode::Patch, true)?,
+            )
+        }
+        Op::Delete => {
+            if !current.alive {
+                return Err(not_found());
+            }
+            (Some(false), Vec::new())
+        }
+    };
+    check_references(kind, &values, world)?;
+    check_entity(kind, &view_after(&current, &values))?;
+    for (field, value) in values.iter_mut() {
+        if let FieldValue::Secret(clear) = value {
+            if field.name == "password" {
+                let min = world.password_min_length()?;
+                if clear.chars().count() < min {
+                    return Err(SchemaError::Constraint {
+                        kind,
+                        field: field.name.into(),
+                        value: "(secret)".into(),
+                        rule: format!(
+                            "must be at least {min} characters (security.password_min_length)"
+                        ),
+                    }
+                    .into());
+                }
+                *value = FieldValue::Secret(hash_password(clear, &ctx.salt)?);
+            }
+        }
+    }
+    let note = ChangeNote {
+        node: ctx.node_id.to_string(),
+        op: op.name().to_string(),
+        fields: Vec::new(),
+    };
+    let edit = Edit {
+        alive,
+        values: &values,
+    };
+    let written = match doc::apply(doc, kind, &edit, &note, ctx.wall_ms) {
+        Ok(w) => w,
+        Err(e) => {
+            doc.rollback();
+            return Err(internal(e));
+        }
+    };
+    let state = if written.is_empty() {
+        current
+    } else {
+        doc::read(doc, kind, name).map_err(internal)?
+    };
+    Ok(Outcome {
+        state,
+        changed: !written.is_empty(),
+    })
+}
+
+fn check_references(
+    kind: Kind,
+    values: &[(&'static Field, FieldValue)],
+    world: &dyn World,
+) -> Result<(), WriteError> {
+    for (field, value) in values {
+        let Some(target_kind) = field.references() else {
+            continue;
+        };
+        let names: Vec<&String> = match value {
+            FieldValue::Str(s) => vec![s],
+            FieldValue::Set(s) => s.iter().collect(),
+            _ => vec![],
+        };
+        for target in names {
+            if !world.exists(target_kind, target)? {
+                return Err(WriteError::MissingReference {
+                    kind,
+                    field: field.name.into(),
+                    target_kind,
+                    target: target.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The public fields as they would read after the write (for rules across fields).
+fn view_after(current: &EntityState, values: &[(&'static Field, FieldValue)]) -> Map<String, Value> {
+    let mut view = if current.alive {
+        current.fields.clone()
+    } else {
+        Map::new()
+    };
+    for f in current.kind.fields() {
+        if let (false, Some(d)) = (view.contains_key(f.name), f.default.to_json()) {
+            view.insert(f.name.into(), d);
+        }
+    }
+    for (field, value) in values {
+        let v = match value {
+            FieldValue::Reset => field.default.to_json(),
+            FieldValue::Bool(b) => Some(Value::Bool(*b)),
+            FieldValue::Int(i) => Some(Value::from(*i)),
+            FieldValue::Str(s) | FieldValue::Text(s) => Some(Value::String(s.clone())),
+            FieldValue::Set(s) => Some(Value::Array(s.iter().cloned().map(Value::String).collect())),
+            FieldValue::Secret(_) => continue,
+        };
+        match v {
+            Some(v) => view.insert(field.name.into(), v),
+            None => view.remove(field.name),
+        };
+    }
+    view
+}
+
+/// argon2id with the library's default cost, in PHC string form.
+fn hash_password(clear: &str, salt: &[u8; 16]) -> Result<String, WriteError> {
+    use argon2::PasswordHasher;
+    argon2::Argon2::default()
+        .hash_password_with_salt(clear.as_bytes(), salt)
+        .map(|h: argon2::PasswordHash| h.to_string())
+        .map_err(|e| WriteError::Internal(format!("password hash: {e}")))
+}
+
+/// Checks a clear-text password against a stored hash (for the embedding server's logins).
+pub fn verify_password(clear: &str, stored_hash: &str) -> bool {
+    use argon2::PasswordVerifier;
+    argon2::PasswordHash::new(stored_hash)
+        .map(|h| {
+            argon2::Argon2::default()
+                .verify_password(clear.as_bytes(), &h)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}

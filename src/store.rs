@@ -1,0 +1,259 @@
+//! Durable storage in redb: saved documents, their incremental changes, the materialized index
+//! that answers reads and listings without loading documents, and node-local data.
+//!
+//! Invariants:
+//! - A document's bytes are `DOCS[id]` followed by `CHUNKS[(id, 0..n)]`, concatenated; together
+//!   they load as one Automerge document. `INDEX[id].chunks == n`.
+//! - `INDEX[id]` always describes the document as committed in the same transaction.
+//! - Nothing in `LOCAL` is ever sent to a peer.
+//! - Every commit is durable (`Durability::Immediate`, fsync) before it returns.
+
+use automerge::AutoCommit;
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("docs");
+const CHUNKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("chunks");
+const INDEX: TableDefinition<&str, &[u8]> = TableDefinition::new("index");
+const LOCAL: TableDefinition<&str, &[u8]> = TableDefinition::new("local");
+
+/// Incremental chunks kept per document before it is compacted into one full save: bounds the
+/// work of a load and the space of a long history.
+pub const CHUNKS_MAX: u32 = 32;
+/// redb page cache: the store must not grow with the entity count (100k entities in < 250 MB).
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+/// One row of the materialized index.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IndexEntry {
+    /// False for a tombstone: the document exists, the entity does not.
+    pub alive: bool,
+    /// Whether some field holds unresolved concurrent values.
+    pub conflicts: bool,
+    /// Incremental chunks stored after the full save.
+    pub chunks: u32,
+    /// SHA-256 over the sorted heads of the document (for the replication digest).
+    pub heads_hash: [u8; 32],
+    /// The entity's public JSON (never a secret), as served by reads.
+    pub json: Vec<u8>,
+}
+
+/// A storage failure. The operation that hit it changed nothing that was acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data directory {0} is already in use by another running peerconf node")]
+    InUse(String),
+    #[error("storage: {0}")]
+    Redb(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+macro_rules! redb_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Redb(e.to_string()) }
+        }
+    )*};
+}
+redb_err!(
+    redb::Error,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+fn encode_entry(e: &IndexEntry) -> Vec<u8> {
+    crate::core::wire::encode(e)
+}
+
+fn decode_entry(b: &[u8]) -> Result<IndexEntry, StoreError> {
+    crate::core::wire::decode(b).map_err(|e| StoreError::Corrupt(format!("index entry: {e}")))
+}
+
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database file. Fails with [`StoreError::InUse`] when another
+    /// process holds it.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    StoreError::InUse(path.parent().unwrap_or(path).display().to_string())
+                }
+                other => StoreError::Redb(other.to_string()),
+            })?;
+        let txn = db.begin_write()?;
+        {
+            txn.open_table(DOCS)?;
+            txn.open_table(CHUNKS)?;
+            txn.open_table(INDEX)?;
+            txn.open_table(LOCAL)?;
+        }
+        txn.commit()?;
+        Ok(Store { db })
+    }
+
+    pub fn write(&self) -> Result<WriteTxn, StoreError> {
+        Ok(WriteTxn {
+            txn: self.db.begin_write()?,
+        })
+    }
+
+    pub fn local_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(LOCAL)?;
+        Ok(t.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    pub fn index_get(&self, id: &str) -> Result<Option<IndexEntry>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(INDEX)?;
+        t.get(id)?.map(|v| decode_entry(v.value())).transpose()
+    }
+
+    /// Calls `f` with every index row whose ID starts with `prefix`, in ID order, from one
+    /// consistent snapshot.
+    pub fn index_scan(
+        &self,
+        prefix: &str,
+        mut f: impl FnMut(&str, IndexEntry),
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(INDEX)?;
+        for row in t.range(prefix..)? {
+            let (k, v) = row?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            f(k.value(), decode_entry(v.value())?);
+        }
+        Ok(())
+    }
+
+    /// Number of documents (alive or not).
+    pub fn doc_count(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(INDEX)?.len()?)
+    }
+
+    /// Loads a committed document.
+    pub fn load_doc(&self, id: &str) -> Result<Option<AutoCommit>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let docs = txn.open_table(DOCS)?;
+        let chunks = txn.open_table(CHUNKS)?;
+        load(&docs, &chunks, id)
+    }
+
+    /// The saved bytes of a committed document (full save followed by its chunks).
+    pub fn doc_bytes(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let docs = txn.open_table(DOCS)?;
+        let chunks = txn.open_table(CHUNKS)?;
+        bytes(&docs, &chunks, id)
+    }
+}
+
+fn bytes(
+    docs: &impl ReadableTable<&'static str, &'static [u8]>,
+    chunks: &impl ReadableTable<(&'static str, u32), &'static [u8]>,
+    id: &str,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let Some(full) = docs.get(id)? else {
+        return Ok(None);
+    };
+    let mut out = full.value().to_vec();
+    for row in chunks.range((id, 0u32)..=(id, u32::MAX))? {
+        out.extend_from_slice(row?.1.value());
+    }
+    Ok(Some(out))
+}
+
+fn load(
+    docs: &impl ReadableTable<&'static str, &'static [u8]>,
+    chunks: &impl ReadableTable<(&'static str, u32), &'static [u8]>,
+    id: &str,
+) -> Result<Option<AutoCommit>, StoreError> {
+    match bytes(docs, chunks, id)? {
+        None => Ok(None),
+        Some(b) => AutoCommit::load(&b)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(format!("document {id}: {e}"))),
+    }
+}
+
+/// One write transaction: every change of an effect batch goes into one, committed once.
+pub struct WriteTxn {
+    txn: redb::WriteTransaction,
+}
+
+impl WriteTxn {
+    pub fn index_get(&self, id: &str) -> Result<Option<IndexEntry>, StoreError> {
+        let t = self.txn.open_table(INDEX)?;
+        let r = t.get(id)?.map(|v| decode_entry(v.value())).transpose();
+        r
+    }
+
+    pub fn load_doc(&self, id: &str) -> Result<Option<AutoCommit>, StoreError> {
+        let docs = self.txn.open_table(DOCS)?;
+        let chunks = self.txn.open_table(CHUNKS)?;
+        load(&docs, &chunks, id)
+    }
+
+    /// Stores the changes of `doc` made since it was loaded or last stored, and its index row.
+    /// `entry.chunks` is set here.
+    pub fn put_doc(
+        &mut self,
+        id: &str,
+        doc: &mut AutoCommit,
+        mut entry: IndexEntry,
+    ) -> Result<(), StoreError> {
+        let prev = self.index_get(id)?;
+        let mut docs = self.txn.open_table(DOCS)?;
+        let mut chunks = self.txn.open_table(CHUNKS)?;
+        match prev {
+            Some(p) if p.chunks < CHUNKS_MAX => {
+                let inc = doc.save_incremental();
+                if !inc.is_empty() {
+                    chunks.insert((id, p.chunks), inc.as_slice())?;
+                    entry.chunks = p.chunks + 1;
+                } else {
+                    entry.chunks = p.chunks;
+                }
+            }
+            prev => {
+                // New document, or time to compact: one full save replaces every chunk.
+                docs.insert(id, doc.save().as_slice())?;
+                if let Some(p) = prev {
+                    for n in 0..p.chunks {
+                        chunks.remove((id, n))?;
+                    }
+                }
+                entry.chunks = 0;
+            }
+        }
+        let mut index = self.txn.open_table(INDEX)?;
+        index.insert(id, encode_entry(&entry).as_slice())?;
+        Ok(())
+    }
+
+    pub fn local_put(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.txn.open_table(LOCAL)?.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Commits durably (fsync) before returning.
+    pub fn commit(self) -> Result<(), StoreError> {
+        self.txn.commit()?;
+        Ok(())
+    }
+}
