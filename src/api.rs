@@ -51,7 +51,11 @@ pub fn router(node: Node) -> Router {
         .route("/v1/entities/{kind}/{name}/history", get(history))
         .route("/v1/conflicts", get(conflicts))
         .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API route".into())
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such API route".into(),
+            )
         })
         .layer(middleware::from_fn(authorize))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
@@ -180,11 +184,16 @@ async fn list(State(st): State<ApiState>, Path(k): Path<String>) -> ApiResult {
     let node = st.node.clone();
     let body = tokio::task::spawn_blocking(move || node.list_json(k))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-async fn get_entity(State(st): State<ApiState>, Path((k, name)): Path<(String, String)>) -> ApiResult {
+async fn get_entity(
+    State(st): State<ApiState>,
+    Path((k, name)): Path<(String, String)>,
+) -> ApiResult {
     let k = kind(&k)?;
     match st.node.get(k, &name)? {
         Some(v) => Ok(Json(v).into_response()),
@@ -234,6 +243,8 @@ async fn conflicts(State(st): State<ApiState>) -> ApiResult {
     let node = st.node.clone();
     let c = tokio::task::spawn_blocking(move || node.conflicts())
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
     Ok(Json(json!({"conflicts": c})).into_response())
 }

@@ -97,9 +97,16 @@ pub async fn store(n: usize, writers: usize) -> Result<(), String> {
     println!("  writes/s           {:>10.0}", n as f64 / load_s);
     println!("  write latency p50  {:>10.2} ms", percentile(&lat, 0.5));
     println!("  write latency p99  {:>10.2} ms", percentile(&lat, 0.99));
-    println!("  list all users     {:>10.1} ms ({} bytes)", list_ms, listed.len());
+    println!(
+        "  list all users     {:>10.1} ms ({} bytes)",
+        list_ms,
+        listed.len()
+    );
     println!("  peak RSS           {:>10.1} MB", peak as f64 / 1048576.0);
-    println!("  database file      {:>10.1} MB", db_bytes as f64 / 1048576.0);
+    println!(
+        "  database file      {:>10.1} MB",
+        db_bytes as f64 / 1048576.0
+    );
     println!("{report}");
     let _ = tokio::task::spawn_blocking(move || node.shutdown()).await;
     Ok(())

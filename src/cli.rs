@@ -11,10 +11,19 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "peerconf", version, about = "Replicated configuration store for active/active server clusters")]
+#[command(
+    name = "peerconf",
+    version,
+    about = "Replicated configuration store for active/active server clusters"
+)]
 pub struct Cli {
     /// URL of the node's admin API.
-    #[arg(long, global = true, env = "PEERCONF_API", default_value = "http://127.0.0.1:7700")]
+    #[arg(
+        long,
+        global = true,
+        env = "PEERCONF_API",
+        default_value = "http://127.0.0.1:7700"
+    )]
     pub api: String,
     #[command(subcommand)]
     pub command: Command,
@@ -146,7 +155,10 @@ pub fn main(cli: Cli) -> i32 {
         admin => runtime().and_then(|rt| {
             rt.block_on(admin_command(&cli.api, admin))
                 .map(|v| {
-                    println!("{}", serde_json::to_string_pretty(&v).expect("json serializes"));
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&v).expect("json serializes")
+                    );
                 })
                 .map_err(|e| e.0)
         }),
@@ -174,8 +186,12 @@ async fn admin_command(api: &str, cmd: Command) -> Result<Value, CallError> {
     };
     match cmd {
         Command::List { kind } => {
-            c.call(Method::GET, &format!("/v1/entities/{}", kind_arg(&kind)?), None)
-                .await
+            c.call(
+                Method::GET,
+                &format!("/v1/entities/{}", kind_arg(&kind)?),
+                None,
+            )
+            .await
         }
         Command::Get { kind, name } => c.call(Method::GET, &entity(&kind, &name)?, None).await,
         Command::Put { kind, name, json } => {
@@ -186,10 +202,16 @@ async fn admin_command(api: &str, cmd: Command) -> Result<Value, CallError> {
             let path = entity(&kind, &name)?;
             c.call(Method::PATCH, &path, Some(body_arg(json)?)).await
         }
-        Command::Delete { kind, name } => c.call(Method::DELETE, &entity(&kind, &name)?, None).await,
+        Command::Delete { kind, name } => {
+            c.call(Method::DELETE, &entity(&kind, &name)?, None).await
+        }
         Command::History { kind, name } => {
-            c.call(Method::GET, &format!("{}/history", entity(&kind, &name)?), None)
-                .await
+            c.call(
+                Method::GET,
+                &format!("{}/history", entity(&kind, &name)?),
+                None,
+            )
+            .await
         }
         Command::Conflicts => c.call(Method::GET, "/v1/conflicts", None).await,
         Command::Schema { kind } => {

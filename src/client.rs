@@ -43,7 +43,12 @@ impl ApiClient {
     }
 
     /// Sends a request; returns the JSON answer of a 2xx, or the error message the node gave.
-    pub async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Value, CallError> {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Value, CallError> {
         let url = format!("{}{}", self.base, path);
         let mut req = Request::builder().method(method).uri(&url);
         if body.is_some() {
@@ -69,9 +74,8 @@ impl ApiClient {
             .await
             .map_err(|e| CallError(format!("reading the answer from {}: {e}", self.base)))?
             .to_bytes();
-        let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-            Value::String(String::from_utf8_lossy(&bytes).trim().to_string())
-        });
+        let v: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).trim().to_string()));
         if status.is_success() {
             Ok(v)
         } else {
@@ -79,11 +83,13 @@ impl ApiClient {
                 .as_str()
                 .map(str::to_string)
                 .unwrap_or_else(|| format!("{status}: {v}"));
-            Err(CallError(if status == StatusCode::NOT_FOUND || status.is_client_error() {
-                msg
-            } else {
-                format!("{msg} ({status})")
-            }))
+            Err(CallError(
+                if status == StatusCode::NOT_FOUND || status.is_client_error() {
+                    msg
+                } else {
+                    format!("{msg} ({status})")
+                },
+            ))
         }
     }
 }

@@ -27,7 +27,10 @@ pub async fn stop_signal() {
 
 /// Runs the node in `dir` until `stop` resolves, then shuts down cleanly: the API stops taking
 /// requests, queued writes are committed, and the database is closed.
-pub async fn run(dir: &Path, stop: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), String> {
+pub async fn run(
+    dir: &Path,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
     let node = Node::open(dir, NodeOptions::default()).map_err(|e| e.to_string())?;
     let cfg = node.config().clone();
     let listener = tokio::net::TcpListener::bind(cfg.api_listen)

@@ -10,8 +10,10 @@ pub mod cli;
 pub mod client;
 pub mod core;
 pub mod daemon;
+pub mod fuzzing;
 pub mod node;
 pub mod store;
+pub mod time;
 
 pub use crdt_schema::{self as schema, typed, Kind};
 pub use node::{ChangeEvent, Error, InitOptions, Node, NodeConfig, NodeOptions, Origin};

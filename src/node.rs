@@ -8,9 +8,10 @@
 //!
 //! Reads never go through the driver: redb serves them from committed snapshots.
 
-use crate::core::clock::{Clock, SystemClock};
+use crate::core::clock::Clock;
 use crate::core::entity::{self, Context, Op, World, WriteError};
 use crate::store::{IndexEntry, Store, StoreError, WriteTxn};
+use crate::time::SystemClock;
 use automerge::{ActorId, AutoCommit};
 use crdt_schema::doc::{self, EntityState, HistoryEntry};
 use crdt_schema::typed::Entity;
@@ -187,7 +188,11 @@ fn restrict_file(path: &Path) -> Result<(), Error> {
 impl Node {
     /// Creates a node in `dir`: a fresh node ID and the node-local settings. Fails if `dir` is
     /// already initialised.
-    pub fn init(dir: &Path, opts: &InitOptions, node_opts: &NodeOptions) -> Result<NodeConfig, Error> {
+    pub fn init(
+        dir: &Path,
+        opts: &InitOptions,
+        node_opts: &NodeOptions,
+    ) -> Result<NodeConfig, Error> {
         make_private_dir(dir)?;
         let db_path = dir.join(DB_FILE);
         let existed = db_path.exists();
@@ -217,7 +222,10 @@ impl Node {
             schema_version: crdt_schema::SCHEMA_VERSION,
         };
         let mut txn = store.write()?;
-        txn.local_put(CONFIG_KEY, &serde_json::to_vec(&cfg).expect("config serializes"))?;
+        txn.local_put(
+            CONFIG_KEY,
+            &serde_json::to_vec(&cfg).expect("config serializes"),
+        )?;
         txn.commit()?;
         Ok(cfg)
     }
@@ -449,7 +457,8 @@ fn prefix(kind: Kind) -> String {
 }
 
 fn parse_json(b: &[u8]) -> Result<Value, Error> {
-    serde_json::from_slice(b).map_err(|e| Error::Store(StoreError::Corrupt(format!("index json: {e}"))))
+    serde_json::from_slice(b)
+        .map_err(|e| Error::Store(StoreError::Corrupt(format!("index json: {e}"))))
 }
 
 fn seeded(seed: Option<u64>) -> ChaCha8Rng {
@@ -608,7 +617,9 @@ impl Driver {
                 tracing::error!(error = %e, "commit failed; the batch is refused");
                 for (reply, res, _) in results {
                     let _ = reply.send(match res {
-                        Ok(_) => Err(Error::Store(StoreError::Redb(format!("commit failed: {e}")))),
+                        Ok(_) => Err(Error::Store(StoreError::Redb(format!(
+                            "commit failed: {e}"
+                        )))),
                         Err(x) => Err(x),
                     });
                 }

@@ -9,9 +9,7 @@
 //! - Every commit is durable (`Durability::Immediate`, fsync) before it returns.
 
 use automerge::AutoCommit;
-use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 

@@ -45,7 +45,11 @@ pub fn genesis(kind: Kind, name: &str) -> AutoCommit {
         Ok(())
     })()
     .expect("genesis writes to a new document cannot fail");
-    doc.commit_with(CommitOptions::default().with_message("genesis").with_time(0));
+    doc.commit_with(
+        CommitOptions::default()
+            .with_message("genesis")
+            .with_time(0),
+    );
     doc
 }
 
@@ -97,7 +101,11 @@ pub fn apply(
     let mut note = note.clone();
     note.fields = written.iter().filter(|f| *f != ALIVE).cloned().collect();
     let msg = serde_json::to_string(&note).unwrap_or_default();
-    doc.commit_with(CommitOptions::default().with_message(msg).with_time(time_ms));
+    doc.commit_with(
+        CommitOptions::default()
+            .with_message(msg)
+            .with_time(time_ms),
+    );
     Ok(written)
 }
 
@@ -248,7 +256,10 @@ pub fn read(doc: &AutoCommit, kind: Kind, name: &str) -> Result<EntityState, Aut
                 };
                 if all.len() > 1 {
                     let mut distinct: Vec<Json> = winner.iter().cloned().collect();
-                    for v in all.iter().filter_map(|(v, _)| scalar(v).and_then(scalar_json)) {
+                    for v in all
+                        .iter()
+                        .filter_map(|(v, _)| scalar(v).and_then(scalar_json))
+                    {
                         if !distinct.contains(&v) {
                             distinct.push(v);
                         }

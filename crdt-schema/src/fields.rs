@@ -82,13 +82,24 @@ pub enum Item {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Type {
     Bool,
-    Int { min: i64, max: i64 },
-    Str { max_len: usize, format: Format },
+    Int {
+        min: i64,
+        max: i64,
+    },
+    Str {
+        max_len: usize,
+        format: Format,
+    },
     Enum(&'static [&'static str]),
     /// The name of an entity of another kind, which must exist when written.
     Ref(Kind),
-    Set { item: Item, max_items: usize },
-    Text { max_len: usize },
+    Set {
+        item: Item,
+        max_items: usize,
+    },
+    Text {
+        max_len: usize,
+    },
 }
 
 /// A field's value when it was never written (or was reset with `null`).
@@ -137,7 +148,9 @@ impl Field {
     pub fn references(&self) -> Option<Kind> {
         match self.ty {
             Type::Ref(k) => Some(k),
-            Type::Set { item: Item::Ref(k), .. } => Some(k),
+            Type::Set {
+                item: Item::Ref(k), ..
+            } => Some(k),
             _ => None,
         }
     }
@@ -171,7 +184,10 @@ fn type_json(ty: Type) -> (&'static str, Vec<(&'static str, Value)>) {
         Type::Int { min, max } => ("int", vec![("min", json!(min)), ("max", json!(max))]),
         Type::Str { max_len, format } => (
             "string",
-            vec![("max_len", json!(max_len)), ("format", json!(format.as_str()))],
+            vec![
+                ("max_len", json!(max_len)),
+                ("format", json!(format.as_str())),
+            ],
         ),
         Type::Enum(vals) => ("enum", vec![("values", json!(vals))]),
         Type::Ref(k) => ("ref", vec![("kind", json!(k.as_str()))]),
@@ -183,7 +199,10 @@ fn type_json(ty: Type) -> (&'static str, Vec<(&'static str, Value)>) {
                 }
                 Item::Ref(k) => json!({"type": "ref", "kind": k.as_str()}),
             };
-            ("set", vec![("item", item_json), ("max_items", json!(max_items))])
+            (
+                "set",
+                vec![("item", item_json), ("max_items", json!(max_items))],
+            )
         }
         Type::Text { max_len } => ("text", vec![("max_len", json!(max_len))]),
     }
@@ -281,7 +300,12 @@ const DESCRIPTION: Field = f(
 );
 
 static SITE: &[Field] = &[
-    f("enabled", Type::Bool, Default::Bool(true), "whether the site accepts clients"),
+    f(
+        "enabled",
+        Type::Bool,
+        Default::Bool(true),
+        "whether the site accepts clients",
+    ),
     f(
         "protocols",
         set(Item::Enum(PROTOCOLS)),
@@ -325,7 +349,12 @@ static SITE: &[Field] = &[
 ];
 
 static USER: &[Field] = &[
-    f("enabled", Type::Bool, Default::Bool(true), "whether the user may log in"),
+    f(
+        "enabled",
+        Type::Bool,
+        Default::Bool(true),
+        "whether the user may log in",
+    ),
     secret(f(
         "password",
         s(PASSWORD_LEN_MAX, Format::Password),
@@ -347,7 +376,12 @@ static USER: &[Field] = &[
         Default::None,
         "home directory",
     ),
-    f("site", Type::Ref(Kind::Site), Default::None, "the virtual site the user belongs to"),
+    f(
+        "site",
+        Type::Ref(Kind::Site),
+        Default::None,
+        "the virtual site the user belongs to",
+    ),
     f(
         "groups",
         set(Item::Ref(Kind::Group)),
@@ -416,14 +450,24 @@ static GROUP: &[Field] = &[
 ];
 
 static ADMIN: &[Field] = &[
-    f("role", Type::Enum(ROLES), Default::Str("admin"), "admin or superadmin"),
+    f(
+        "role",
+        Type::Enum(ROLES),
+        Default::Str("admin"),
+        "admin or superadmin",
+    ),
     secret(f(
         "password",
         s(PASSWORD_LEN_MAX, Format::Password),
         Default::None,
         "write-only; stored as an argon2 hash",
     )),
-    f("enabled", Type::Bool, Default::Bool(true), "whether the account may log in"),
+    f(
+        "enabled",
+        Type::Bool,
+        Default::Bool(true),
+        "whether the account may log in",
+    ),
     f(
         "email",
         s(EMAIL_LEN_MAX, Format::Email),
@@ -605,7 +649,12 @@ static RULE: &[Field] = &[
         Default::None,
         "the script to run",
     )),
-    f("enabled", Type::Bool, Default::Bool(true), "whether the rule fires"),
+    f(
+        "enabled",
+        Type::Bool,
+        Default::Bool(true),
+        "whether the rule fires",
+    ),
     f(
         "priority",
         int(-1000, 1000),

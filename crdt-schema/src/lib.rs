@@ -19,6 +19,7 @@
 
 pub mod doc;
 mod fields;
+pub mod testing;
 pub mod typed;
 mod validate;
 
@@ -83,7 +84,9 @@ impl Kind {
         Kind::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| SchemaError::UnknownKind { kind: s.to_string() })
+            .ok_or_else(|| SchemaError::UnknownKind {
+                kind: s.to_string(),
+            })
     }
 
     /// Singleton kinds hold exactly one entity, whose name is returned here.

@@ -162,7 +162,8 @@ pub fn validate_write(
         match given {
             None | Some(Value::Null) if field.required => {
                 // A put of an existing entity keeps its secret; everything else must be named.
-                let kept_secret = field.secret && given.is_none() && exists && mode == WriteMode::Put;
+                let kept_secret =
+                    field.secret && given.is_none() && exists && mode == WriteMode::Put;
                 if mode == WriteMode::Put && !kept_secret || given.is_some() {
                     return Err(missing());
                 }
@@ -186,7 +187,9 @@ fn check_together(kind: Kind, obj: &Map<String, Value>) -> Result<(), SchemaErro
         };
         return Err(SchemaError::Missing {
             kind,
-            field: format!("{other} (cert_pem and key_pem are written together; {given} was given)"),
+            field: format!(
+                "{other} (cert_pem and key_pem are written together; {given} was given)"
+            ),
         });
     }
     Ok(())
@@ -249,7 +252,11 @@ fn constraint(kind: Kind, field: &Field, value: &str, rule: impl Into<String>) -
     SchemaError::Constraint {
         kind,
         field: field.name.into(),
-        value: if field.secret { "(secret)".into() } else { show(&v) },
+        value: if field.secret {
+            "(secret)".into()
+        } else {
+            show(&v)
+        },
         rule: rule.into(),
     }
 }
@@ -279,7 +286,9 @@ fn check_value(kind: Kind, field: &Field, v: &Value) -> Result<FieldValue, Schem
             Ok(FieldValue::Int(i))
         }
         Type::Str { max_len, format } => {
-            let s = v.as_str().ok_or_else(|| wrong(kind, field, "a string", v))?;
+            let s = v
+                .as_str()
+                .ok_or_else(|| wrong(kind, field, "a string", v))?;
             let s = check_str(kind, field, s, max_len, format)?;
             Ok(if field.secret {
                 FieldValue::Secret(s)
@@ -292,7 +301,12 @@ fn check_value(kind: Kind, field: &Field, v: &Value) -> Result<FieldValue, Schem
                 .as_str()
                 .ok_or_else(|| wrong(kind, field, format!("one of {values:?}"), v))?;
             if !values.contains(&s) {
-                return Err(constraint(kind, field, s, format!("must be one of {values:?}")));
+                return Err(constraint(
+                    kind,
+                    field,
+                    s,
+                    format!("must be one of {values:?}"),
+                ));
             }
             Ok(FieldValue::Str(s.into()))
         }
@@ -317,9 +331,9 @@ fn check_value(kind: Kind, field: &Field, v: &Value) -> Result<FieldValue, Schem
             }
             let mut set = BTreeSet::new();
             for x in arr {
-                let s = x.as_str().ok_or_else(|| {
-                    wrong(kind, field, "an array of strings", x)
-                })?;
+                let s = x
+                    .as_str()
+                    .ok_or_else(|| wrong(kind, field, "an array of strings", x))?;
                 let s = match item {
                     Item::Enum(values) => {
                         if !values.contains(&s) {
@@ -344,7 +358,9 @@ fn check_value(kind: Kind, field: &Field, v: &Value) -> Result<FieldValue, Schem
             Ok(FieldValue::Set(set))
         }
         Type::Text { max_len } => {
-            let s = v.as_str().ok_or_else(|| wrong(kind, field, "a string", v))?;
+            let s = v
+                .as_str()
+                .ok_or_else(|| wrong(kind, field, "a string", v))?;
             if s.len() > max_len {
                 return Err(SchemaError::Constraint {
                     kind,
@@ -384,11 +400,12 @@ fn check_str(
     match format {
         Format::Any => Ok(s.into()),
         Format::AbsPath => {
-            let windows = s.len() >= 3
-                && s.as_bytes()[0].is_ascii_alphabetic()
-                && &s[1..3] == ":\\";
+            let windows =
+                s.len() >= 3 && s.as_bytes()[0].is_ascii_alphabetic() && &s[1..3] == ":\\";
             if !(s.starts_with('/') || windows) {
-                return Err(err("must be an absolute path (start with / or a drive like C:\\)"));
+                return Err(err(
+                    "must be an absolute path (start with / or a drive like C:\\)",
+                ));
             }
             if s.split(['/', '\\']).any(|part| part == "..") {
                 return Err(err("must not contain '..'"));
@@ -397,8 +414,12 @@ fn check_str(
         }
         Format::Email => {
             let ok = s.split_once('@').is_some_and(|(l, d)| {
-                !l.is_empty() && d.contains('.') && !d.starts_with('.') && !d.ends_with('.')
-                    && !d.contains('@') && !s.contains(char::is_whitespace)
+                !l.is_empty()
+                    && d.contains('.')
+                    && !d.starts_with('.')
+                    && !d.ends_with('.')
+                    && !d.contains('@')
+                    && !s.contains(char::is_whitespace)
             });
             if !ok {
                 return Err(err("must be an email address like name@example.com"));
@@ -415,7 +436,8 @@ fn check_str(
             let mut parts = s.split_whitespace();
             let ty = parts.next().unwrap_or("");
             let body = parts.next().unwrap_or("");
-            let known = ty.starts_with("ssh-") || ty.starts_with("ecdsa-sha2-") || ty.starts_with("sk-");
+            let known =
+                ty.starts_with("ssh-") || ty.starts_with("ecdsa-sha2-") || ty.starts_with("sk-");
             let b64 = !body.is_empty()
                 && body
                     .bytes()
@@ -436,7 +458,9 @@ fn check_str(
                 && s.lines()
                     .any(|l| l.starts_with("-----BEGIN ") && l.ends_with("PRIVATE KEY-----"));
             if !ok {
-                return Err(err("must be a PEM private key (-----BEGIN ... PRIVATE KEY-----)"));
+                return Err(err(
+                    "must be a PEM private key (-----BEGIN ... PRIVATE KEY-----)",
+                ));
             }
             Ok(s.into())
         }
@@ -502,10 +526,7 @@ pub fn cert_info(pem: &str) -> Result<(String, String, String), String> {
         .parse_x509()
         .map_err(|e| format!("not an X.509 certificate: {e}"))?;
     let subject = cert.subject().to_string();
-    let not_after = cert
-        .validity()
-        .not_after
-        .to_datetime();
+    let not_after = cert.validity().not_after.to_datetime();
     let not_after = format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
         not_after.year(),
@@ -528,13 +549,22 @@ mod tests {
     #[test]
     fn canonical_forms() {
         assert_eq!(canonical_cidr("10.0.0.1").as_deref(), Some("10.0.0.1/32"));
-        assert_eq!(canonical_cidr("2001:DB8::/32").as_deref(), Some("2001:db8::/32"));
+        assert_eq!(
+            canonical_cidr("2001:DB8::/32").as_deref(),
+            Some("2001:db8::/32")
+        );
         assert_eq!(canonical_cidr("10.0.0.0/33"), None);
         assert_eq!(canonical_cidr("10.0.0.0/"), None);
         assert_eq!(canonical_cidr("nope"), None);
-        assert_eq!(canonical_binding("0.0.0.0:22").as_deref(), Some("0.0.0.0:22"));
+        assert_eq!(
+            canonical_binding("0.0.0.0:22").as_deref(),
+            Some("0.0.0.0:22")
+        );
         assert_eq!(canonical_binding("[::]:22").as_deref(), Some("[::]:22"));
-        assert_eq!(canonical_binding("Host.example:2222").as_deref(), Some("host.example:2222"));
+        assert_eq!(
+            canonical_binding("Host.example:2222").as_deref(),
+            Some("host.example:2222")
+        );
         assert_eq!(canonical_binding("0.0.0.0:0"), None);
         assert_eq!(canonical_binding("0.0.0.0"), None);
     }
@@ -552,22 +582,35 @@ mod tests {
 
     #[test]
     fn put_resets_unnamed_fields_but_keeps_secrets() {
-        let v = validate_write(Kind::User, &json!({"home_dir": "/h"}), WriteMode::Put, true).unwrap();
-        assert!(v.iter().any(|(f, x)| f.name == "quota_bytes" && *x == FieldValue::Reset));
+        let v =
+            validate_write(Kind::User, &json!({"home_dir": "/h"}), WriteMode::Put, true).unwrap();
+        assert!(v
+            .iter()
+            .any(|(f, x)| f.name == "quota_bytes" && *x == FieldValue::Reset));
         assert!(!v.iter().any(|(f, _)| f.name == "password"));
-        let v = validate_write(Kind::User, &json!({"password": null}), WriteMode::Put, true).unwrap();
-        assert!(v.iter().any(|(f, x)| f.name == "password" && *x == FieldValue::Reset));
+        let v =
+            validate_write(Kind::User, &json!({"password": null}), WriteMode::Put, true).unwrap();
+        assert!(v
+            .iter()
+            .any(|(f, x)| f.name == "password" && *x == FieldValue::Reset));
     }
 
     #[test]
     fn patch_touches_only_named_fields() {
-        let v = validate_write(Kind::User, &json!({"home_dir": "/h"}), WriteMode::Patch, true).unwrap();
+        let v = validate_write(
+            Kind::User,
+            &json!({"home_dir": "/h"}),
+            WriteMode::Patch,
+            true,
+        )
+        .unwrap();
         assert_eq!(v.len(), 1);
     }
 
     #[test]
     fn secret_values_are_not_echoed_in_errors() {
-        let e = validate_write(Kind::User, &json!({"password": ""}), WriteMode::Put, false).unwrap_err();
+        let e = validate_write(Kind::User, &json!({"password": ""}), WriteMode::Put, false)
+            .unwrap_err();
         assert!(e.to_string().contains("(secret)"), "{e}");
     }
 }

@@ -204,7 +204,10 @@ fn check_references(
 }
 
 /// The public fields as they would read after the write (for rules across fields).
-fn view_after(current: &EntityState, values: &[(&'static Field, FieldValue)]) -> Map<String, Value> {
+fn view_after(
+    current: &EntityState,
+    values: &[(&'static Field, FieldValue)],
+) -> Map<String, Value> {
     let mut view = if current.alive {
         current.fields.clone()
     } else {
@@ -221,7 +224,9 @@ fn view_after(current: &EntityState, values: &[(&'static Field, FieldValue)]) ->
             FieldValue::Bool(b) => Some(Value::Bool(*b)),
             FieldValue::Int(i) => Some(Value::from(*i)),
             FieldValue::Str(s) | FieldValue::Text(s) => Some(Value::String(s.clone())),
-            FieldValue::Set(s) => Some(Value::Array(s.iter().cloned().map(Value::String).collect())),
+            FieldValue::Set(s) => {
+                Some(Value::Array(s.iter().cloned().map(Value::String).collect()))
+            }
             FieldValue::Secret(_) => continue,
         };
         match v {

@@ -1,0 +1,9 @@
+//! One integration-test binary: in-process node tests, real-process tests of the daemon and CLI,
+//! and the checks that hold the architecture's lines.
+
+mod support;
+
+mod architecture;
+mod embedded;
+mod fuzz_regressions;
+mod process;

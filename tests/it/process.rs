@@ -1,0 +1,247 @@
+//! Real processes: `peerconf init`, `peerconf run`, every CLI command, restarts and `kill -9`.
+
+use crate::support::*;
+use serde_json::json;
+use std::process::Command;
+
+#[test]
+fn init_prints_a_node_id_and_refuses_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n1");
+    let o = Command::new(BIN)
+        .args(["init", "--data-dir"])
+        .arg(&dir)
+        .args(["--api-listen", &free_addr()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let id = String::from_utf8(o.stdout).unwrap();
+    let id = id.trim();
+    assert_eq!(id.len(), 32, "node ID {id:?}");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    let o = Command::new(BIN)
+        .args(["init", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already initialised"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(id),
+        "the refusal names the existing node: {}",
+        stderr(&o)
+    );
+    // A second node gets another ID.
+    let o2 = Command::new(BIN)
+        .args(["init", "--data-dir"])
+        .arg(tmp.path().join("n2"))
+        .output()
+        .unwrap();
+    assert_ne!(String::from_utf8(o2.stdout).unwrap().trim(), id);
+}
+
+#[test]
+fn run_refuses_an_uninitialised_or_busy_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::new(BIN)
+        .args(["run", "--data-dir"])
+        .arg(tmp.path().join("none"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("not an initialised peerconf data directory"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !tmp.path().join("none").exists(),
+        "run must not create a directory"
+    );
+
+    let dir = tmp.path().join("n");
+    let api = init(&dir, "n");
+    let _d = Daemon::start(&dir, &api);
+    let o = Command::new(BIN)
+        .args(["run", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already in use"), "{}", stderr(&o));
+}
+
+#[test]
+fn every_cli_command_against_a_running_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n");
+    let api = init(&dir, "n");
+    let d = Daemon::start(&dir, &api);
+
+    // put with --json and from stdin
+    stdout_json(&d.cli(&[
+        "put",
+        "site",
+        "s1",
+        "--json",
+        r#"{"protocols":["sftp"],"bindings":["0.0.0.0:2222"]}"#,
+    ]));
+    let u = stdout_json(&d.cli_stdin(
+        &["put", "user", "alice"],
+        r#"{"home_dir":"/srv/alice","site":"s1","password":"a long enough pw"}"#,
+    ));
+    assert_eq!(u["fields"]["home_dir"], json!("/srv/alice"));
+    assert!(!u.to_string().contains("long enough"));
+    // get, list
+    let g = stdout_json(&d.cli(&["get", "user", "alice"]));
+    assert_eq!(g["fields"]["site"], json!("s1"));
+    let l = stdout_json(&d.cli(&["list", "user"]));
+    assert_eq!(l.as_array().unwrap().len(), 1);
+    assert_eq!(l[0]["name"], json!("alice"));
+    // patch, history
+    stdout_json(&d.cli(&["patch", "user", "alice", "--json", r#"{"quota_bytes":77}"#]));
+    let h = stdout_json(&d.cli(&["history", "user", "alice"]));
+    let changes = h["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 2);
+    assert_eq!(changes[1]["fields"], json!(["quota_bytes"]));
+    assert_eq!(changes[1]["op"], json!("patch"));
+    // schema
+    let s = stdout_json(&d.cli(&["schema"]));
+    assert_eq!(s["kinds"].as_array().unwrap().len(), 9);
+    let s = stdout_json(&d.cli(&["schema", "rule"]));
+    assert_eq!(s["kinds"][0]["kind"], json!("rule"));
+    // conflicts: none on a single node
+    let c = stdout_json(&d.cli(&["conflicts"]));
+    assert_eq!(c["conflicts"], json!([]));
+    // delete
+    stdout_json(&d.cli(&["delete", "user", "alice"]));
+    let o = d.cli(&["get", "user", "alice"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("user \"alice\" not found"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn cli_errors_name_what_was_wrong() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n");
+    let api = init(&dir, "n");
+    let d = Daemon::start(&dir, &api);
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["put", "nosuchkind", "x", "--json", "{}"],
+            "unknown kind \"nosuchkind\"",
+        ),
+        (
+            &["put", "user", "bob", "--json", r#"{"quota_bytes":"lots"}"#],
+            "user.quota_bytes: wrong type",
+        ),
+        (
+            &["put", "user", "bob", "--json", r#"{"shoe":1}"#],
+            "user.shoe: unknown field",
+        ),
+        (
+            &["put", "user", "bob", "--json", r#"{"quota_bytes":-5}"#],
+            "user.quota_bytes",
+        ),
+        (
+            &["put", "user", "bob", "--json", r#"{"site":"nope"}"#],
+            "user.site: site \"nope\" does not exist",
+        ),
+        (
+            &["put", "user", "bob", "--json", "{not json"],
+            "not valid JSON",
+        ),
+        (&["put", "user", "bad/name", "--json", "{}"], "invalid name"),
+        (
+            &["patch", "user", "ghost", "--json", "{}"],
+            "user \"ghost\" not found",
+        ),
+        (&["get", "site", "ghost"], "site \"ghost\" not found"),
+        (&["history", "site", "ghost"], "site \"ghost\" not found"),
+        (
+            &["put", "settings", "other", "--json", "{}"],
+            "single entity named \"global\"",
+        ),
+        (&["schema", "widget"], "unknown kind"),
+    ];
+    for (args, want) in cases {
+        let o = d.cli(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?} did not fail");
+        assert!(
+            stderr(&o).contains(want),
+            "{args:?}: stderr {:?} lacks {want:?}",
+            stderr(&o)
+        );
+        assert!(o.stdout.is_empty(), "{args:?}: an error printed to stdout");
+    }
+    assert_eq!(
+        stdout_json(&d.cli(&["list", "user"])),
+        json!([]),
+        "refused writes left something"
+    );
+    // An unreachable node is named.
+    let o = cli(&free_addr(), &["list", "user"], None);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("cannot reach the node API"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn restart_keeps_everything_and_sigterm_exits_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n");
+    let api = init(&dir, "n");
+    let mut d = Daemon::start(&dir, &api);
+    for i in 0..20 {
+        stdout_json(&d.cli(&[
+            "put",
+            "group",
+            &format!("g{i}"),
+            "--json",
+            &format!(r#"{{"description":"d{i}"}}"#),
+        ]));
+    }
+    stdout_json(&d.cli(&["put", "script", "sc", "--json", r#"{"source":"a\nb\n"}"#]));
+    let status = d.stop();
+    assert!(
+        status.success(),
+        "exit after SIGTERM: {status:?}; log: {}",
+        d.log_text()
+    );
+    let d2 = Daemon::start(&dir, &api);
+    let l = stdout_json(&d2.cli(&["list", "group"]));
+    assert_eq!(l.as_array().unwrap().len(), 20);
+    let s = stdout_json(&d2.cli(&["get", "script", "sc"]));
+    assert_eq!(s["fields"]["source"], json!("a\nb\n"));
+}
+
+/// An acknowledged write survives `kill -9` issued the moment the acknowledgement arrives.
+#[test]
+fn acknowledged_writes_survive_kill_9() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n");
+    let api = init(&dir, "n");
+    for round in 0..3 {
+        let mut d = Daemon::start(&dir, &api);
+        let name = format!("dave{round}");
+        stdout_json(&d.cli(&[
+            "put",
+            "user",
+            &name,
+            "--json",
+            r#"{"home_dir":"/srv/dave"}"#,
+        ]));
+        d.kill9();
+        let d = Daemon::start(&dir, &api);
+        let g = stdout_json(&d.cli(&["get", "user", &name]));
+        assert_eq!(g["fields"]["home_dir"], json!("/srv/dave"), "round {round}");
+        drop(d);
+    }
+}
