@@ -45,6 +45,11 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_IPC_LISTEN)]
         ipc_listen: SocketAddr,
     },
+    /// Start local nodes on loopback in a temporary directory, until Ctrl-C.
+    Demo {
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+    },
     /// Run the node in DIR until SIGINT or SIGTERM.
     Run {
         #[arg(long)]
@@ -147,6 +152,7 @@ pub fn main(cli: Cli) -> i32 {
         Command::Run { data_dir } => runtime().and_then(|rt| {
             rt.block_on(crate::daemon::run(&data_dir, crate::daemon::stop_signal()))
         }),
+        Command::Demo { nodes } => runtime().and_then(|rt| rt.block_on(crate::demo::run(nodes))),
         Command::Bench { what } => match what {
             BenchCommand::Store { entities, writers } => {
                 runtime().and_then(|rt| rt.block_on(crate::bench::store(entities, writers)))
@@ -221,7 +227,10 @@ async fn admin_command(api: &str, cmd: Command) -> Result<Value, CallError> {
             };
             c.call(Method::GET, &path, None).await
         }
-        Command::Init { .. } | Command::Run { .. } | Command::Bench { .. } => {
+        Command::Init { .. }
+        | Command::Run { .. }
+        | Command::Bench { .. }
+        | Command::Demo { .. } => {
             unreachable!("handled by main")
         }
     }

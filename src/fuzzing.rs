@@ -3,7 +3,7 @@
 
 use automerge::{ActorId, AutoCommit};
 use crdt_schema::doc;
-use crdt_schema::testing::{converged, random_write, scenario_name, Source};
+use crdt_schema::testing::{converged, random_write, Source};
 use crdt_schema::{Kind, WriteMode};
 
 /// Fuzzer bytes as a source of choices; once exhausted every choice is 0.
@@ -45,7 +45,7 @@ pub fn merge_convergence(data: &[u8]) {
     let n = 2 + src.below(3);
     let mut reps: Vec<AutoCommit> = (0..n)
         .map(|i| {
-            let mut d = doc::genesis(kind, scenario_name(kind));
+            let mut d = doc::genesis(kind);
             d.set_actor(ActorId::from(vec![i as u8 + 1; 16]));
             d
         })
@@ -95,7 +95,7 @@ pub fn decode(data: &[u8]) {
     if let Ok(mut d) = AutoCommit::load(data) {
         let _ = d.get_heads();
         for kind in Kind::ALL {
-            let _ = doc::check_layout(&d, kind, "x");
+            let _ = doc::check_layout(&d, kind);
             let _ = doc::read(&d, kind, "x");
         }
     }
@@ -106,7 +106,7 @@ pub fn decode(data: &[u8]) {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
             for kind in Kind::ALL {
                 for mode in [WriteMode::Put, WriteMode::Patch] {
-                    let _ = crdt_schema::validate_write(kind, &v, mode, data.len() % 2 == 0);
+                    let _ = crdt_schema::validate_write(kind, &v, mode, data.len().is_multiple_of(2));
                 }
                 if let Some(o) = v.as_object() {
                     let _ = crdt_schema::check_entity(kind, o);

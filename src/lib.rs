@@ -10,6 +10,7 @@ pub mod cli;
 pub mod client;
 pub mod core;
 pub mod daemon;
+pub mod demo;
 pub mod fuzzing;
 pub mod node;
 pub mod store;

@@ -633,7 +633,6 @@ impl Driver {
         txn: &WriteTxn,
         touched: &mut HashMap<String, AutoCommit>,
         kind: Kind,
-        name: &str,
         id: &str,
     ) -> Result<AutoCommit, Error> {
         if let Some(d) = touched.remove(id) {
@@ -644,7 +643,7 @@ impl Driver {
         }
         let mut d = match txn.load_doc(id)? {
             Some(d) => d,
-            None => doc::genesis(kind, name),
+            None => doc::genesis(kind),
         };
         d.set_actor(self.actor.clone());
         Ok(d)
@@ -660,7 +659,7 @@ impl Driver {
     ) -> Result<(EntityState, bool), Error> {
         crdt_schema::validate_name(kind, name)?;
         let id = doc_id(kind, name);
-        let mut d = self.take_doc(txn, touched, kind, name, &id)?;
+        let mut d = self.take_doc(txn, touched, kind, &id)?;
         let mut salt = [0u8; 16];
         self.rng.fill_bytes(&mut salt);
         let ctx = Context {
