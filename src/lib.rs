@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod demo;
 pub mod fuzzing;
 pub mod node;
+pub mod sim;
 pub mod store;
 pub mod time;
 

@@ -2,5 +2,9 @@
 //! here (a test greps for them). The driver feeds inputs in and carries effects out.
 
 pub mod clock;
+pub mod digest;
 pub mod entity;
+pub mod members;
+pub mod proto;
+pub mod repl;
 pub mod wire;

@@ -7,3 +7,4 @@ mod architecture;
 mod embedded;
 mod fuzz_regressions;
 mod process;
+mod simulation;

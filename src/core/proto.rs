@@ -1,0 +1,97 @@
+//! The IPC protocol: versioned request and response enums inside an envelope. Every request
+//! travels as one HTTPS POST to `/ipc/v1`; the cluster ID and protocol version also travel as
+//! headers, so another cluster's traffic is refused before its body is decoded.
+
+use super::digest::Hash;
+use super::members::Member;
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any incompatible change to these types.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Documents in one sync request: bounds one request's size and the work of one commit.
+pub const SYNC_DOCS_MAX: usize = 512;
+/// Documents in one fetch: a batch of saved documents stays around a few MB.
+pub const FETCH_DOCS_MAX: usize = 2048;
+/// Largest IPC body accepted: a fetch batch of large scripts, with room.
+pub const BODY_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// Rounds of one sync exchange before it is left to the next cycle: a pair converges in two or
+/// three; more means a peer misbehaves.
+pub const SYNC_ROUNDS_MAX: usize = 16;
+
+pub const HEADER_CLUSTER: &str = "x-peerconf-cluster";
+pub const HEADER_PROTOCOL: &str = "x-peerconf-protocol";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Envelope<T> {
+    pub protocol: u32,
+    /// Empty on a join request (the joiner does not know it yet).
+    pub cluster_id: String,
+    /// Node ID of the sender.
+    pub from: String,
+    /// Software version of the sender.
+    pub version: String,
+    pub body: T,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum Request {
+    /// Automerge sync messages, one per document.
+    Sync { msgs: Vec<(String, Vec<u8>)> },
+    /// Start of a replication cycle: our digest root.
+    DigestRoot { root: Hash },
+    /// Our document heads hashes are wanted for these buckets; send yours.
+    BucketDocs { buckets: Vec<u8> },
+    /// Send the saved bytes of these documents.
+    Fetch { ids: Vec<String> },
+    Join(JoinRequest),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum Response {
+    Sync { msgs: Vec<(String, Vec<u8>)> },
+    InSync,
+    Buckets { hashes: Vec<Hash> },
+    BucketDocs { docs: Vec<(String, Hash)> },
+    Docs { docs: Vec<(String, Vec<u8>)> },
+    Joined(Box<JoinResponse>),
+    Refused { reason: Refusal, message: String },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Refusal {
+    Token,
+    Version,
+    Cluster,
+    NotMember,
+    BadRequest,
+    Internal,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JoinRequest {
+    pub token_secret: String,
+    pub csr_pem: String,
+    pub node_id: String,
+    pub name: String,
+    /// Where the other members reach the joiner.
+    pub addr: String,
+    pub wall_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JoinResponse {
+    pub cluster_id: String,
+    pub ca_cert_pem: String,
+    pub ca_key_pem: String,
+    pub node_cert_pem: String,
+    pub members: Vec<Member>,
+}
+
+/// The major version of a version string (`"1.4.2"` -> `"1"`).
+pub fn major(version: &str) -> &str {
+    version.split('.').next().unwrap_or(version)
+}
+
+pub fn compatible(a: &str, b: &str) -> bool {
+    major(a) == major(b)
+}

@@ -1,0 +1,298 @@
+//! Replication, sans-IO: Automerge sync sessions per (peer, direction, document), the responder
+//! side of every replication request, and the initiator's replication cycle.
+//!
+//! Each pair of nodes runs two independent sessions per document: one for exchanges this node
+//! starts (`Dir::Out`) and one for exchanges the peer starts (`Dir::In`), so each session is a
+//! clean request/response dialogue. A session whose exchange failed is reset (its in-flight
+//! markers cleared) so a lost message can never stall a pair.
+
+use super::digest::{self, Digest, Hash, Plan};
+use super::members::MEMBERS_DOC;
+use super::proto::{Request, Response, FETCH_DOCS_MAX};
+use automerge::sync::{self, SyncDoc};
+use automerge::AutoCommit;
+use std::num::NonZeroUsize;
+
+/// Sync sessions kept: beyond this the least recently used restart from scratch (one extra round
+/// trip), so memory does not grow with the number of documents.
+pub const SESSIONS_MAX: usize = 65_536;
+/// Bytes of saved documents in one fetch answer.
+pub const FETCH_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dir {
+    Out,
+    In,
+}
+
+/// The documents of a node, as replication sees them. The caller persists every document reported
+/// by [`Docs::changed`] before any answer leaves the node.
+pub trait Docs {
+    /// An existing document.
+    fn get(&mut self, id: &str) -> Result<Option<&mut AutoCommit>, String>;
+    /// An existing document, or a new empty one (not persisted unless it changes).
+    fn get_or_create(&mut self, id: &str) -> Result<&mut AutoCommit, String>;
+    /// The document changed.
+    fn changed(&mut self, id: &str);
+    /// Its saved bytes, for a peer that lacks it.
+    fn saved(&mut self, id: &str) -> Result<Option<Vec<u8>>, String>;
+}
+
+/// Whether a peer may name this document: the member list or a valid `kind/name`.
+pub fn valid_doc_id(id: &str) -> bool {
+    id == MEMBERS_DOC || crdt_schema::parse_doc_id(id).is_ok()
+}
+
+pub struct Sessions {
+    map: lru::LruCache<(String, Dir, String), sync::State>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Sessions {
+            map: lru::LruCache::new(NonZeroUsize::new(SESSIONS_MAX).expect("nonzero")),
+        }
+    }
+}
+
+impl Sessions {
+    /// Sync messages for the given documents (those with nothing to say are left out).
+    pub fn generate(
+        &mut self,
+        docs: &mut dyn Docs,
+        peer: &str,
+        dir: Dir,
+        ids: &[String],
+    ) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        for id in ids {
+            if !valid_doc_id(id) {
+                continue;
+            }
+            let doc = match docs.get_or_create(id) {
+                Ok(d) => d,
+                Err(_) => continue,
+            };
+            let st = self
+                .map
+                .get_or_insert_mut((peer.to_string(), dir, id.clone()), sync::State::new);
+            if let Some(m) = doc.sync().generate_sync_message(st) {
+                out.push((id.clone(), m.encode()));
+            }
+        }
+        out
+    }
+
+    /// Applies a peer's sync messages. Malformed ones are skipped and their session reset; the
+    /// returned errors name them.
+    pub fn receive(
+        &mut self,
+        docs: &mut dyn Docs,
+        peer: &str,
+        dir: Dir,
+        msgs: Vec<(String, Vec<u8>)>,
+    ) -> Vec<String> {
+        let mut errors = Vec::new();
+        for (id, bytes) in msgs {
+            if !valid_doc_id(&id) {
+                errors.push(format!("{id:?}: not a document ID"));
+                continue;
+            }
+            let msg = match sync::Message::decode(&bytes) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.reset(peer, dir, &id);
+                    errors.push(format!("{id}: bad sync message: {e}"));
+                    continue;
+                }
+            };
+            let doc = match docs.get_or_create(&id) {
+                Ok(d) => d,
+                Err(e) => {
+                    errors.push(format!("{id}: {e}"));
+                    continue;
+                }
+            };
+            let before = doc.get_heads();
+            let st = self
+                .map
+                .get_or_insert_mut((peer.to_string(), dir, id.clone()), sync::State::new);
+            let received = doc.sync().receive_sync_message(st, msg);
+            match received {
+                Ok(()) => {
+                    if doc.get_heads() != before {
+                        docs.changed(&id);
+                    }
+                }
+                Err(e) => {
+                    self.reset(peer, dir, &id);
+                    errors.push(format!("{id}: {e}"));
+                }
+            }
+        }
+        errors
+    }
+
+    fn reset(&mut self, peer: &str, dir: Dir, id: &str) {
+        if let Some(st) = self.map.get_mut(&(peer.to_string(), dir, id.to_string())) {
+            *st = reset_state(st);
+        }
+    }
+
+    /// After a failed exchange with `peer` (a lost request or answer, a reconnect): clears every
+    /// session's in-flight markers, keeping what is known of the peer's heads.
+    pub fn reset_peer(&mut self, peer: &str) {
+        for ((p, _, _), st) in self.map.iter_mut() {
+            if p == peer {
+                *st = reset_state(st);
+            }
+        }
+    }
+
+    /// Forgets every session with `peer` (it left the cluster).
+    pub fn forget_peer(&mut self, peer: &str) {
+        let keys: Vec<_> = self
+            .map
+            .iter()
+            .filter(|((p, _, _), _)| p == peer)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            self.map.pop(&k);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+fn reset_state(st: &sync::State) -> sync::State {
+    sync::State::decode(&st.encode()).unwrap_or_default()
+}
+
+/// Applies saved bytes of a document fetched from a peer (merging with what is here).
+pub fn ingest(docs: &mut dyn Docs, id: &str, bytes: &[u8]) -> Result<(), String> {
+    if !valid_doc_id(id) {
+        return Err(format!("{id:?}: not a document ID"));
+    }
+    let doc = docs.get_or_create(id)?;
+    let before = doc.get_heads();
+    doc.load_incremental(bytes)
+        .map_err(|e| format!("{id}: {e}"))?;
+    if doc.get_heads() != before {
+        docs.changed(id);
+    }
+    Ok(())
+}
+
+/// The responder side of every replication request. Join is not replication: the caller handles
+/// it. The caller persists the changed documents before sending the answer.
+pub fn serve(
+    req: Request,
+    peer: &str,
+    digest: &mut Digest,
+    sessions: &mut Sessions,
+    docs: &mut dyn Docs,
+) -> Response {
+    match req {
+        Request::Sync { msgs } => {
+            let ids: Vec<String> = msgs.iter().map(|(id, _)| id.clone()).collect();
+            let errors = sessions.receive(docs, peer, Dir::In, msgs);
+            // Errors in a peer's messages reset the sessions concerned; the exchange goes on
+            // for the other documents.
+            let _ = errors;
+            Response::Sync {
+                msgs: sessions.generate(docs, peer, Dir::In, &ids),
+            }
+        }
+        Request::DigestRoot { root } => {
+            if root == digest.root() {
+                Response::InSync
+            } else {
+                Response::Buckets {
+                    hashes: digest.buckets().to_vec(),
+                }
+            }
+        }
+        Request::BucketDocs { buckets } => Response::BucketDocs {
+            docs: digest.entries(&buckets),
+        },
+        Request::Fetch { ids } => {
+            let mut out = Vec::new();
+            let mut bytes = 0;
+            for id in ids.into_iter().take(FETCH_DOCS_MAX) {
+                if !valid_doc_id(&id) {
+                    continue;
+                }
+                if let Ok(Some(b)) = docs.saved(&id) {
+                    bytes += b.len();
+                    out.push((id, b));
+                    if bytes > FETCH_BYTES_MAX {
+                        break;
+                    }
+                }
+            }
+            Response::Docs { docs: out }
+        }
+        Request::Join(_) => Response::Refused {
+            reason: super::proto::Refusal::BadRequest,
+            message: "join is not a replication request".into(),
+        },
+    }
+}
+
+/// The initiator's side of a replication cycle: root, then buckets, then document heads.
+pub enum Cycle {
+    AwaitRoot,
+    AwaitDocs { buckets: Vec<u8> },
+}
+
+/// What a cycle step asks for next.
+pub enum Next {
+    Send(Request),
+    /// The cycle is over; this is the work it found (empty when in sync).
+    Done(Plan),
+}
+
+impl Cycle {
+    pub fn start(digest: &mut Digest) -> (Cycle, Request) {
+        (
+            Cycle::AwaitRoot,
+            Request::DigestRoot {
+                root: digest.root(),
+            },
+        )
+    }
+
+    pub fn step(&mut self, digest: &Digest, resp: Response) -> Result<Next, String> {
+        match (&*self, resp) {
+            (Cycle::AwaitRoot, Response::InSync) => Ok(Next::Done(Plan::default())),
+            (Cycle::AwaitRoot, Response::Buckets { hashes }) => {
+                let buckets = digest.differing(&hashes);
+                if buckets.is_empty() {
+                    return Ok(Next::Done(Plan::default()));
+                }
+                *self = Cycle::AwaitDocs {
+                    buckets: buckets.clone(),
+                };
+                Ok(Next::Send(Request::BucketDocs { buckets }))
+            }
+            (Cycle::AwaitDocs { buckets }, Response::BucketDocs { docs }) => {
+                let theirs: Vec<(String, Hash)> = docs
+                    .into_iter()
+                    .filter(|(id, _)| {
+                        valid_doc_id(id) && buckets.contains(&digest::bucket_of(id))
+                    })
+                    .collect();
+                Ok(Next::Done(digest::plan(&digest.entries(buckets), &theirs)))
+            }
+            (_, Response::Refused { message, .. }) => Err(message),
+            (_, other) => Err(format!("unexpected answer in a replication cycle: {other:?}")),
+        }
+    }
+}
