@@ -44,6 +44,9 @@ pub enum Command {
         /// Address of the peer-to-peer (IPC) port.
         #[arg(long, default_value = DEFAULT_IPC_LISTEN)]
         ipc_listen: SocketAddr,
+        /// Address the other nodes reach the IPC port at (default: --ipc-listen).
+        #[arg(long)]
+        ipc_advertise: Option<String>,
     },
     /// Start local nodes on loopback in a temporary directory, until Ctrl-C.
     Demo {
@@ -130,11 +133,13 @@ pub fn main(cli: Cli) -> i32 {
             name,
             api_listen,
             ipc_listen,
+            ipc_advertise,
         } => {
             let opts = InitOptions {
                 name,
                 api_listen,
                 ipc_listen,
+                ipc_advertise,
             };
             Node::init(&data_dir, &opts, &NodeOptions::default())
                 .map(|cfg| {

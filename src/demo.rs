@@ -34,6 +34,7 @@ pub async fn run(nodes: usize) -> Result<(), String> {
             name: Some(format!("node{}", i + 1)),
             api_listen: loopback_port(7700 + 10 * i as u16),
             ipc_listen: loopback_port(7701 + 10 * i as u16),
+            ipc_advertise: None,
         };
         Node::init(&dir, &opts, &NodeOptions::default()).map_err(|e| e.to_string())?;
         apis.push(opts.api_listen);

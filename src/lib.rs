@@ -11,11 +11,13 @@ pub mod client;
 pub mod core;
 pub mod daemon;
 pub mod demo;
+pub mod driver;
 pub mod fuzzing;
 pub mod node;
 pub mod sim;
 pub mod store;
 pub mod time;
+pub mod tls;
 
 pub use crdt_schema::{self as schema, typed, Kind};
 pub use node::{ChangeEvent, Error, InitOptions, Node, NodeConfig, NodeOptions, Origin};

@@ -9,8 +9,12 @@
 //! Reads never go through the driver: redb serves them from committed snapshots.
 
 use crate::core::clock::Clock;
-use crate::core::entity::{self, Context, Op, World, WriteError};
-use crate::store::{IndexEntry, Store, StoreError, WriteTxn};
+use crate::core::digest::Digest;
+use crate::core::members::{Member, MEMBERS_DOC};
+use crate::core::proto::{Refusal, Request, Response};
+use crate::driver::{Cmd, Driver, Msgs, TokenRecord};
+use crate::core::entity::{self, Op, WriteError};
+use crate::store::{IndexEntry, Store, StoreError};
 use crate::time::SystemClock;
 use automerge::{ActorId, AutoCommit};
 use crdt_schema::doc::{self, EntityState, HistoryEntry};
@@ -20,18 +24,16 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use sha2::{Digest as _, Sha256};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 /// Writes waiting for the driver before callers are made to wait: bounds memory under overload.
 const WRITE_QUEUE_MAX: usize = 4096;
-/// Writes executed in one transaction: bounds the latency of one commit.
-const BATCH_MAX: usize = 512;
 /// Documents kept loaded: memory stays flat whatever the entity count.
 const DOC_CACHE_MAX: usize = 1024;
 /// Change events buffered per subscriber; a slower subscriber gets `Lagged` and should re-list.
@@ -47,8 +49,11 @@ pub const DEFAULT_IPC_LISTEN: &str = "127.0.0.1:7701";
 pub struct NodeConfig {
     pub node_id: String,
     pub name: String,
+    pub cluster_id: String,
     pub api_listen: SocketAddr,
     pub ipc_listen: SocketAddr,
+    /// Where the other members reach this node's IPC port.
+    pub ipc_advertise: String,
     pub created_wall_ms: i64,
     pub schema_version: u32,
 }
@@ -127,6 +132,8 @@ pub struct InitOptions {
     pub name: Option<String>,
     pub api_listen: SocketAddr,
     pub ipc_listen: SocketAddr,
+    /// Defaults to `ipc_listen`.
+    pub ipc_advertise: Option<String>,
 }
 
 impl Default for InitOptions {
@@ -135,24 +142,75 @@ impl Default for InitOptions {
             name: None,
             api_listen: DEFAULT_API_LISTEN.parse().expect("valid default"),
             ipc_listen: DEFAULT_IPC_LISTEN.parse().expect("valid default"),
+            ipc_advertise: None,
         }
     }
 }
 
-enum Cmd {
-    Write {
-        kind: Kind,
-        name: String,
-        op: Op,
-        reply: oneshot::Sender<Result<EntityState, Error>>,
-    },
+/// State shared by the node's handles, the driver and the cluster tasks.
+pub struct Shared {
+    pub store: Arc<Store>,
+    pub config: NodeConfig,
+    pub events: broadcast::Sender<ChangeEvent>,
+    pub data_dir: PathBuf,
+    /// The replication digest of what is committed (the driver updates it after each commit).
+    pub digest: Arc<Mutex<Digest>>,
+    /// The member list as committed.
+    pub members: watch::Sender<Vec<Member>>,
+    /// Documents waiting to be pushed, per peer.
+    pub peers: Mutex<HashMap<String, Arc<PeerQueue>>>,
 }
 
-struct Shared {
-    store: Arc<Store>,
-    config: NodeConfig,
-    events: broadcast::Sender<ChangeEvent>,
-    data_dir: PathBuf,
+impl Shared {
+    pub fn peer_queues(&self) -> Vec<(String, Arc<PeerQueue>)> {
+        self.peers
+            .lock()
+            .map(|p| p.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Documents changed since they were last pushed to one peer, and a wake-up for its replicator.
+#[derive(Default)]
+pub struct PeerQueue {
+    pub dirty: Mutex<BTreeSet<String>>,
+    pub notify: tokio::sync::Notify,
+}
+
+impl PeerQueue {
+    pub fn mark(&self, id: &str) {
+        if let Ok(mut d) = self.dirty.lock() {
+            d.insert(id.to_string());
+        }
+        self.notify.notify_one();
+    }
+
+    /// Takes up to `n` documents to push.
+    pub fn take(&self, n: usize) -> Vec<String> {
+        let Ok(mut d) = self.dirty.lock() else {
+            return Vec::new();
+        };
+        let ids: Vec<String> = d.iter().take(n).cloned().collect();
+        for id in &ids {
+            d.remove(id);
+        }
+        ids
+    }
+
+    pub fn put_back(&self, ids: Vec<String>) {
+        if let Ok(mut d) = self.dirty.lock() {
+            d.extend(ids);
+        }
+    }
+}
+
+/// The software version this node advertises to peers. `PEERCONF_TEST_ADVERTISE_VERSION`
+/// overrides it, for compatibility tests.
+pub fn version() -> String {
+    std::env::var("PEERCONF_TEST_ADVERTISE_VERSION")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
 }
 
 /// A running node. Cheap to clone; every clone talks to the same driver.
@@ -186,47 +244,16 @@ fn restrict_file(path: &Path) -> Result<(), Error> {
 }
 
 impl Node {
-    /// Creates a node in `dir`: a fresh node ID and the node-local settings. Fails if `dir` is
-    /// already initialised.
-    pub fn init(
-        dir: &Path,
-        opts: &InitOptions,
-        node_opts: &NodeOptions,
-    ) -> Result<NodeConfig, Error> {
-        make_private_dir(dir)?;
-        let db_path = dir.join(DB_FILE);
-        let existed = db_path.exists();
-        let store = Store::open(&db_path)?;
-        restrict_file(&db_path)?;
-        if let Some(cfg) = read_config(&store)? {
-            return Err(Error::AlreadyInitialised(
-                dir.display().to_string(),
-                cfg.node_id,
-            ));
-        }
-        let _ = existed;
+    /// Creates a node in `dir` and a new cluster around it: a cluster ID, the cluster CA, the
+    /// node's certificate, and a member list holding this node. Fails if `dir` is initialised.
+    pub fn init(dir: &Path, opts: &InitOptions, node_opts: &NodeOptions) -> Result<NodeConfig, Error> {
         let mut rng = seeded(node_opts.seed);
-        let mut id = [0u8; 16];
-        rng.fill_bytes(&mut id);
-        let node_id = hex::encode(id);
-        let name = opts
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("node-{}", &node_id[..8]));
-        let cfg = NodeConfig {
-            node_id,
-            name,
-            api_listen: opts.api_listen,
-            ipc_listen: opts.ipc_listen,
-            created_wall_ms: node_opts.clock.wall_ms(),
-            schema_version: crdt_schema::SCHEMA_VERSION,
-        };
-        let mut txn = store.write()?;
-        txn.local_put(
-            CONFIG_KEY,
-            &serde_json::to_vec(&cfg).expect("config serializes"),
-        )?;
-        txn.commit()?;
+        let node_id = random_hex(&mut rng);
+        let cluster_id = random_hex(&mut rng);
+        let material = crate::tls::Material::new_cluster(&cluster_id, &node_id)
+            .map_err(|e| Error::Io(e.to_string()))?;
+        let cfg = new_config(node_id, cluster_id, opts, node_opts);
+        create_dir(dir, &cfg, &material, None, node_opts)?;
         Ok(cfg)
     }
 
@@ -241,11 +268,19 @@ impl Node {
         let config =
             read_config(&store)?.ok_or_else(|| Error::NotInitialised(dir.display().to_string()))?;
         let (events, _) = broadcast::channel(EVENTS_MAX);
+        let digest = crate::driver::Driver::load_digest(&store)?;
+        let members: Vec<Member> = store
+            .index_get(MEMBERS_DOC)?
+            .and_then(|e| serde_json::from_slice(&e.json).ok())
+            .unwrap_or_default();
         let shared = Arc::new(Shared {
             store: store.clone(),
             config: config.clone(),
-            events: events.clone(),
+            events,
             data_dir: dir.to_path_buf(),
+            digest: Arc::new(Mutex::new(digest)),
+            members: watch::Sender::new(members),
+            peers: Mutex::new(HashMap::new()),
         });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
         let mut rng = seeded(opts.seed);
@@ -259,8 +294,9 @@ impl Node {
             actor: ActorId::from(actor.as_slice()),
             rng,
             clock: opts.clock,
-            node_id: config.node_id.clone(),
-            events,
+            shared: shared.clone(),
+            sessions: Default::default(),
+            wrote_local: false,
         };
         let handle = std::thread::Builder::new()
             .name("peerconf-driver".into())
@@ -277,6 +313,63 @@ impl Node {
         &self.shared.config
     }
 
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    async fn ask<T>(&self, f: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(f(reply)).await.map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Answers a peer's replication request (after committing what it changed).
+    pub async fn serve(&self, peer: &str, req: Request) -> Result<Response, Error> {
+        self.ask(|reply| Cmd::Serve { peer: peer.to_string(), req, reply }).await
+    }
+
+    pub async fn sync_out(&self, peer: &str, ids: Vec<String>) -> Result<Msgs, Error> {
+        self.ask(|reply| Cmd::SyncOut { peer: peer.to_string(), ids, reply }).await
+    }
+
+    pub async fn sync_back(&self, peer: &str, msgs: Msgs, ids: Vec<String>) -> Result<Msgs, Error> {
+        self.ask(|reply| Cmd::SyncBack { peer: peer.to_string(), msgs, ids, reply })
+            .await?
+            .map_err(Error::Io)
+    }
+
+    pub async fn ingest(&self, peer: &str, docs: Msgs) -> Result<usize, Error> {
+        self.ask(|reply| Cmd::Ingest { peer: peer.to_string(), docs, reply })
+            .await?
+            .map_err(Error::Io)
+    }
+
+    pub async fn reset_peer(&self, peer: &str) {
+        let _ = self.tx.send(Cmd::ResetPeer { peer: peer.to_string() }).await;
+    }
+
+    pub async fn put_token(&self, secret_hash: String, record: TokenRecord) -> Result<(), Error> {
+        self.ask(|reply| Cmd::PutToken { secret_hash, record, reply })
+            .await?
+            .map_err(Error::Io)
+    }
+
+    pub async fn admit(&self, secret_hash: String, member: Member) -> Result<Result<Vec<u8>, (Refusal, String)>, Error> {
+        self.ask(|reply| Cmd::Admit { secret_hash, member, reply }).await
+    }
+
+    /// Removes a member: from then on every node refuses its certificate.
+    pub async fn remove_member(&self, id: &str) -> Result<(), Error> {
+        self.ask(|reply| Cmd::RemoveMember { id: id.to_string(), reply })
+            .await?
+            .map_err(Error::Io)
+    }
+
+    /// The member list as committed, removed members included.
+    pub fn members(&self) -> Vec<Member> {
+        self.shared.members.borrow().clone()
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.shared.data_dir
     }
@@ -287,17 +380,13 @@ impl Node {
     }
 
     async fn write(&self, kind: Kind, name: &str, op: Op) -> Result<EntityState, Error> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Cmd::Write {
-                kind,
-                name: name.to_string(),
-                op,
-                reply,
-            })
-            .await
-            .map_err(|_| Error::ShuttingDown)?;
-        rx.await.map_err(|_| Error::ShuttingDown)?
+        self.ask(|reply| Cmd::Write {
+            kind,
+            name: name.to_string(),
+            op,
+            reply,
+        })
+        .await?
     }
 
     /// Creates or replaces an entity. Returns it as it now reads, once durable.
@@ -461,6 +550,80 @@ fn parse_json(b: &[u8]) -> Result<Value, Error> {
         .map_err(|e| Error::Store(StoreError::Corrupt(format!("index json: {e}"))))
 }
 
+fn random_hex(rng: &mut ChaCha8Rng) -> String {
+    let mut b = [0u8; 16];
+    rng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+pub(crate) fn new_config(node_id: String, cluster_id: String, opts: &InitOptions, node_opts: &NodeOptions) -> NodeConfig {
+    let name = opts
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("node-{}", &node_id[..8]));
+    NodeConfig {
+        ipc_advertise: opts
+            .ipc_advertise
+            .clone()
+            .unwrap_or_else(|| opts.ipc_listen.to_string()),
+        node_id,
+        name,
+        cluster_id,
+        api_listen: opts.api_listen,
+        ipc_listen: opts.ipc_listen,
+        created_wall_ms: node_opts.clock.wall_ms(),
+        schema_version: crdt_schema::SCHEMA_VERSION,
+    }
+}
+
+/// Creates a data directory: the database with the node-local settings and the member list, and
+/// the TLS files. `members_doc` is the saved member list a joiner received; None starts a new one
+/// holding this node.
+pub(crate) fn create_dir(
+    dir: &Path,
+    cfg: &NodeConfig,
+    material: &crate::tls::Material,
+    members_doc: Option<&[u8]>,
+    node_opts: &NodeOptions,
+) -> Result<(), Error> {
+    make_private_dir(dir)?;
+    let db_path = dir.join(DB_FILE);
+    let store = Store::open(&db_path)?;
+    restrict_file(&db_path)?;
+    if let Some(existing) = read_config(&store)? {
+        return Err(Error::AlreadyInitialised(dir.display().to_string(), existing.node_id));
+    }
+    crate::tls::TlsFiles::new(dir)
+        .write(material)
+        .map_err(|e| Error::Io(e.to_string()))?;
+    let mut members = match members_doc {
+        Some(b) => AutoCommit::load(b).map_err(|e| Error::Io(format!("the member list received is corrupt: {e}")))?,
+        None => {
+            let mut d = crate::core::members::genesis();
+            let mut rng = seeded(node_opts.seed.map(|s| s ^ 1));
+            let mut actor = [0u8; 16];
+            rng.fill_bytes(&mut actor);
+            d.set_actor(ActorId::from(actor.as_slice()));
+            let me = Member {
+                id: cfg.node_id.clone(),
+                name: cfg.name.clone(),
+                addr: cfg.ipc_advertise.clone(),
+                version: version(),
+                removed: false,
+            };
+            crate::core::members::upsert(&mut d, &me, node_opts.clock.wall_ms())
+                .map_err(|e| Error::Io(e.to_string()))?;
+            d
+        }
+    };
+    let entry = crate::driver::entry_for(MEMBERS_DOC, &mut members).map_err(Error::Io)?;
+    let mut txn = store.write()?;
+    txn.put_doc(MEMBERS_DOC, &mut members, entry)?;
+    txn.local_put(CONFIG_KEY, &serde_json::to_vec(cfg).expect("config serializes"))?;
+    txn.commit()?;
+    Ok(())
+}
+
 fn seeded(seed: Option<u64>) -> ChaCha8Rng {
     match seed {
         Some(s) => ChaCha8Rng::seed_from_u64(s),
@@ -499,190 +662,3 @@ pub fn index_entry(doc: &mut AutoCommit, state: &EntityState) -> IndexEntry {
     }
 }
 
-struct Driver {
-    store: Arc<Store>,
-    cache: lru::LruCache<String, AutoCommit>,
-    actor: ActorId,
-    rng: ChaCha8Rng,
-    clock: Arc<dyn Clock>,
-    node_id: String,
-    events: broadcast::Sender<ChangeEvent>,
-}
-
-/// What the write path sees of the rest of the store: the uncommitted transaction, so a batch sees
-/// its own earlier writes.
-struct TxnWorld<'a> {
-    txn: &'a WriteTxn,
-}
-
-impl World for TxnWorld<'_> {
-    fn exists(&self, kind: Kind, name: &str) -> Result<bool, WriteError> {
-        self.txn
-            .index_get(&doc_id(kind, name))
-            .map(|e| e.is_some_and(|e| e.alive))
-            .map_err(|e| WriteError::Internal(e.to_string()))
-    }
-
-    fn password_min_length(&self) -> Result<usize, WriteError> {
-        let default = 8;
-        let entry = self
-            .txn
-            .index_get(&doc_id(Kind::Security, "global"))
-            .map_err(|e| WriteError::Internal(e.to_string()))?;
-        Ok(entry
-            .filter(|e| e.alive)
-            .and_then(|e| serde_json::from_slice::<Value>(&e.json).ok())
-            .and_then(|v| v["fields"]["password_min_length"].as_u64())
-            .map_or(default, |n| n as usize))
-    }
-}
-
-type Reply = oneshot::Sender<Result<EntityState, Error>>;
-
-impl Driver {
-    fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
-        while let Some(first) = rx.blocking_recv() {
-            let mut batch = vec![first];
-            while batch.len() < BATCH_MAX {
-                match rx.try_recv() {
-                    Ok(c) => batch.push(c),
-                    Err(_) => break,
-                }
-            }
-            self.run_batch(batch);
-        }
-    }
-
-    fn run_batch(&mut self, batch: Vec<Cmd>) {
-        let mut txn = match self.store.write() {
-            Ok(t) => t,
-            Err(e) => {
-                for Cmd::Write { reply, .. } in batch {
-                    let _ = reply.send(Err(Error::Io(e.to_string())));
-                }
-                return;
-            }
-        };
-        let mut touched: HashMap<String, AutoCommit> = HashMap::new();
-        let mut results: Vec<(Reply, Result<EntityState, Error>, Option<ChangeEvent>)> =
-            Vec::with_capacity(batch.len());
-        let mut poisoned = None;
-        for Cmd::Write {
-            kind,
-            name,
-            op,
-            reply,
-        } in batch
-        {
-            let r = self.execute(&mut txn, &mut touched, kind, &name, &op);
-            let (res, ev) = match r {
-                Ok((state, changed)) => {
-                    let ev = changed.then(|| ChangeEvent {
-                        kind,
-                        name: name.clone(),
-                        alive: state.alive,
-                        origin: Origin::Local,
-                    });
-                    (Ok(state), ev)
-                }
-                Err(Error::Store(e)) => {
-                    // A storage failure mid-transaction: the transaction may be half-written,
-                    // so none of the batch is committed.
-                    poisoned = Some(e.to_string());
-                    (Err(Error::Store(e)), None)
-                }
-                Err(e) => (Err(e), None),
-            };
-            results.push((reply, res, ev));
-        }
-        let committed = match poisoned {
-            Some(e) => Err(StoreError::Redb(e)),
-            None => txn.commit(),
-        };
-        match committed {
-            Ok(()) => {
-                for (id, d) in touched {
-                    self.cache.put(id, d);
-                }
-                for (reply, res, ev) in results {
-                    if let Some(ev) = ev {
-                        let _ = self.events.send(ev);
-                    }
-                    let _ = reply.send(res);
-                }
-            }
-            Err(e) => {
-                // The touched documents hold changes that are not durable: drop them, so the
-                // next use reloads what is committed.
-                tracing::error!(error = %e, "commit failed; the batch is refused");
-                for (reply, res, _) in results {
-                    let _ = reply.send(match res {
-                        Ok(_) => Err(Error::Store(StoreError::Redb(format!(
-                            "commit failed: {e}"
-                        )))),
-                        Err(x) => Err(x),
-                    });
-                }
-            }
-        }
-    }
-
-    /// Takes a document out of the cache, the batch, or the store; or makes its genesis.
-    fn take_doc(
-        &mut self,
-        txn: &WriteTxn,
-        touched: &mut HashMap<String, AutoCommit>,
-        kind: Kind,
-        id: &str,
-    ) -> Result<AutoCommit, Error> {
-        if let Some(d) = touched.remove(id) {
-            return Ok(d);
-        }
-        if let Some(d) = self.cache.pop(id) {
-            return Ok(d);
-        }
-        let mut d = match txn.load_doc(id)? {
-            Some(d) => d,
-            None => doc::genesis(kind),
-        };
-        d.set_actor(self.actor.clone());
-        Ok(d)
-    }
-
-    fn execute(
-        &mut self,
-        txn: &mut WriteTxn,
-        touched: &mut HashMap<String, AutoCommit>,
-        kind: Kind,
-        name: &str,
-        op: &Op,
-    ) -> Result<(EntityState, bool), Error> {
-        crdt_schema::validate_name(kind, name)?;
-        let id = doc_id(kind, name);
-        let mut d = self.take_doc(txn, touched, kind, &id)?;
-        let mut salt = [0u8; 16];
-        self.rng.fill_bytes(&mut salt);
-        let ctx = Context {
-            node_id: &self.node_id,
-            wall_ms: self.clock.wall_ms(),
-            salt,
-        };
-        let result = entity::execute(&mut d, kind, name, op, &TxnWorld { txn }, &ctx);
-        let outcome = match result {
-            Ok(o) => o,
-            Err(e) => {
-                touched.insert(id, d);
-                return Err(e.into());
-            }
-        };
-        if outcome.changed {
-            let entry = index_entry(&mut d, &outcome.state);
-            if let Err(e) = txn.put_doc(&id, &mut d, entry) {
-                // The document holds a change the transaction does not: never reuse it.
-                return Err(e.into());
-            }
-        }
-        touched.insert(id, d);
-        Ok((outcome.state, outcome.changed))
-    }
-}

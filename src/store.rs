@@ -207,6 +207,18 @@ impl WriteTxn {
         load(&docs, &chunks, id)
     }
 
+    pub fn doc_bytes(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let docs = self.txn.open_table(DOCS)?;
+        let chunks = self.txn.open_table(CHUNKS)?;
+        bytes(&docs, &chunks, id)
+    }
+
+    pub fn local_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let t = self.txn.open_table(LOCAL)?;
+        let v = t.get(key)?.map(|v| v.value().to_vec());
+        Ok(v)
+    }
+
     /// Stores the changes of `doc` made since it was loaded or last stored, and its index row.
     /// `entry.chunks` is set here.
     pub fn put_doc(

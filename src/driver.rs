@@ -1,0 +1,647 @@
+//! The driver: the one thread that owns the write side of the store, the document cache and the
+//! replication sessions. It takes every command waiting (local writes, peers' sync messages,
+//! fetched documents, joins), runs them in one redb transaction, commits (fsync), and only then
+//! answers each caller, publishes events and wakes the replicators: persist before you speak.
+
+use crate::core::clock::Clock;
+use crate::core::digest::Digest;
+use crate::core::entity::{self, Context, Op, World, WriteError};
+use crate::core::members::{self, Member, MEMBERS_DOC};
+use crate::core::proto::{Refusal, Request, Response};
+use crate::core::repl::{self, Dir, Docs, Sessions};
+use crate::node::{heads_hash, index_entry, ChangeEvent, Error, Origin, Shared};
+use crate::store::{IndexEntry, Store, StoreError, WriteTxn};
+use automerge::{ActorId, AutoCommit};
+use crdt_schema::doc::{self, EntityState};
+use crdt_schema::{doc_id, Kind};
+use rand::RngCore;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// Commands executed in one transaction: bounds the latency of one commit.
+pub const BATCH_MAX: usize = 512;
+
+pub type Msgs = Vec<(String, Vec<u8>)>;
+
+/// A join token as stored (node-local): only a hash of its secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub expires_wall_ms: i64,
+    pub used: bool,
+}
+
+pub fn token_key(secret_hash: &str) -> String {
+    format!("token/{secret_hash}")
+}
+
+pub enum Cmd {
+    Write {
+        kind: Kind,
+        name: String,
+        op: Op,
+        reply: oneshot::Sender<Result<EntityState, Error>>,
+    },
+    /// A peer's replication request (sync or fetch).
+    Serve {
+        peer: String,
+        req: Request,
+        reply: oneshot::Sender<Response>,
+    },
+    /// Our side's sync messages for these documents, to a peer.
+    SyncOut {
+        peer: String,
+        ids: Vec<String>,
+        reply: oneshot::Sender<Msgs>,
+    },
+    /// A peer's answer to our sync messages; returns the next messages (empty when done).
+    SyncBack {
+        peer: String,
+        msgs: Msgs,
+        ids: Vec<String>,
+        reply: oneshot::Sender<Result<Msgs, String>>,
+    },
+    /// Saved documents fetched from a peer.
+    Ingest {
+        peer: String,
+        docs: Msgs,
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
+    /// An exchange with the peer failed.
+    ResetPeer { peer: String },
+    /// Stores a join token.
+    PutToken {
+        secret_hash: String,
+        record: TokenRecord,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Consumes a join token and adds the member, atomically. Answers the saved member list.
+    Admit {
+        secret_hash: String,
+        member: Member,
+        reply: oneshot::Sender<Result<Vec<u8>, (Refusal, String)>>,
+    },
+    /// Marks a member removed.
+    RemoveMember {
+        id: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+pub struct Driver {
+    pub store: Arc<Store>,
+    pub cache: lru::LruCache<String, AutoCommit>,
+    pub actor: ActorId,
+    pub rng: ChaCha8Rng,
+    pub clock: Arc<dyn Clock>,
+    pub shared: Arc<Shared>,
+    pub sessions: Sessions,
+    /// Node-local rows were written in this batch (they need a commit too).
+    pub wrote_local: bool,
+}
+
+/// One transaction's worth of state.
+struct Batch {
+    txn: WriteTxn,
+    touched: HashMap<String, AutoCommit>,
+    /// Documents changed in this batch and where the change came from.
+    changed: BTreeMap<String, Origin>,
+    /// Index rows written, for the digest after commit.
+    entries: BTreeMap<String, IndexEntry>,
+    poisoned: Option<String>,
+}
+
+enum Deferred {
+    Write(oneshot::Sender<Result<EntityState, Error>>, Result<EntityState, Error>),
+    Resp(oneshot::Sender<Response>, Response),
+    Msgs(oneshot::Sender<Msgs>, Msgs),
+    MsgsR(oneshot::Sender<Result<Msgs, String>>, Result<Msgs, String>),
+    Count(oneshot::Sender<Result<usize, String>>, Result<usize, String>),
+    Unit(oneshot::Sender<Result<(), String>>, Result<(), String>),
+    Admit(
+        oneshot::Sender<Result<Vec<u8>, (Refusal, String)>>,
+        Result<Vec<u8>, (Refusal, String)>,
+    ),
+}
+
+impl Deferred {
+    fn send(self, commit: &Result<(), String>) {
+        let failed = |e: &String| format!("commit failed: {e}");
+        match (self, commit) {
+            (Deferred::Write(r, v), Ok(())) => drop(r.send(v)),
+            (Deferred::Write(r, v), Err(e)) => drop(r.send(match v {
+                Ok(_) => Err(Error::Store(StoreError::Redb(failed(e)))),
+                Err(x) => Err(x),
+            })),
+            (Deferred::Resp(r, v), Ok(())) => drop(r.send(v)),
+            (Deferred::Resp(r, _), Err(e)) => drop(r.send(Response::Refused {
+                reason: Refusal::Internal,
+                message: failed(e),
+            })),
+            (Deferred::Msgs(r, v), Ok(())) => drop(r.send(v)),
+            (Deferred::Msgs(r, _), Err(_)) => drop(r.send(Vec::new())),
+            (Deferred::MsgsR(r, v), Ok(())) => drop(r.send(v)),
+            (Deferred::MsgsR(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
+            (Deferred::Count(r, v), Ok(())) => drop(r.send(v)),
+            (Deferred::Count(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
+            (Deferred::Unit(r, v), Ok(())) => drop(r.send(v)),
+            (Deferred::Unit(r, _), Err(e)) => drop(r.send(Err(failed(e)))),
+            (Deferred::Admit(r, v), Ok(())) => drop(r.send(v)),
+            (Deferred::Admit(r, _), Err(e)) => drop(r.send(Err((Refusal::Internal, failed(e))))),
+        }
+    }
+}
+
+/// The documents as replication sees them, inside one batch.
+struct BatchDocs<'a> {
+    cache: &'a mut lru::LruCache<String, AutoCommit>,
+    actor: &'a ActorId,
+    batch: &'a mut Batch,
+    origin: Origin,
+    created: BTreeSet<String>,
+    changed: BTreeSet<String>,
+}
+
+impl BatchDocs<'_> {
+    fn load(&mut self, id: &str) -> Result<bool, String> {
+        if self.batch.touched.contains_key(id) {
+            return Ok(true);
+        }
+        let d = match self.cache.pop(id) {
+            Some(d) => Some(d),
+            None => self.batch.txn.load_doc(id).map_err(|e| e.to_string())?.map(|mut d| {
+                d.set_actor(self.actor.clone());
+                d
+            }),
+        };
+        match d {
+            Some(d) => {
+                self.batch.touched.insert(id.to_string(), d);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+impl Docs for BatchDocs<'_> {
+    fn get(&mut self, id: &str) -> Result<Option<&mut AutoCommit>, String> {
+        if self.load(id)? {
+            Ok(self.batch.touched.get_mut(id))
+        } else {
+            Ok(None)
+        }
+    }
+    fn get_or_create(&mut self, id: &str) -> Result<&mut AutoCommit, String> {
+        if !self.load(id)? {
+            self.created.insert(id.to_string());
+            self.batch
+                .touched
+                .insert(id.to_string(), AutoCommit::new().with_actor(self.actor.clone()));
+        }
+        Ok(self.batch.touched.get_mut(id).expect("just loaded"))
+    }
+    fn changed(&mut self, id: &str) {
+        self.changed.insert(id.to_string());
+    }
+    fn saved(&mut self, id: &str) -> Result<Option<Vec<u8>>, String> {
+        if let Some(d) = self.batch.touched.get_mut(id) {
+            return Ok(Some(d.save()));
+        }
+        self.batch.txn.doc_bytes(id).map_err(|e| e.to_string())
+    }
+}
+
+/// What the write path sees of the rest of the store: the uncommitted transaction, so a batch sees
+/// its own earlier writes.
+struct TxnWorld<'a> {
+    txn: &'a WriteTxn,
+}
+
+impl World for TxnWorld<'_> {
+    fn exists(&self, kind: Kind, name: &str) -> Result<bool, WriteError> {
+        self.txn
+            .index_get(&doc_id(kind, name))
+            .map(|e| e.is_some_and(|e| e.alive))
+            .map_err(|e| WriteError::Internal(e.to_string()))
+    }
+
+    fn password_min_length(&self) -> Result<usize, WriteError> {
+        let default = 8;
+        let entry = self
+            .txn
+            .index_get(&doc_id(Kind::Security, "global"))
+            .map_err(|e| WriteError::Internal(e.to_string()))?;
+        Ok(entry
+            .filter(|e| e.alive)
+            .and_then(|e| serde_json::from_slice::<Value>(&e.json).ok())
+            .and_then(|v| v["fields"]["password_min_length"].as_u64())
+            .map_or(default, |n| n as usize))
+    }
+}
+
+/// The index row of any stored document (entities and the member list).
+pub fn entry_for(id: &str, d: &mut AutoCommit) -> Result<IndexEntry, String> {
+    if id == MEMBERS_DOC {
+        let list = members::read(d);
+        return Ok(IndexEntry {
+            alive: true,
+            conflicts: false,
+            chunks: 0,
+            heads_hash: heads_hash(d),
+            json: serde_json::to_vec(&list).expect("json serializes"),
+        });
+    }
+    let (kind, name) = crdt_schema::parse_doc_id(id).map_err(|e| e.to_string())?;
+    let state = doc::read(d, kind, name).map_err(|e| e.to_string())?;
+    Ok(index_entry(d, &state))
+}
+
+impl Driver {
+    /// Builds the digest from the index: every stored document with its heads hash.
+    pub fn load_digest(store: &Store) -> Result<Digest, StoreError> {
+        let mut digest = Digest::default();
+        store.index_scan("", |id, e| digest.set(id, e.heads_hash))?;
+        Ok(digest)
+    }
+
+    pub fn run(mut self, mut rx: tokio::sync::mpsc::Receiver<Cmd>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            self.run_batch(batch);
+        }
+    }
+
+    fn run_batch(&mut self, cmds: Vec<Cmd>) {
+        let txn = match self.store.write() {
+            Ok(t) => t,
+            Err(e) => {
+                let err = Err(e.to_string());
+                for c in cmds {
+                    self.defer_failed(c).send(&err);
+                }
+                return;
+            }
+        };
+        let mut b = Batch {
+            txn,
+            touched: HashMap::new(),
+            changed: BTreeMap::new(),
+            entries: BTreeMap::new(),
+            poisoned: None,
+        };
+        let mut deferred = Vec::with_capacity(cmds.len());
+        for c in cmds {
+            deferred.push(self.exec(&mut b, c));
+        }
+        let Batch {
+            txn,
+            touched,
+            changed,
+            entries,
+            poisoned,
+        } = b;
+        let dirty = !entries.is_empty() || changed.len() > 0 || poisoned.is_some();
+        let commit = match poisoned {
+            Some(e) => Err(e),
+            // A batch that changed nothing does not pay for an fsync.
+            None if !dirty && !self.wrote_local => Ok(()),
+            None => txn.commit().map_err(|e| e.to_string()),
+        };
+        self.wrote_local = false;
+        if commit.is_ok() {
+            for (id, d) in touched {
+                self.cache.put(id, d);
+            }
+            self.after_commit(&changed, &entries);
+        } else if let Err(e) = &commit {
+            // The touched documents may hold changes that are not durable: drop them, so the
+            // next use reloads what is committed.
+            tracing::error!(error = %e, "commit failed; the batch is refused");
+        }
+        for d in deferred {
+            d.send(&commit);
+        }
+    }
+
+    fn defer_failed(&mut self, c: Cmd) -> Deferred {
+        match c {
+            Cmd::Write { reply, .. } => Deferred::Write(reply, Err(Error::ShuttingDown)),
+            Cmd::Serve { reply, .. } => Deferred::Resp(
+                reply,
+                Response::Refused {
+                    reason: Refusal::Internal,
+                    message: String::new(),
+                },
+            ),
+            Cmd::SyncOut { reply, .. } => Deferred::Msgs(reply, Vec::new()),
+            Cmd::SyncBack { reply, .. } => Deferred::MsgsR(reply, Err(String::new())),
+            Cmd::Ingest { reply, .. } => Deferred::Count(reply, Err(String::new())),
+            Cmd::ResetPeer { .. } => Deferred::Msgs(oneshot::channel().0, Vec::new()),
+            Cmd::PutToken { reply, .. } | Cmd::RemoveMember { reply, .. } => {
+                Deferred::Unit(reply, Err(String::new()))
+            }
+            Cmd::Admit { reply, .. } => Deferred::Admit(reply, Err((Refusal::Internal, String::new()))),
+        }
+    }
+
+    fn after_commit(&mut self, changed: &BTreeMap<String, Origin>, entries: &BTreeMap<String, IndexEntry>) {
+        if let Ok(mut d) = self.shared.digest.lock() {
+            for (id, e) in entries {
+                d.set(id, e.heads_hash);
+            }
+        }
+        let peers = self.shared.peer_queues();
+        for (id, origin) in changed {
+            for (peer, q) in &peers {
+                if matches!(origin, Origin::Remote { peer: p } if p == peer) {
+                    continue;
+                }
+                q.mark(id);
+            }
+            if id == MEMBERS_DOC {
+                if let Some(e) = entries.get(id) {
+                    if let Ok(list) = serde_json::from_slice::<Vec<Member>>(&e.json) {
+                        self.shared.members.send_replace(list);
+                    }
+                }
+                continue;
+            }
+            if let (Ok((kind, name)), Some(e)) = (crdt_schema::parse_doc_id(id), entries.get(id)) {
+                let _ = self.shared.events.send(ChangeEvent {
+                    kind,
+                    name: name.to_string(),
+                    alive: e.alive,
+                    origin: origin.clone(),
+                });
+            }
+        }
+    }
+
+    /// Persists the documents a replication step changed; drops those it only created.
+    fn persist(&mut self, b: &mut Batch, created: BTreeSet<String>, changed: BTreeSet<String>, origin: &Origin) {
+        for id in created.difference(&changed) {
+            b.touched.remove(id);
+        }
+        for id in changed {
+            let Some(d) = b.touched.get_mut(&id) else {
+                continue;
+            };
+            let r = entry_for(&id, d).and_then(|entry| {
+                b.txn
+                    .put_doc(&id, d, entry.clone())
+                    .map(|()| entry)
+                    .map_err(|e| e.to_string())
+            });
+            match r {
+                Ok(entry) => {
+                    b.entries.insert(id.clone(), entry);
+                    b.changed.insert(id, origin.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(doc = %id, error = %e, "a document from a peer cannot be stored");
+                    b.touched.remove(&id);
+                    b.poisoned.get_or_insert(e);
+                }
+            }
+        }
+    }
+
+    fn with_docs<T>(
+        &mut self,
+        b: &mut Batch,
+        origin: Origin,
+        f: impl FnOnce(&mut BatchDocs<'_>, &mut Sessions) -> T,
+    ) -> T {
+        let mut docs = BatchDocs {
+            cache: &mut self.cache,
+            actor: &self.actor,
+            batch: b,
+            origin: origin.clone(),
+            created: BTreeSet::new(),
+            changed: BTreeSet::new(),
+        };
+        let out = f(&mut docs, &mut self.sessions);
+        let (created, changed) = (docs.created, docs.changed);
+        let _ = &docs.origin;
+        self.persist(b, created, changed, &origin);
+        out
+    }
+
+    fn exec(&mut self, b: &mut Batch, c: Cmd) -> Deferred {
+        match c {
+            Cmd::Write {
+                kind,
+                name,
+                op,
+                reply,
+            } => Deferred::Write(reply, self.write(b, kind, &name, &op)),
+            Cmd::Serve { peer, req, reply } => {
+                let digest = self.shared.digest.clone();
+                let origin = Origin::Remote { peer: peer.clone() };
+                let resp = self.with_docs(b, origin, |docs, sessions| {
+                    let mut d = digest.lock().expect("digest lock");
+                    repl::serve(req, &peer, &mut d, sessions, docs)
+                });
+                Deferred::Resp(reply, resp)
+            }
+            Cmd::SyncOut { peer, ids, reply } => {
+                let msgs = self.with_docs(b, Origin::Local, |docs, sessions| {
+                    sessions.generate(docs, &peer, Dir::Out, &ids)
+                });
+                Deferred::Msgs(reply, msgs)
+            }
+            Cmd::SyncBack {
+                peer,
+                msgs,
+                ids,
+                reply,
+            } => {
+                let origin = Origin::Remote { peer: peer.clone() };
+                let next = self.with_docs(b, origin, |docs, sessions| {
+                    sessions.receive(docs, &peer, Dir::Out, msgs);
+                    sessions.generate(docs, &peer, Dir::Out, &ids)
+                });
+                Deferred::MsgsR(reply, Ok(next))
+            }
+            Cmd::Ingest { peer, docs, reply } => {
+                let origin = Origin::Remote { peer };
+                let r = self.with_docs(b, origin, |d, _| {
+                    let mut n = 0;
+                    for (id, bytes) in docs {
+                        if repl::ingest(d, &id, &bytes).is_ok() {
+                            n += 1;
+                        }
+                    }
+                    n
+                });
+                Deferred::Count(reply, Ok(r))
+            }
+            Cmd::ResetPeer { peer } => {
+                self.sessions.reset_peer(&peer);
+                Deferred::Msgs(oneshot::channel().0, Vec::new())
+            }
+            Cmd::PutToken {
+                secret_hash,
+                record,
+                reply,
+            } => {
+                let r = b
+                    .txn
+                    .local_put(&token_key(&secret_hash), &serde_json::to_vec(&record).expect("json"))
+                    .map_err(|e| e.to_string());
+                self.wrote_local = true;
+                Deferred::Unit(reply, r)
+            }
+            Cmd::Admit {
+                secret_hash,
+                member,
+                reply,
+            } => {
+                let r = self.admit(b, &secret_hash, &member);
+                Deferred::Admit(reply, r)
+            }
+            Cmd::RemoveMember { id, reply } => {
+                let r = self.update_members(b, |list| {
+                    let mut m = list
+                        .iter()
+                        .find(|m| m.id == id && !m.removed)
+                        .cloned()
+                        .ok_or_else(|| format!("node {id} is not a member of this cluster"))?;
+                    m.removed = true;
+                    Ok(m)
+                });
+                Deferred::Unit(reply, r.map(|_| ()))
+            }
+        }
+    }
+
+    fn admit(&mut self, b: &mut Batch, secret_hash: &str, member: &Member) -> Result<Vec<u8>, (Refusal, String)> {
+        let key = token_key(secret_hash);
+        let internal = |e: String| (Refusal::Internal, e);
+        let rec: Option<TokenRecord> = b
+            .txn
+            .local_get(&key)
+            .map_err(|e| internal(e.to_string()))?
+            .and_then(|v| serde_json::from_slice(&v).ok());
+        let now = self.clock.wall_ms();
+        match rec {
+            None => {
+                return Err((
+                    Refusal::Token,
+                    "the join token is not valid for this cluster member (wrong or mistyped token, or one made by another node)".into(),
+                ))
+            }
+            Some(r) if r.used => {
+                return Err((Refusal::Token, "the join token was already used: create a new one".into()))
+            }
+            Some(r) if r.expires_wall_ms <= now => {
+                return Err((
+                    Refusal::Token,
+                    format!(
+                        "the join token expired {} s ago: create a new one",
+                        (now - r.expires_wall_ms) / 1000
+                    ),
+                ))
+            }
+            Some(mut r) => {
+                r.used = true;
+                b.txn
+                    .local_put(&key, &serde_json::to_vec(&r).expect("json"))
+                    .map_err(|e| internal(e.to_string()))?;
+                self.wrote_local = true;
+            }
+        }
+        let m = member.clone();
+        self.update_members(b, move |_| Ok(m)).map_err(internal)?;
+        let d = b.touched.get_mut(MEMBERS_DOC).ok_or_else(|| internal("member list missing".into()))?;
+        Ok(d.save())
+    }
+
+    /// Applies `f`'s member to the member list, as a local change.
+    fn update_members(
+        &mut self,
+        b: &mut Batch,
+        f: impl FnOnce(&[Member]) -> Result<Member, String>,
+    ) -> Result<Member, String> {
+        let now = self.clock.wall_ms();
+        let actor = self.actor.clone();
+        let mut docs = BatchDocs {
+            cache: &mut self.cache,
+            actor: &actor,
+            batch: b,
+            origin: Origin::Local,
+            created: BTreeSet::new(),
+            changed: BTreeSet::new(),
+        };
+        let d = docs.get_or_create(MEMBERS_DOC)?;
+        if d.get_heads().is_empty() {
+            let mut g = members::genesis();
+            d.merge(&mut g).map_err(|e| e.to_string())?;
+        }
+        let m = f(&members::read(d))?;
+        let changed = members::upsert(d, &m, now).map_err(|e| e.to_string())?;
+        let mut changed_set = docs.changed.clone();
+        let created = docs.created.clone();
+        if changed || !created.is_empty() {
+            changed_set.insert(MEMBERS_DOC.to_string());
+        }
+        self.persist(b, created, changed_set, &Origin::Local);
+        Ok(m)
+    }
+
+    fn write(&mut self, b: &mut Batch, kind: Kind, name: &str, op: &Op) -> Result<EntityState, Error> {
+        crdt_schema::validate_name(kind, name)?;
+        let id = doc_id(kind, name);
+        let mut d = match b.touched.remove(&id).or_else(|| self.cache.pop(&id)) {
+            Some(d) => d,
+            None => match b.txn.load_doc(&id)? {
+                Some(mut d) => {
+                    d.set_actor(self.actor.clone());
+                    d
+                }
+                None => {
+                    let mut d = doc::genesis(kind);
+                    d.set_actor(self.actor.clone());
+                    d
+                }
+            },
+        };
+        let mut salt = [0u8; 16];
+        self.rng.fill_bytes(&mut salt);
+        let ctx = Context {
+            node_id: &self.shared.config.node_id,
+            wall_ms: self.clock.wall_ms(),
+            salt,
+        };
+        let outcome = match entity::execute(&mut d, kind, name, op, &TxnWorld { txn: &b.txn }, &ctx) {
+            Ok(o) => o,
+            Err(e) => {
+                b.touched.insert(id, d);
+                return Err(e.into());
+            }
+        };
+        if outcome.changed {
+            let entry = index_entry(&mut d, &outcome.state);
+            if let Err(e) = b.txn.put_doc(&id, &mut d, entry.clone()) {
+                // The document holds a change the transaction may not: never reuse it, and
+                // commit nothing of this batch.
+                b.poisoned.get_or_insert(e.to_string());
+                return Err(e.into());
+            }
+            b.entries.insert(id.clone(), entry);
+            b.changed.insert(id.clone(), Origin::Local);
+        }
+        b.touched.insert(id, d);
+        Ok(outcome.state)
+    }
+}
