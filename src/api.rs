@@ -50,6 +50,9 @@ pub fn router(node: Node) -> Router {
         )
         .route("/v1/entities/{kind}/{name}/history", get(history))
         .route("/v1/conflicts", get(conflicts))
+        .route("/v1/tokens", axum::routing::post(create_token))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{id}", axum::routing::delete(remove_node))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -247,4 +250,64 @@ async fn conflicts(State(st): State<ApiState>) -> ApiResult {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
         })??;
     Ok(Json(json!({"conflicts": c})).into_response())
+}
+
+async fn create_token(
+    State(st): State<ApiState>,
+    Extension(_who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
+    let v = if body.is_empty() {
+        json!({})
+    } else {
+        json_body(&body)?
+    };
+    let ttl = match v.get("ttl") {
+        None | Some(Value::Null) => crate::cluster::TOKEN_TTL_DEFAULT,
+        Some(Value::String(s)) => humantime::parse_duration(s).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("ttl {s:?}: {e} (use e.g. 30m, 2h)"),
+            )
+        })?,
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("ttl: expected a duration like \"1h\", got {other}"),
+            ))
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let (token, expires) = crate::cluster::create_token(&st.node, ttl, now)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e))?;
+    Ok(Json(json!({"token": token.encode(), "expires_wall_ms": expires, "ipc": st.node.config().ipc_advertise})).into_response())
+}
+
+async fn nodes(State(st): State<ApiState>) -> ApiResult {
+    Ok(Json(json!({"self": st.node.config().node_id, "cluster_id": st.node.config().cluster_id, "members": st.node.members()})).into_response())
+}
+
+async fn remove_node(
+    State(st): State<ApiState>,
+    Extension(_who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    if id == st.node.config().node_id {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "a node cannot remove itself: remove it from another member".into(),
+        ));
+    }
+    st.node
+        .remove_member(&id)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()))?;
+    Ok(Json(json!({"removed": id})).into_response())
 }

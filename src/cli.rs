@@ -48,9 +48,40 @@ pub enum Command {
         #[arg(long)]
         ipc_advertise: Option<String>,
     },
-    /// Start local nodes on loopback in a temporary directory, until Ctrl-C.
+    /// Join an existing cluster: contact a member's IPC port with a join token, then create the
+    /// node in a new data directory (start it with `peerconf run`).
+    Join {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// IPC address (host:port) of a current member.
+        #[arg(long)]
+        peer: String,
+        /// A token from `peerconf token create` on that member.
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value = DEFAULT_API_LISTEN)]
+        api_listen: SocketAddr,
+        #[arg(long, default_value = DEFAULT_IPC_LISTEN)]
+        ipc_listen: SocketAddr,
+        /// Address the other nodes reach the IPC port at (default: --ipc-listen).
+        #[arg(long)]
+        ipc_advertise: Option<String>,
+    },
+    /// Join tokens.
+    Token {
+        #[command(subcommand)]
+        what: TokenCommand,
+    },
+    /// Cluster members.
+    Node {
+        #[command(subcommand)]
+        what: NodeCommand,
+    },
+    /// Start a local cluster of N nodes on loopback in a temporary directory, until Ctrl-C.
     Demo {
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 3)]
         nodes: usize,
     },
     /// Run the node in DIR until SIGINT or SIGTERM.
@@ -89,6 +120,24 @@ pub enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a single-use join token (printed alone on the last line).
+    Create {
+        /// How long the token stays valid, e.g. 30m, 2h (default 1h, at most 7 days).
+        #[arg(long)]
+        ttl: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// List the members of the cluster.
+    List,
+    /// Remove a member: every node refuses its certificate from then on.
+    Remove { id: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -156,6 +205,51 @@ pub fn main(cli: Cli) -> i32 {
         }
         Command::Run { data_dir } => runtime().and_then(|rt| {
             rt.block_on(crate::daemon::run(&data_dir, crate::daemon::stop_signal()))
+        }),
+        Command::Join {
+            data_dir,
+            peer,
+            token,
+            name,
+            api_listen,
+            ipc_listen,
+            ipc_advertise,
+        } => {
+            let opts = InitOptions {
+                name,
+                api_listen,
+                ipc_listen,
+                ipc_advertise,
+            };
+            runtime().and_then(|rt| {
+                rt.block_on(crate::cluster::join(&data_dir, &peer, &token, &opts))
+                    .map(|cfg| {
+                        eprintln!(
+                            "node {} ({}) joined cluster {}; start it with: peerconf run --data-dir {}",
+                            cfg.name,
+                            cfg.node_id,
+                            cfg.cluster_id,
+                            data_dir.display()
+                        );
+                        println!("{}", cfg.node_id);
+                    })
+            })
+        }
+        Command::Token {
+            what: TokenCommand::Create { ttl },
+        } => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let c = ApiClient::new(&cli.api).map_err(|e| e.0)?;
+                let body = serde_json::to_vec(&serde_json::json!({ "ttl": ttl })).expect("json");
+                let v = c.call(Method::POST, "/v1/tokens", Some(body)).await.map_err(|e| e.0)?;
+                eprintln!(
+                    "single-use join token for peerconf join --peer {} (expires at {} ms since the epoch):",
+                    v["ipc"].as_str().unwrap_or("?"),
+                    v["expires_wall_ms"]
+                );
+                println!("{}", v["token"].as_str().unwrap_or_default());
+                Ok(())
+            })
         }),
         Command::Demo { nodes } => runtime().and_then(|rt| rt.block_on(crate::demo::run(nodes))),
         Command::Bench { what } => match what {
@@ -232,10 +326,21 @@ async fn admin_command(api: &str, cmd: Command) -> Result<Value, CallError> {
             };
             c.call(Method::GET, &path, None).await
         }
+        Command::Node {
+            what: NodeCommand::List,
+        } => c.call(Method::GET, "/v1/nodes", None).await,
+        Command::Node {
+            what: NodeCommand::Remove { id },
+        } => {
+            c.call(Method::DELETE, &format!("/v1/nodes/{}", seg(&id)), None)
+                .await
+        }
         Command::Init { .. }
         | Command::Run { .. }
         | Command::Bench { .. }
-        | Command::Demo { .. } => {
+        | Command::Demo { .. }
+        | Command::Join { .. }
+        | Command::Token { .. } => {
             unreachable!("handled by main")
         }
     }

@@ -36,15 +36,17 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(cfg.api_listen)
         .await
         .map_err(|e| format!("cannot listen on {} for the admin API: {e}", cfg.api_listen))?;
+    let cluster = crate::cluster::Cluster::start(node.clone()).await?;
     tracing::info!(node = %cfg.node_id, name = %cfg.name, api = %cfg.api_listen, "node running");
     eprintln!(
-        "peerconf: node {} ({}) serving the admin API on http://{}",
-        cfg.node_id, cfg.name, cfg.api_listen
+        "peerconf: node {} ({}) of cluster {}: admin API on http://{}, IPC on {}",
+        cfg.node_id, cfg.name, cfg.cluster_id, cfg.api_listen, cfg.ipc_listen
     );
     let served = axum::serve(listener, crate::api::router(node.clone()))
         .with_graceful_shutdown(stop)
         .await;
     tracing::info!("shutting down");
+    cluster.stop().await;
     tokio::task::spawn_blocking(move || node.shutdown())
         .await
         .map_err(|e| e.to_string())?;

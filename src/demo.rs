@@ -15,19 +15,27 @@ fn loopback_port(preferred: u16) -> SocketAddr {
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], preferred)))
 }
 
+async fn wait_up(addr: SocketAddr) {
+    for _ in 0..400 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
 pub async fn run(nodes: usize) -> Result<(), String> {
-    if nodes != 1 {
-        return Err(format!(
-            "--nodes {nodes}: this build runs single nodes only; clustering is not implemented yet"
-        ));
+    if !(1..=16).contains(&nodes) {
+        return Err(format!("--nodes {nodes}: between 1 and 16"));
     }
     let tmp = tempfile::Builder::new()
         .prefix("peerconf-demo-")
         .tempdir()
         .map_err(|e| format!("cannot make a temporary directory: {e}"))?;
-    let mut apis = Vec::new();
+    let mut apis: Vec<SocketAddr> = Vec::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    let mut first_ipc = None;
     for i in 0..nodes {
         let dir = tmp.path().join(format!("node{}", i + 1));
         let opts = InitOptions {
@@ -36,7 +44,21 @@ pub async fn run(nodes: usize) -> Result<(), String> {
             ipc_listen: loopback_port(7701 + 10 * i as u16),
             ipc_advertise: None,
         };
-        Node::init(&dir, &opts, &NodeOptions::default()).map_err(|e| e.to_string())?;
+        match first_ipc {
+            None => {
+                Node::init(&dir, &opts, &NodeOptions::default()).map_err(|e| e.to_string())?;
+                first_ipc = Some((opts.ipc_listen, apis.len()));
+            }
+            Some((ipc, _)) => {
+                let api = crate::client::ApiClient::new(&apis[0].to_string()).map_err(|e| e.0)?;
+                let t = api
+                    .call(hyper::Method::POST, "/v1/tokens", Some(b"{}".to_vec()))
+                    .await
+                    .map_err(|e| e.0)?;
+                let token = t["token"].as_str().unwrap_or_default().to_string();
+                crate::cluster::join(&dir, &ipc.to_string(), &token, &opts).await?;
+            }
+        }
         apis.push(opts.api_listen);
         let mut rx = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -45,15 +67,7 @@ pub async fn run(nodes: usize) -> Result<(), String> {
             })
             .await
         }));
-    }
-    // Wait until every API answers before telling the user.
-    for api in &apis {
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(api).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
+        wait_up(opts.api_listen).await;
     }
     println!("peerconf demo: {nodes} node(s) in {}", tmp.path().display());
     for (i, api) in apis.iter().enumerate() {
@@ -65,6 +79,13 @@ pub async fn run(nodes: usize) -> Result<(), String> {
     println!("  peerconf put site main --json '{{\"protocols\":[\"sftp\"],\"bindings\":[\"0.0.0.0:2222\"],\"root_dir\":\"/srv\"}}'");
     println!("  peerconf put user alice --json '{{\"home_dir\":\"/srv/alice\",\"site\":\"main\",\"password\":\"a long password\"}}'");
     println!("  peerconf list user");
+    if apis.len() > 1 {
+        println!(
+            "  peerconf --api http://{} get user alice     # replicated to node2",
+            apis[1]
+        );
+        println!("  peerconf node list");
+    }
     println!("  peerconf history user alice");
     println!("  curl -s http://{api}/v1/entities/user/alice");
     println!("\nCtrl-C stops the demo and removes its directory.");

@@ -115,11 +115,17 @@ struct Batch {
 }
 
 enum Deferred {
-    Write(oneshot::Sender<Result<EntityState, Error>>, Result<EntityState, Error>),
+    Write(
+        oneshot::Sender<Result<EntityState, Error>>,
+        Result<EntityState, Error>,
+    ),
     Resp(oneshot::Sender<Response>, Response),
     Msgs(oneshot::Sender<Msgs>, Msgs),
     MsgsR(oneshot::Sender<Result<Msgs, String>>, Result<Msgs, String>),
-    Count(oneshot::Sender<Result<usize, String>>, Result<usize, String>),
+    Count(
+        oneshot::Sender<Result<usize, String>>,
+        Result<usize, String>,
+    ),
     Unit(oneshot::Sender<Result<(), String>>, Result<(), String>),
     Admit(
         oneshot::Sender<Result<Vec<u8>, (Refusal, String)>>,
@@ -172,10 +178,15 @@ impl BatchDocs<'_> {
         }
         let d = match self.cache.pop(id) {
             Some(d) => Some(d),
-            None => self.batch.txn.load_doc(id).map_err(|e| e.to_string())?.map(|mut d| {
-                d.set_actor(self.actor.clone());
-                d
-            }),
+            None => self
+                .batch
+                .txn
+                .load_doc(id)
+                .map_err(|e| e.to_string())?
+                .map(|mut d| {
+                    d.set_actor(self.actor.clone());
+                    d
+                }),
         };
         match d {
             Some(d) => {
@@ -198,9 +209,10 @@ impl Docs for BatchDocs<'_> {
     fn get_or_create(&mut self, id: &str) -> Result<&mut AutoCommit, String> {
         if !self.load(id)? {
             self.created.insert(id.to_string());
-            self.batch
-                .touched
-                .insert(id.to_string(), AutoCommit::new().with_actor(self.actor.clone()));
+            self.batch.touched.insert(
+                id.to_string(),
+                AutoCommit::new().with_actor(self.actor.clone()),
+            );
         }
         Ok(self.batch.touched.get_mut(id).expect("just loaded"))
     }
@@ -350,11 +362,17 @@ impl Driver {
             Cmd::PutToken { reply, .. } | Cmd::RemoveMember { reply, .. } => {
                 Deferred::Unit(reply, Err(String::new()))
             }
-            Cmd::Admit { reply, .. } => Deferred::Admit(reply, Err((Refusal::Internal, String::new()))),
+            Cmd::Admit { reply, .. } => {
+                Deferred::Admit(reply, Err((Refusal::Internal, String::new())))
+            }
         }
     }
 
-    fn after_commit(&mut self, changed: &BTreeMap<String, Origin>, entries: &BTreeMap<String, IndexEntry>) {
+    fn after_commit(
+        &mut self,
+        changed: &BTreeMap<String, Origin>,
+        entries: &BTreeMap<String, IndexEntry>,
+    ) {
         if let Ok(mut d) = self.shared.digest.lock() {
             for (id, e) in entries {
                 d.set(id, e.heads_hash);
@@ -388,7 +406,13 @@ impl Driver {
     }
 
     /// Persists the documents a replication step changed; drops those it only created.
-    fn persist(&mut self, b: &mut Batch, created: BTreeSet<String>, changed: BTreeSet<String>, origin: &Origin) {
+    fn persist(
+        &mut self,
+        b: &mut Batch,
+        created: BTreeSet<String>,
+        changed: BTreeSet<String>,
+        origin: &Origin,
+    ) {
         for id in created.difference(&changed) {
             b.touched.remove(id);
         }
@@ -497,7 +521,10 @@ impl Driver {
             } => {
                 let r = b
                     .txn
-                    .local_put(&token_key(&secret_hash), &serde_json::to_vec(&record).expect("json"))
+                    .local_put(
+                        &token_key(&secret_hash),
+                        &serde_json::to_vec(&record).expect("json"),
+                    )
                     .map_err(|e| e.to_string());
                 self.wrote_local = true;
                 Deferred::Unit(reply, r)
@@ -525,7 +552,12 @@ impl Driver {
         }
     }
 
-    fn admit(&mut self, b: &mut Batch, secret_hash: &str, member: &Member) -> Result<Vec<u8>, (Refusal, String)> {
+    fn admit(
+        &mut self,
+        b: &mut Batch,
+        secret_hash: &str,
+        member: &Member,
+    ) -> Result<Vec<u8>, (Refusal, String)> {
         let key = token_key(secret_hash);
         let internal = |e: String| (Refusal::Internal, e);
         let rec: Option<TokenRecord> = b
@@ -563,7 +595,10 @@ impl Driver {
         }
         let m = member.clone();
         self.update_members(b, move |_| Ok(m)).map_err(internal)?;
-        let d = b.touched.get_mut(MEMBERS_DOC).ok_or_else(|| internal("member list missing".into()))?;
+        let d = b
+            .touched
+            .get_mut(MEMBERS_DOC)
+            .ok_or_else(|| internal("member list missing".into()))?;
         Ok(d.save())
     }
 
@@ -599,7 +634,13 @@ impl Driver {
         Ok(m)
     }
 
-    fn write(&mut self, b: &mut Batch, kind: Kind, name: &str, op: &Op) -> Result<EntityState, Error> {
+    fn write(
+        &mut self,
+        b: &mut Batch,
+        kind: Kind,
+        name: &str,
+        op: &Op,
+    ) -> Result<EntityState, Error> {
         crdt_schema::validate_name(kind, name)?;
         let id = doc_id(kind, name);
         let mut d = match b.touched.remove(&id).or_else(|| self.cache.pop(&id)) {
@@ -623,7 +664,8 @@ impl Driver {
             wall_ms: self.clock.wall_ms(),
             salt,
         };
-        let outcome = match entity::execute(&mut d, kind, name, op, &TxnWorld { txn: &b.txn }, &ctx) {
+        let outcome = match entity::execute(&mut d, kind, name, op, &TxnWorld { txn: &b.txn }, &ctx)
+        {
             Ok(o) => o,
             Err(e) => {
                 b.touched.insert(id, d);

@@ -106,7 +106,8 @@ pub fn decode(data: &[u8]) {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(text) {
             for kind in Kind::ALL {
                 for mode in [WriteMode::Put, WriteMode::Patch] {
-                    let _ = crdt_schema::validate_write(kind, &v, mode, data.len().is_multiple_of(2));
+                    let _ =
+                        crdt_schema::validate_write(kind, &v, mode, data.len().is_multiple_of(2));
                 }
                 if let Some(o) = v.as_object() {
                     let _ = crdt_schema::check_entity(kind, o);

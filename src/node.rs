@@ -10,10 +10,10 @@
 
 use crate::core::clock::Clock;
 use crate::core::digest::Digest;
+use crate::core::entity::{self, Op, WriteError};
 use crate::core::members::{Member, MEMBERS_DOC};
 use crate::core::proto::{Refusal, Request, Response};
 use crate::driver::{Cmd, Driver, Msgs, TokenRecord};
-use crate::core::entity::{self, Op, WriteError};
 use crate::store::{IndexEntry, Store, StoreError};
 use crate::time::SystemClock;
 use automerge::{ActorId, AutoCommit};
@@ -246,7 +246,11 @@ fn restrict_file(path: &Path) -> Result<(), Error> {
 impl Node {
     /// Creates a node in `dir` and a new cluster around it: a cluster ID, the cluster CA, the
     /// node's certificate, and a member list holding this node. Fails if `dir` is initialised.
-    pub fn init(dir: &Path, opts: &InitOptions, node_opts: &NodeOptions) -> Result<NodeConfig, Error> {
+    pub fn init(
+        dir: &Path,
+        opts: &InitOptions,
+        node_opts: &NodeOptions,
+    ) -> Result<NodeConfig, Error> {
         let mut rng = seeded(node_opts.seed);
         let node_id = random_hex(&mut rng);
         let cluster_id = random_hex(&mut rng);
@@ -319,50 +323,93 @@ impl Node {
 
     async fn ask<T>(&self, f: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Error> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(f(reply)).await.map_err(|_| Error::ShuttingDown)?;
+        self.tx
+            .send(f(reply))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
         rx.await.map_err(|_| Error::ShuttingDown)
     }
 
     /// Answers a peer's replication request (after committing what it changed).
     pub async fn serve(&self, peer: &str, req: Request) -> Result<Response, Error> {
-        self.ask(|reply| Cmd::Serve { peer: peer.to_string(), req, reply }).await
+        self.ask(|reply| Cmd::Serve {
+            peer: peer.to_string(),
+            req,
+            reply,
+        })
+        .await
     }
 
     pub async fn sync_out(&self, peer: &str, ids: Vec<String>) -> Result<Msgs, Error> {
-        self.ask(|reply| Cmd::SyncOut { peer: peer.to_string(), ids, reply }).await
+        self.ask(|reply| Cmd::SyncOut {
+            peer: peer.to_string(),
+            ids,
+            reply,
+        })
+        .await
     }
 
     pub async fn sync_back(&self, peer: &str, msgs: Msgs, ids: Vec<String>) -> Result<Msgs, Error> {
-        self.ask(|reply| Cmd::SyncBack { peer: peer.to_string(), msgs, ids, reply })
-            .await?
-            .map_err(Error::Io)
+        self.ask(|reply| Cmd::SyncBack {
+            peer: peer.to_string(),
+            msgs,
+            ids,
+            reply,
+        })
+        .await?
+        .map_err(Error::Io)
     }
 
     pub async fn ingest(&self, peer: &str, docs: Msgs) -> Result<usize, Error> {
-        self.ask(|reply| Cmd::Ingest { peer: peer.to_string(), docs, reply })
-            .await?
-            .map_err(Error::Io)
+        self.ask(|reply| Cmd::Ingest {
+            peer: peer.to_string(),
+            docs,
+            reply,
+        })
+        .await?
+        .map_err(Error::Io)
     }
 
     pub async fn reset_peer(&self, peer: &str) {
-        let _ = self.tx.send(Cmd::ResetPeer { peer: peer.to_string() }).await;
+        let _ = self
+            .tx
+            .send(Cmd::ResetPeer {
+                peer: peer.to_string(),
+            })
+            .await;
     }
 
     pub async fn put_token(&self, secret_hash: String, record: TokenRecord) -> Result<(), Error> {
-        self.ask(|reply| Cmd::PutToken { secret_hash, record, reply })
-            .await?
-            .map_err(Error::Io)
+        self.ask(|reply| Cmd::PutToken {
+            secret_hash,
+            record,
+            reply,
+        })
+        .await?
+        .map_err(Error::Io)
     }
 
-    pub async fn admit(&self, secret_hash: String, member: Member) -> Result<Result<Vec<u8>, (Refusal, String)>, Error> {
-        self.ask(|reply| Cmd::Admit { secret_hash, member, reply }).await
+    pub async fn admit(
+        &self,
+        secret_hash: String,
+        member: Member,
+    ) -> Result<Result<Vec<u8>, (Refusal, String)>, Error> {
+        self.ask(|reply| Cmd::Admit {
+            secret_hash,
+            member,
+            reply,
+        })
+        .await
     }
 
     /// Removes a member: from then on every node refuses its certificate.
     pub async fn remove_member(&self, id: &str) -> Result<(), Error> {
-        self.ask(|reply| Cmd::RemoveMember { id: id.to_string(), reply })
-            .await?
-            .map_err(Error::Io)
+        self.ask(|reply| Cmd::RemoveMember {
+            id: id.to_string(),
+            reply,
+        })
+        .await?
+        .map_err(Error::Io)
     }
 
     /// The member list as committed, removed members included.
@@ -556,7 +603,12 @@ fn random_hex(rng: &mut ChaCha8Rng) -> String {
     hex::encode(b)
 }
 
-pub(crate) fn new_config(node_id: String, cluster_id: String, opts: &InitOptions, node_opts: &NodeOptions) -> NodeConfig {
+pub(crate) fn new_config(
+    node_id: String,
+    cluster_id: String,
+    opts: &InitOptions,
+    node_opts: &NodeOptions,
+) -> NodeConfig {
     let name = opts
         .name
         .clone()
@@ -591,13 +643,17 @@ pub(crate) fn create_dir(
     let store = Store::open(&db_path)?;
     restrict_file(&db_path)?;
     if let Some(existing) = read_config(&store)? {
-        return Err(Error::AlreadyInitialised(dir.display().to_string(), existing.node_id));
+        return Err(Error::AlreadyInitialised(
+            dir.display().to_string(),
+            existing.node_id,
+        ));
     }
     crate::tls::TlsFiles::new(dir)
         .write(material)
         .map_err(|e| Error::Io(e.to_string()))?;
     let mut members = match members_doc {
-        Some(b) => AutoCommit::load(b).map_err(|e| Error::Io(format!("the member list received is corrupt: {e}")))?,
+        Some(b) => AutoCommit::load(b)
+            .map_err(|e| Error::Io(format!("the member list received is corrupt: {e}")))?,
         None => {
             let mut d = crate::core::members::genesis();
             let mut rng = seeded(node_opts.seed.map(|s| s ^ 1));
@@ -619,7 +675,10 @@ pub(crate) fn create_dir(
     let entry = crate::driver::entry_for(MEMBERS_DOC, &mut members).map_err(Error::Io)?;
     let mut txn = store.write()?;
     txn.put_doc(MEMBERS_DOC, &mut members, entry)?;
-    txn.local_put(CONFIG_KEY, &serde_json::to_vec(cfg).expect("config serializes"))?;
+    txn.local_put(
+        CONFIG_KEY,
+        &serde_json::to_vec(cfg).expect("config serializes"),
+    )?;
     txn.commit()?;
     Ok(())
 }
@@ -661,4 +720,3 @@ pub fn index_entry(doc: &mut AutoCommit, state: &EntityState) -> IndexEntry {
         json: serde_json::to_vec(&state.to_json()).expect("json serializes"),
     }
 }
-

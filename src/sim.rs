@@ -173,7 +173,10 @@ impl Node {
 
     /// Runs `f` over the node's documents, then "persists": drops created-but-unchanged documents
     /// and updates the digest and push sets of the changed ones.
-    fn with_docs<T>(&mut self, f: impl FnOnce(&mut MemDocs<'_>, &mut Sessions, &mut Digest) -> T) -> T {
+    fn with_docs<T>(
+        &mut self,
+        f: impl FnOnce(&mut MemDocs<'_>, &mut Sessions, &mut Digest) -> T,
+    ) -> T {
         let mut md = MemDocs {
             docs: &mut self.docs,
             actor: &self.actor,
@@ -198,15 +201,43 @@ impl Node {
 }
 
 enum Event {
-    Write { node: usize },
-    Tick { node: usize },
-    Deliver { from: usize, to: usize, req_id: u64, req: Request },
-    Answer { to: usize, from: usize, req_id: u64, resp: Response },
-    Timeout { node: usize, peer: usize, req_id: u64 },
-    Crash { node: usize },
-    Restart { node: usize },
-    Partition { a: usize, b: usize },
-    Heal { a: usize, b: usize },
+    Write {
+        node: usize,
+    },
+    Tick {
+        node: usize,
+    },
+    Deliver {
+        from: usize,
+        to: usize,
+        req_id: u64,
+        req: Request,
+    },
+    Answer {
+        to: usize,
+        from: usize,
+        req_id: u64,
+        resp: Response,
+    },
+    Timeout {
+        node: usize,
+        peer: usize,
+        req_id: u64,
+    },
+    Crash {
+        node: usize,
+    },
+    Restart {
+        node: usize,
+    },
+    Partition {
+        a: usize,
+        b: usize,
+    },
+    Heal {
+        a: usize,
+        b: usize,
+    },
 }
 
 struct Sim {
@@ -251,8 +282,8 @@ impl Sim {
     fn send(&mut self, from: usize, to: usize, e: impl Fn() -> Event) {
         self.report.messages += 1;
         let f = self.sc.faults.clone();
-        let lost = self.is_cut(from, to)
-            || (!self.calm && self.rng.random_range(0..100) < f.drop_pct);
+        let lost =
+            self.is_cut(from, to) || (!self.calm && self.rng.random_range(0..100) < f.drop_pct);
         if lost {
             self.report.dropped += 1;
             return;
@@ -274,7 +305,14 @@ impl Sim {
         let req_id = self.next_req;
         self.nodes[from].links[to] = Link::Busy { req_id, work };
         let t = self.now + TIMEOUT_MS;
-        self.at(t, Event::Timeout { node: from, peer: to, req_id });
+        self.at(
+            t,
+            Event::Timeout {
+                node: from,
+                peer: to,
+                req_id,
+            },
+        );
         self.send(from, to, || Event::Deliver {
             from,
             to,
@@ -299,9 +337,8 @@ impl Sim {
 
     fn start_sync(&mut self, node: usize, peer: usize, ids: Vec<String>, push: bool) {
         let peer_id = self.nodes[peer].id.clone();
-        let msgs = self.nodes[node].with_docs(|docs, sessions, _| {
-            sessions.generate(docs, &peer_id, Dir::Out, &ids)
-        });
+        let msgs = self.nodes[node]
+            .with_docs(|docs, sessions, _| sessions.generate(docs, &peer_id, Dir::Out, &ids));
         if msgs.is_empty() {
             self.nodes[node].links[peer] = Link::Idle;
             return;
@@ -321,9 +358,10 @@ impl Sim {
                     return;
                 }
                 let kind = Kind::ALL[self.rng.random_range(0..Kind::ALL.len())];
-                let name = kind.singleton().map(str::to_string).unwrap_or_else(|| {
-                    format!("e{}", self.rng.random_range(0..3))
-                });
+                let name = kind
+                    .singleton()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("e{}", self.rng.random_range(0..3)));
                 let id = crdt_schema::doc_id(kind, &name);
                 let now = self.now as i64;
                 let n = &mut self.nodes[node];
@@ -383,7 +421,12 @@ impl Sim {
                     self.request(node, peer, req, Work::Cycle(cycle));
                 }
             }
-            Event::Deliver { from, to, req_id, req } => {
+            Event::Deliver {
+                from,
+                to,
+                req_id,
+                req,
+            } => {
                 if !self.nodes[to].up {
                     return;
                 }
@@ -404,7 +447,12 @@ impl Sim {
                     resp: resp.clone(),
                 });
             }
-            Event::Answer { to, from, req_id, resp } => {
+            Event::Answer {
+                to,
+                from,
+                req_id,
+                resp,
+            } => {
                 let n = &mut self.nodes[to];
                 if !n.up {
                     return;
@@ -487,7 +535,9 @@ impl Sim {
                 let step = cycle.step(&self.nodes[node].digest, resp);
                 match step {
                     Ok(Next::Send(req)) => self.request(node, peer, req, Work::Cycle(cycle)),
-                    Ok(Next::Done(Plan { fetch, sync })) => self.fetch_then_sync(node, peer, fetch, sync),
+                    Ok(Next::Done(Plan { fetch, sync })) => {
+                        self.fetch_then_sync(node, peer, fetch, sync)
+                    }
                     Err(_) => {}
                 }
             }
@@ -504,10 +554,24 @@ impl Sim {
         }
     }
 
-    fn fetch_then_sync(&mut self, node: usize, peer: usize, mut fetch: Vec<String>, mut sync: Vec<String>) {
+    fn fetch_then_sync(
+        &mut self,
+        node: usize,
+        peer: usize,
+        mut fetch: Vec<String>,
+        mut sync: Vec<String>,
+    ) {
         if !fetch.is_empty() {
             let batch: Vec<String> = fetch.drain(..fetch.len().min(FETCH_DOCS_MAX)).collect();
-            self.request(node, peer, Request::Fetch { ids: batch }, Work::Fetch { ids: fetch, then: sync });
+            self.request(
+                node,
+                peer,
+                Request::Fetch { ids: batch },
+                Work::Fetch {
+                    ids: fetch,
+                    then: sync,
+                },
+            );
         } else if !sync.is_empty() {
             let batch: Vec<String> = sync.drain(..sync.len().min(SYNC_DOCS_MAX)).collect();
             // Whatever does not fit in this exchange waits for the next cycle.
@@ -521,7 +585,10 @@ impl Sim {
             let a: Vec<&String> = first.docs.keys().collect();
             let b: Vec<&String> = other.docs.keys().collect();
             if a != b {
-                return Err(format!("{} has documents {a:?}, {} has {b:?}", first.id, other.id));
+                return Err(format!(
+                    "{} has documents {a:?}, {} has {b:?}",
+                    first.id, other.id
+                ));
             }
             for (id, d) in first.docs.iter_mut() {
                 let o = other.docs.get_mut(id).expect("same keys");
@@ -529,7 +596,10 @@ impl Sim {
                 h1.sort();
                 h2.sort();
                 if h1 != h2 {
-                    return Err(format!("{id}: heads differ between {} and {}", first.id, other.id));
+                    return Err(format!(
+                        "{id}: heads differ between {} and {}",
+                        first.id, other.id
+                    ));
                 }
                 if id != crate::core::members::MEMBERS_DOC {
                     let (kind, name) = crdt_schema::parse_doc_id(id).map_err(|e| e.to_string())?;
@@ -623,7 +693,8 @@ pub fn run(sc: &Scenario) -> Result<Report, String> {
             sc.seed, CONVERGE_MS_MAX
         ));
     };
-    sim.converged().map_err(|e| format!("seed {}: {e}", sc.seed))?;
+    sim.converged()
+        .map_err(|e| format!("seed {}: {e}", sc.seed))?;
     for (id, h) in &sim.acknowledged {
         for node in sim.nodes.iter_mut() {
             let present = node

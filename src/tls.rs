@@ -157,8 +157,8 @@ impl Material {
 }
 
 fn node_params(node_id: &str) -> Result<CertificateParams, TlsError> {
-    let mut p = CertificateParams::new(vec![CLUSTER_DNS_NAME.to_string()])
-        .map_err(err("node params"))?;
+    let mut p =
+        CertificateParams::new(vec![CLUSTER_DNS_NAME.to_string()]).map_err(err("node params"))?;
     p.distinguished_name = DistinguishedName::new();
     p.distinguished_name.push(DnType::CommonName, node_id);
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -171,7 +171,12 @@ fn node_params(node_id: &str) -> Result<CertificateParams, TlsError> {
     Ok(p)
 }
 
-fn sign_node(ca_cert_pem: &str, ca_key_pem: &str, node_id: &str, key: &KeyPair) -> Result<String, TlsError> {
+fn sign_node(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    node_id: &str,
+    key: &KeyPair,
+) -> Result<String, TlsError> {
     let ca_key = KeyPair::from_pem(ca_key_pem).map_err(err("CA key"))?;
     let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key).map_err(err("CA certificate"))?;
     let cert = node_params(node_id)?
@@ -186,12 +191,20 @@ pub fn new_node_key_and_csr(node_id: &str) -> Result<(String, String), TlsError>
     let csr = node_params(node_id)?
         .serialize_request(&key)
         .map_err(err("certificate request"))?;
-    Ok((key.serialize_pem(), csr.pem().map_err(err("certificate request"))?))
+    Ok((
+        key.serialize_pem(),
+        csr.pem().map_err(err("certificate request"))?,
+    ))
 }
 
 /// Signs a joiner's request. Only its public key is taken from the request: the name and usages
 /// are ours.
-pub fn sign_csr(ca_cert_pem: &str, ca_key_pem: &str, node_id: &str, csr_pem: &str) -> Result<String, TlsError> {
+pub fn sign_csr(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    node_id: &str,
+    csr_pem: &str,
+) -> Result<String, TlsError> {
     let csr = CertificateSigningRequestParams::from_pem(csr_pem)
         .map_err(|e| TlsError(format!("the certificate request is not valid: {e}")))?;
     let ca_key = KeyPair::from_pem(ca_key_pem).map_err(err("CA key"))?;
@@ -219,7 +232,13 @@ pub fn fingerprint_pem(pem: &str) -> Result<String, TlsError> {
 /// The node ID a certificate names (its common name).
 pub fn node_id_of(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
     Some(cn)
 }
 
@@ -240,10 +259,11 @@ fn roots(m: &Material) -> Result<Arc<RootCertStore>, TlsError> {
 /// without one, because a joiner has none yet. The HTTP layer lets such clients only join.
 pub fn server_config(m: &Material) -> Result<Arc<ServerConfig>, TlsError> {
     let p = provider();
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(m)?, p.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| TlsError(format!("client verifier: {e}")))?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(m)?, p.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsError(format!("client verifier: {e}")))?;
     let mut c = ServerConfig::builder_with_provider(p)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError(e.to_string()))?
@@ -263,10 +283,7 @@ pub fn client_config(m: &Material) -> Result<Arc<ClientConfig>, TlsError> {
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError(e.to_string()))?
         .with_root_certificates(roots(m)?)
-        .with_client_auth_cert(
-            vec![pem_der(&m.node_cert_pem)?],
-            key_der(&m.node_key_pem)?,
-        )
+        .with_client_auth_cert(vec![pem_der(&m.node_cert_pem)?], key_der(&m.node_key_pem)?)
         .map_err(|e| TlsError(format!("node certificate: {e}")))?;
     c.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(c))
@@ -275,7 +292,9 @@ pub fn client_config(m: &Material) -> Result<Arc<ClientConfig>, TlsError> {
 /// A joiner's client: no certificate of its own; trusts the server only if the CA certificate it
 /// presents has the fingerprint from the join token and signed the server's certificate. Why a
 /// server was refused is kept in `refusal` for a clear message.
-pub fn joiner_config(ca_fingerprint: &str) -> Result<(Arc<ClientConfig>, Arc<Mutex<Option<String>>>), TlsError> {
+pub fn joiner_config(
+    ca_fingerprint: &str,
+) -> Result<(Arc<ClientConfig>, Arc<Mutex<Option<String>>>), TlsError> {
     let refusal = Arc::new(Mutex::new(None));
     let v = Arc::new(FingerprintVerifier {
         fingerprint: ca_fingerprint.to_ascii_lowercase(),
@@ -329,12 +348,19 @@ impl ServerCertVerifier for FingerprintVerifier {
         roots
             .add(ca.clone().into_owned())
             .map_err(|e| refuse(format!("the peer's CA certificate is unusable: {e}")))?;
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| refuse(format!("verifier: {e}")))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| refuse(format!("verifier: {e}")))?;
         inner
             .verify_server_cert(end_entity, &[], server_name, ocsp, now)
-            .map_err(|e| refuse(format!("the peer's certificate is not from its cluster CA: {e}")))
+            .map_err(|e| {
+                refuse(format!(
+                    "the peer's certificate is not from its cluster CA: {e}"
+                ))
+            })
     }
 
     fn verify_tls12_signature(
@@ -343,7 +369,12 @@ impl ServerCertVerifier for FingerprintVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -352,11 +383,18 @@ impl ServerCertVerifier for FingerprintVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

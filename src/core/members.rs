@@ -23,12 +23,15 @@ pub struct Member {
 
 /// The genesis of every member list (fixed actor, time 0), so two nodes' lists merge.
 pub fn genesis() -> AutoCommit {
-    let mut doc = AutoCommit::new().with_actor(ActorId::from(
-        crdt_schema::doc::GENESIS_ACTOR.as_slice(),
-    ));
+    let mut doc =
+        AutoCommit::new().with_actor(ActorId::from(crdt_schema::doc::GENESIS_ACTOR.as_slice()));
     doc.put(ROOT, "_kind", "_members")
         .expect("write to a new document");
-    doc.commit_with(CommitOptions::default().with_message("genesis").with_time(0));
+    doc.commit_with(
+        CommitOptions::default()
+            .with_message("genesis")
+            .with_time(0),
+    );
     doc
 }
 

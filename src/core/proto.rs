@@ -36,13 +36,21 @@ pub struct Envelope<T> {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum Request {
     /// Automerge sync messages, one per document.
-    Sync { msgs: Vec<(String, Vec<u8>)> },
+    Sync {
+        msgs: Vec<(String, Vec<u8>)>,
+    },
     /// Start of a replication cycle: our digest root.
-    DigestRoot { root: Hash },
+    DigestRoot {
+        root: Hash,
+    },
     /// Our document heads hashes are wanted for these buckets; send yours.
-    BucketDocs { buckets: Vec<u8> },
+    BucketDocs {
+        buckets: Vec<u8>,
+    },
     /// Send the saved bytes of these documents.
-    Fetch { ids: Vec<String> },
+    Fetch {
+        ids: Vec<String>,
+    },
     Join(JoinRequest),
 }
 
@@ -85,6 +93,8 @@ pub struct JoinResponse {
     pub ca_key_pem: String,
     pub node_cert_pem: String,
     pub members: Vec<Member>,
+    /// The saved member list document, which seeds the joiner's own.
+    pub members_doc: Vec<u8>,
 }
 
 /// The major version of a version string (`"1.4.2"` -> `"1"`).

@@ -285,14 +285,14 @@ impl Cycle {
             (Cycle::AwaitDocs { buckets }, Response::BucketDocs { docs }) => {
                 let theirs: Vec<(String, Hash)> = docs
                     .into_iter()
-                    .filter(|(id, _)| {
-                        valid_doc_id(id) && buckets.contains(&digest::bucket_of(id))
-                    })
+                    .filter(|(id, _)| valid_doc_id(id) && buckets.contains(&digest::bucket_of(id)))
                     .collect();
                 Ok(Next::Done(digest::plan(&digest.entries(buckets), &theirs)))
             }
             (_, Response::Refused { message, .. }) => Err(message),
-            (_, other) => Err(format!("unexpected answer in a replication cycle: {other:?}")),
+            (_, other) => Err(format!(
+                "unexpected answer in a replication cycle: {other:?}"
+            )),
         }
     }
 }

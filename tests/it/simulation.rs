@@ -16,9 +16,15 @@ fn seeded_scenarios_converge() {
         eprintln!("{r:?}");
         return;
     }
-    let cases: u64 = std::env::var("PEERCONF_SIM_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let cases: u64 = std::env::var("PEERCONF_SIM_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
     let base: u64 = rand::random::<u64>() >> 1;
-    eprintln!("simulation: seeds {base}..{} (replay one with PEERCONF_SEED=N)", base + cases);
+    eprintln!(
+        "simulation: seeds {base}..{} (replay one with PEERCONF_SEED=N)",
+        base + cases
+    );
     let mut worst = 0;
     let mut dropped = 0;
     for seed in base..base + cases {
