@@ -322,7 +322,7 @@ impl Driver {
             entries,
             poisoned,
         } = b;
-        let dirty = !entries.is_empty() || changed.len() > 0 || poisoned.is_some();
+        let dirty = !entries.is_empty() || !changed.is_empty() || poisoned.is_some();
         let commit = match poisoned {
             Some(e) => Err(e),
             // A batch that changed nothing does not pay for an fsync.
