@@ -158,3 +158,227 @@ pub fn init(dir: &Path, name: &str) -> String {
     assert!(o.status.success(), "init failed: {}", stderr(&o));
     api
 }
+
+// ---- Cluster helpers (tests/it/cluster.rs) ----
+
+/// `peerconf init` with fresh loopback ports; returns (API address, IPC address, node ID).
+pub fn init_node(dir: &Path, name: &str) -> (String, String, String) {
+    let api = free_addr();
+    let ipc = free_addr();
+    let o = Command::new(BIN)
+        .args(["init", "--data-dir"])
+        .arg(dir)
+        .args(["--name", name, "--api-listen", &api, "--ipc-listen", &ipc])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "init of {name} failed: {}", stderr(&o));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert_eq!(id.len(), 32, "init of {name} printed {id:?}, not a node ID");
+    (api, ipc, id)
+}
+
+/// `peerconf token create [--ttl TTL]` against a node's API; returns the token, which is alone on
+/// the last line of stdout.
+pub fn token_create(api: &str, ttl: Option<&str>) -> String {
+    let mut args = vec!["token", "create"];
+    if let Some(t) = ttl {
+        args.extend(["--ttl", t]);
+    }
+    let o = cli(api, &args, None);
+    assert!(o.status.success(), "token create failed: {}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let token = out.lines().last().unwrap_or_default().trim().to_string();
+    assert!(
+        token.starts_with("pcjoin1-"),
+        "the last line of `token create` is not a token: {out:?}"
+    );
+    token
+}
+
+/// `peerconf join` with fresh loopback ports and extra environment variables; returns the output
+/// and the (API, IPC) addresses the node was given.
+pub fn join_node(
+    dir: &Path,
+    peer: &str,
+    token: &str,
+    name: &str,
+    envs: &[(&str, &str)],
+) -> (Output, String, String) {
+    let api = free_addr();
+    let ipc = free_addr();
+    let o = Command::new(BIN)
+        .args(["join", "--data-dir"])
+        .arg(dir)
+        .args([
+            "--peer",
+            peer,
+            "--token",
+            token,
+            "--name",
+            name,
+            "--api-listen",
+            &api,
+            "--ipc-listen",
+            &ipc,
+        ])
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (o, api, ipc)
+}
+
+/// `peerconf run` on a directory that must not hold a usable node: returns its output. Panics
+/// (after killing it) if it is still running after 10 s.
+pub fn run_must_fail(dir: &Path) -> Output {
+    let mut c = Command::new(BIN)
+        .args(["run", "--data-dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn peerconf run");
+    let exited = wait_for(Duration::from_secs(10), || c.try_wait().ok().flatten());
+    if exited.is_none() {
+        let _ = c.kill();
+        let o = c.wait_with_output().unwrap();
+        panic!(
+            "`peerconf run --data-dir {}` is still running after 10 s: the directory holds a usable node; stderr: {}",
+            dir.display(),
+            stderr(&o)
+        );
+    }
+    c.wait_with_output().unwrap()
+}
+
+/// Waits until something accepts TCP connections at `addr`.
+pub fn wait_listening(addr: &str, what: &str) {
+    let up = wait_for(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(addr).ok().map(|_| ())
+    });
+    assert!(up.is_some(), "{what} does not listen on {addr}");
+}
+
+/// One HTTP/1.1 request with a JSON body over a plain TcpStream; returns (status, body).
+pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)
+        .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)
+        .unwrap_or_else(|e| panic!("{method} {path} on {addr}: {e}"));
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{method} {path} on {addr}: not an HTTP answer: {text:?}"));
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {path} on {addr}: bad status line: {head:?}"));
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    if !chunked {
+        return (status, rest.to_string());
+    }
+    let mut out = String::new();
+    let mut r = rest;
+    while let Some((size, tail)) = r.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        r = tail[n..].trim_start_matches("\r\n");
+    }
+    (status, out)
+}
+
+/// `GET path` that answered 200 with JSON, or None.
+pub fn http_json(addr: &str, path: &str) -> Option<serde_json::Value> {
+    let (status, body) = http(addr, "GET", path, None);
+    if status != 200 {
+        return None;
+    }
+    serde_json::from_str(&body).ok()
+}
+
+/// A member of a cluster formed by [`form_cluster`].
+pub struct ClusterNode {
+    pub name: String,
+    pub dir: PathBuf,
+    pub api: String,
+    pub ipc: String,
+    pub id: String,
+    pub d: Daemon,
+}
+
+impl ClusterNode {
+    /// Starts the node again after [`Daemon::stop`].
+    pub fn restart(&mut self) {
+        assert!(self.d.child.is_none(), "{} is still running", self.name);
+        self.d = Daemon::start(&self.dir, &self.api);
+        wait_listening(&self.ipc, &format!("{}'s IPC port", self.name));
+    }
+
+    /// SIGTERM; the exit must be clean.
+    pub fn stop(&mut self) {
+        let status = self.d.stop();
+        assert!(
+            status.success(),
+            "{} exited with {status:?} after SIGTERM; log: {}",
+            self.name,
+            self.d.log_text()
+        );
+    }
+}
+
+/// Forms a cluster of `n` running nodes named n1..nN in `root`: `init` + `run` for n1, global
+/// settings `settings` (JSON) put on n1, then `token create` on n1 + `join --peer <n1's IPC>` +
+/// `run` for each other node.
+pub fn form_cluster(root: &Path, n: usize, settings: &str) -> Vec<ClusterNode> {
+    let dir = root.join("n1");
+    let (api, ipc, id) = init_node(&dir, "n1");
+    let d = Daemon::start(&dir, &api);
+    wait_listening(&ipc, "n1's IPC port");
+    stdout_json(&d.cli(&["put", "settings", "global", "--json", settings]));
+    let mut nodes = vec![ClusterNode {
+        name: "n1".into(),
+        dir,
+        api,
+        ipc,
+        id,
+        d,
+    }];
+    for i in 2..=n {
+        let name = format!("n{i}");
+        let dir = root.join(&name);
+        let token = token_create(&nodes[0].api, None);
+        let (o, api, ipc) = join_node(&dir, &nodes[0].ipc, &token, &name, &[]);
+        assert!(o.status.success(), "join of {name} failed: {}", stderr(&o));
+        let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        assert_eq!(id.len(), 32, "join of {name} printed {id:?}, not a node ID");
+        let d = Daemon::start(&dir, &api);
+        wait_listening(&ipc, &format!("{name}'s IPC port"));
+        nodes.push(ClusterNode {
+            name,
+            dir,
+            api,
+            ipc,
+            id,
+            d,
+        });
+    }
+    nodes
+}
