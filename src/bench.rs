@@ -111,3 +111,328 @@ pub async fn store(n: usize, writers: usize) -> Result<(), String> {
     let _ = tokio::task::spawn_blocking(move || node.shutdown()).await;
     Ok(())
 }
+
+/// A node of the benchmark cluster: the node, its replication, and a feed of its changes.
+struct BenchNode {
+    node: Node,
+    cluster: crate::cluster::Cluster,
+}
+
+async fn start_bench_node(dir: &std::path::Path) -> Result<BenchNode, String> {
+    let node = Node::open(dir, NodeOptions::default()).map_err(|e| e.to_string())?;
+    let cluster = crate::cluster::Cluster::start(node.clone()).await?;
+    Ok(BenchNode { node, cluster })
+}
+
+fn free_loopback() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+}
+
+fn root_of(n: &Node) -> [u8; 32] {
+    n.shared().digest.lock().expect("digest lock").root()
+}
+
+/// Waits until every node has the same digest root; returns how long it took.
+async fn converge(
+    nodes: &[&Node],
+    deadline: std::time::Duration,
+) -> Result<std::time::Duration, String> {
+    let t = Instant::now();
+    loop {
+        let r0 = root_of(nodes[0]);
+        if nodes.iter().all(|n| root_of(n) == r0) {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() > deadline {
+            return Err(format!("no convergence within {deadline:?}"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// Puts `n` users named `{prefix}{i}` on `node` with `writers` concurrent writers.
+async fn load(node: &Node, prefix: &str, n: usize, writers: usize) -> Result<(), String> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let (node, next, prefix) = (node.clone(), next.clone(), prefix.to_string());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, String>(());
+                }
+                node.put(
+                    Kind::User,
+                    &format!("{prefix}{i}"),
+                    json!({"home_dir": format!("/home/{prefix}{i}"), "quota_bytes": i as i64}),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    Ok(())
+}
+
+/// Write-to-visible-everywhere latency: writes on `writer`, each timed until the change event has
+/// arrived on every other node.
+async fn visibility(
+    nodes: &[BenchNode],
+    writers: usize,
+    total: usize,
+    tag: &str,
+) -> Result<(Vec<f64>, f64), String> {
+    use std::collections::HashMap;
+    let seen: Arc<std::sync::Mutex<HashMap<String, (usize, Instant)>>> = Default::default();
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let mut watchers = Vec::new();
+    for bn in &nodes[1..] {
+        let mut feed = bn.node.subscribe();
+        let seen = seen.clone();
+        let tag = tag.to_string();
+        let arrived = arrived.clone();
+        watchers.push(tokio::spawn(async move {
+            while let Ok(ev) = feed.recv().await {
+                if ev.name.starts_with(&tag) {
+                    let mut s = seen.lock().expect("lock");
+                    let e = s.entry(ev.name.clone()).or_insert((0, Instant::now()));
+                    e.0 += 1;
+                    e.1 = Instant::now();
+                    drop(s);
+                    arrived.notify_waiters();
+                }
+            }
+        }));
+    }
+    let started: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Default::default();
+    let t0 = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let (node, next, started, tag) = (
+            nodes[0].node.clone(),
+            next.clone(),
+            started.clone(),
+            tag.to_string(),
+        );
+        let seen = seen.clone();
+        let arrived = arrived.clone();
+        let others = nodes.len() - 1;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<_, String>(());
+                }
+                let name = format!("{tag}{i}");
+                started
+                    .lock()
+                    .expect("lock")
+                    .insert(name.clone(), Instant::now());
+                node.put(Kind::Group, &name, json!({"description": "bench"}))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if writers == 1 {
+                    // One writer: the next write starts once this one is visible everywhere.
+                    let until = Instant::now() + std::time::Duration::from_secs(10);
+                    loop {
+                        let wake = arrived.notified();
+                        tokio::pin!(wake);
+                        wake.as_mut().enable();
+                        if seen
+                            .lock()
+                            .expect("lock")
+                            .get(&name)
+                            .is_some_and(|e| e.0 >= others)
+                        {
+                            break;
+                        }
+                        if Instant::now() > until {
+                            return Err(format!("{name} not visible everywhere after 10 s"));
+                        }
+                        let _ =
+                            tokio::time::timeout(std::time::Duration::from_millis(100), wake).await;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    let others = nodes.len() - 1;
+    let until = Instant::now() + std::time::Duration::from_secs(60);
+    while seen
+        .lock()
+        .expect("lock")
+        .values()
+        .filter(|e| e.0 >= others)
+        .count()
+        < total
+    {
+        if Instant::now() > until {
+            return Err("writes not visible everywhere after 60 s".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    for w in watchers {
+        w.abort();
+    }
+    let started = started.lock().expect("lock");
+    let seen = seen.lock().expect("lock");
+    let mut lat: Vec<f64> = started
+        .iter()
+        .filter_map(|(k, t)| {
+            seen.get(k)
+                .map(|(_, v)| v.duration_since(*t).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    Ok((lat, total as f64 / elapsed))
+}
+
+async fn idle_bytes_per_s(window: std::time::Duration, pairs: usize) -> f64 {
+    use std::sync::atomic::Ordering;
+    let b0 = crate::ipc::CLIENT_BYTES.load(Ordering::Relaxed);
+    tokio::time::sleep(window).await;
+    let b1 = crate::ipc::CLIENT_BYTES.load(Ordering::Relaxed);
+    (b1 - b0) as f64 / window.as_secs_f64() / pairs as f64
+}
+
+/// `peerconf bench cluster`: a local 3-node cluster with TLS and durable storage.
+pub async fn cluster(entities: usize, interval_ms: u64) -> Result<(), String> {
+    let tmp = tempfile::Builder::new()
+        .prefix("peerconf-bench-cluster-")
+        .tempdir()
+        .map_err(|e| format!("cannot make a temporary directory: {e}"))?;
+    let mk = |i: usize| InitOptions {
+        name: Some(format!("bench{i}")),
+        api_listen: free_loopback(),
+        ipc_listen: free_loopback(),
+        ipc_advertise: None,
+    };
+    let dir = |i: usize| tmp.path().join(format!("n{i}"));
+    let first = mk(1);
+    Node::init(&dir(1), &first, &NodeOptions::default()).map_err(|e| e.to_string())?;
+    let mut nodes = vec![start_bench_node(&dir(1)).await?];
+    for i in 2..=3 {
+        let now = crate::time::SystemClock::shared().wall_ms();
+        let (token, _) =
+            crate::cluster::create_token(&nodes[0].node, std::time::Duration::from_secs(600), now)
+                .await?;
+        crate::cluster::join(
+            &dir(i),
+            &first.ipc_listen.to_string(),
+            &token.encode(),
+            &mk(i),
+        )
+        .await?;
+        nodes.push(start_bench_node(&dir(i)).await?);
+    }
+    nodes[0]
+        .node
+        .put(
+            Kind::Settings,
+            "global",
+            json!({"replication_interval_ms": interval_ms}),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let all = |ns: &[BenchNode]| ns.iter().map(|b| b.node.clone()).collect::<Vec<_>>();
+    let refs = all(&nodes);
+    let r: Vec<&Node> = refs.iter().collect();
+    converge(&r, std::time::Duration::from_secs(30)).await?;
+    eprintln!("bench cluster: 3 nodes up; replication interval {interval_ms} ms");
+
+    // Idle traffic with 1,000 entities.
+    load(&nodes[0].node, "small", 1000, 64).await?;
+    converge(&r, std::time::Duration::from_secs(60)).await?;
+    // Ten cycles per direction: the count of cycles in the window barely depends on the jitter.
+    let window = std::time::Duration::from_millis(interval_ms * 10);
+    // Let pushes still in flight finish before measuring what an idle cluster costs.
+    tokio::time::sleep(std::time::Duration::from_millis(interval_ms * 2)).await;
+    let idle_1k = idle_bytes_per_s(window, 3).await;
+    eprintln!("idle at 1,000 entities: {idle_1k:.0} B/s per pair");
+
+    // Latency, one writer and 64.
+    let (lat1, _) = visibility(&nodes, 1, 300, "lat1-").await?;
+    let (lat64, rate64) = visibility(&nodes, 64, 3000, "lat64-").await?;
+    eprintln!("latency measured");
+
+    // Sustained writes to the full count.
+    let t = Instant::now();
+    let remaining = entities.saturating_sub(1000 + 3300);
+    load(&nodes[0].node, "big", remaining, 64).await?;
+    converge(&r, std::time::Duration::from_secs(600)).await?;
+    let sustained = remaining as f64 / t.elapsed().as_secs_f64();
+    let total_docs = nodes[0].node.doc_count().map_err(|e| e.to_string())?;
+    eprintln!("loaded {total_docs} documents");
+    tokio::time::sleep(std::time::Duration::from_millis(interval_ms * 2)).await;
+    let idle_big = idle_bytes_per_s(window, 3).await;
+
+    // A new node catches up.
+    let now = crate::time::SystemClock::shared().wall_ms();
+    let (token, _) =
+        crate::cluster::create_token(&nodes[0].node, std::time::Duration::from_secs(600), now)
+            .await?;
+    let b0 = crate::ipc::CLIENT_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+    let t = Instant::now();
+    crate::cluster::join(
+        &dir(4),
+        &first.ipc_listen.to_string(),
+        &token.encode(),
+        &mk(4),
+    )
+    .await?;
+    nodes.push(start_bench_node(&dir(4)).await?);
+    let refs = all(&nodes);
+    let r: Vec<&Node> = refs.iter().collect();
+    converge(&r, std::time::Duration::from_secs(600)).await?;
+    let catch_up_s = t.elapsed().as_secs_f64();
+    let catch_up_bytes = crate::ipc::CLIENT_BYTES.load(std::sync::atomic::Ordering::Relaxed) - b0;
+    let peak = peak_rss_bytes().unwrap_or(0);
+
+    let report = json!({
+        "bench": "cluster",
+        "nodes": 3,
+        "documents": total_docs,
+        "latency_1_writer_ms": {"p50": percentile(&lat1, 0.5), "p99": percentile(&lat1, 0.99), "samples": lat1.len()},
+        "latency_64_writers_ms": {"p50": percentile(&lat64, 0.5), "p99": percentile(&lat64, 0.99), "samples": lat64.len()},
+        "replicated_writes_per_s_64_writers": rate64.round(),
+        "sustained_writes_per_s": sustained.round(),
+        "catch_up": {"documents": total_docs, "seconds": catch_up_s, "bytes": catch_up_bytes},
+        "idle_bytes_per_s_per_pair": {"1000": idle_1k.round(), "all": idle_big.round(), "all_count": total_docs},
+        "replication_interval_ms": interval_ms,
+        "peak_rss_mb_all_nodes": peak as f64 / 1048576.0,
+    });
+    println!("peerconf bench cluster: 3 nodes on loopback, mutual TLS, durable commits");
+    println!(
+        "  write-to-visible p50/p99, 1 writer    {:>8.2} / {:>8.2} ms",
+        percentile(&lat1, 0.5),
+        percentile(&lat1, 0.99)
+    );
+    println!(
+        "  write-to-visible p50/p99, 64 writers  {:>8.2} / {:>8.2} ms",
+        percentile(&lat64, 0.5),
+        percentile(&lat64, 0.99)
+    );
+    println!("  replicated writes/s, 64 writers       {rate64:>8.0}");
+    println!("  sustained writes/s to {total_docs} docs   {sustained:>8.0}");
+    println!("  new node catch-up                     {catch_up_s:>8.2} s, {catch_up_bytes} bytes");
+    println!("  idle bytes/s per pair, 1,000 docs     {idle_1k:>8.0}");
+    println!("  idle bytes/s per pair, {total_docs} docs {idle_big:>8.0}");
+    println!("{report}");
+    for bn in nodes {
+        bn.cluster.stop().await;
+        let n = bn.node;
+        let _ = tokio::task::spawn_blocking(move || n.shutdown()).await;
+    }
+    Ok(())
+}

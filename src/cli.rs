@@ -150,6 +150,15 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 64)]
         writers: usize,
     },
+    /// A local 3-node cluster: write-to-visible latency, throughput, catch-up, idle traffic.
+    Cluster {
+        /// Entities in the cluster for the catch-up and idle measurements.
+        #[arg(long, default_value_t = 100_000)]
+        entities: usize,
+        /// Replication cycle period during the benchmark.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
 }
 
 fn body_arg(json: Option<String>) -> Result<Vec<u8>, CallError> {
@@ -256,6 +265,10 @@ pub fn main(cli: Cli) -> i32 {
             BenchCommand::Store { entities, writers } => {
                 runtime().and_then(|rt| rt.block_on(crate::bench::store(entities, writers)))
             }
+            BenchCommand::Cluster {
+                entities,
+                interval_ms,
+            } => runtime().and_then(|rt| rt.block_on(crate::bench::cluster(entities, interval_ms))),
         },
         admin => runtime().and_then(|rt| {
             rt.block_on(admin_command(&cli.api, admin))

@@ -344,16 +344,16 @@ async fn manage(node: Node, tls: Arc<rustls::ClientConfig>, mut stop: watch::Rec
     }
 }
 
-/// The replication interval from the global settings, with ±20% jitter so nodes do not align.
-fn next_cycle_in(node: &Node) -> Duration {
+/// The replication interval from the global settings (each cycle adds ±20% jitter so nodes do
+/// not align).
+fn cycle_interval(node: &Node) -> Duration {
     let ms = node
         .get(crdt_schema::Kind::Settings, "global")
         .ok()
         .flatten()
         .and_then(|v| v["fields"]["replication_interval_ms"].as_u64())
         .unwrap_or(10_000);
-    let jitter = rand::rng().random_range(0.8..1.2);
-    Duration::from_millis((ms as f64 * jitter) as u64)
+    Duration::from_millis(ms)
 }
 
 /// One peer's replicator: at most one request in flight, pushes first, cycles on a timer.
@@ -367,22 +367,39 @@ async fn replicate(
     let cfg = node.config().clone();
     let mut client = PeerClient::new(&peer.addr, tls, &cfg.cluster_id, &cfg.node_id);
     let mut backoff = BACKOFF_MIN;
-    // Catch up at once on start: a cycle right away.
-    let mut next_cycle = tokio::time::Instant::now();
+    // Catch up at once on start: a cycle right away. Later cycles are due one interval (with
+    // jitter) after the last; the interval is re-read at least every second, so a change of the
+    // setting takes effect at once.
+    let mut last_cycle: Option<tokio::time::Instant> = None;
+    let mut jitter = 1.0;
     let mut failed_last = false;
     loop {
         if *stop.borrow() {
             return;
         }
+        let now = tokio::time::Instant::now();
+        let due = match last_cycle {
+            None => now,
+            Some(t) => t + cycle_interval(&node).mul_f64(jitter),
+        };
+        let wake = due.min(now + Duration::from_secs(1));
         let work = tokio::select! {
             _ = queue.notify.notified() => Work::Push,
-            _ = tokio::time::sleep_until(next_cycle) => Work::Cycle,
+            _ = tokio::time::sleep_until(wake) => {
+                if tokio::time::Instant::now() >= due { Work::Cycle } else { continue }
+            }
             _ = stop.changed() => return,
         };
         let r = match work {
-            Work::Push => push(&node, &peer.id, &queue, &mut client).await,
+            Work::Push => match push(&node, &peer.id, &queue, &mut client).await {
+                // Nothing was sent: it proves nothing about the peer.
+                Ok(false) => continue,
+                Ok(true) => Ok(()),
+                Err(e) => Err(e),
+            },
             Work::Cycle => {
-                next_cycle = tokio::time::Instant::now() + next_cycle_in(&node);
+                last_cycle = Some(tokio::time::Instant::now());
+                jitter = rand::rng().random_range(0.8..1.2);
                 cycle(&node, &peer.id, &mut client).await
             }
         };
@@ -391,7 +408,7 @@ async fn replicate(
                 if failed_last {
                     tracing::info!(peer = %peer.name, addr = %peer.addr, "peer reachable again");
                     // Catch up on anything missed while it was away.
-                    next_cycle = tokio::time::Instant::now();
+                    last_cycle = None;
                 }
                 failed_last = false;
                 backoff = BACKOFF_MIN;
@@ -404,7 +421,6 @@ async fn replicate(
                 client.disconnect();
                 // A lost message must not stall the pair: clear in-flight sync state.
                 node.reset_peer(&peer.id).await;
-                next_cycle = next_cycle.min(tokio::time::Instant::now() + backoff);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {},
                     _ = stop.changed() => return,
@@ -422,21 +438,24 @@ enum Work {
     Cycle,
 }
 
+/// Pushes every waiting document. Ok(false) when there was nothing to send.
 async fn push(
     node: &Node,
     peer: &str,
     queue: &PeerQueue,
     client: &mut PeerClient,
-) -> Result<(), String> {
+) -> Result<bool, String> {
+    let mut sent = false;
     loop {
         let ids = queue.take(SYNC_DOCS_MAX);
         if ids.is_empty() {
-            return Ok(());
+            return Ok(sent);
         }
         if let Err(e) = sync_docs(node, peer, &ids, client).await {
             queue.put_back(ids);
             return Err(e);
         }
+        sent = true;
     }
 }
 
@@ -464,6 +483,33 @@ async fn sync_docs(
             }
             Response::Refused { message, .. } => return Err(message),
             other => return Err(format!("unexpected answer to sync: {other:?}")),
+        }
+    }
+    Ok(())
+}
+
+async fn fetch_docs(
+    node: &Node,
+    peer: &str,
+    client: &mut PeerClient,
+    fetch: &[String],
+) -> Result<(), String> {
+    for batch in fetch.chunks(FETCH_DOCS_MAX) {
+        let mut want: Vec<String> = batch.to_vec();
+        while !want.is_empty() {
+            match client.call(Request::Fetch { ids: want.clone() }).await? {
+                Response::Docs { docs } => {
+                    if docs.is_empty() {
+                        break;
+                    }
+                    let got: std::collections::HashSet<String> =
+                        docs.iter().map(|(id, _)| id.clone()).collect();
+                    node.ingest(peer, docs).await.map_err(|e| e.to_string())?;
+                    want.retain(|id| !got.contains(id));
+                }
+                Response::Refused { message, .. } => return Err(message),
+                other => return Err(format!("unexpected answer to fetch: {other:?}")),
+            }
         }
     }
     Ok(())
@@ -497,24 +543,21 @@ async fn cycle(node: &Node, peer: &str, client: &mut PeerClient) -> Result<(), S
             "replication cycle found differences"
         );
     }
-    for batch in fetch.chunks(FETCH_DOCS_MAX) {
-        let mut want: Vec<String> = batch.to_vec();
-        while !want.is_empty() {
-            match client.call(Request::Fetch { ids: want.clone() }).await? {
-                Response::Docs { docs } => {
-                    if docs.is_empty() {
-                        break;
-                    }
-                    let got: std::collections::HashSet<String> =
-                        docs.iter().map(|(id, _)| id.clone()).collect();
-                    node.ingest(peer, docs).await.map_err(|e| e.to_string())?;
-                    want.retain(|id| !got.contains(id));
-                }
-                Response::Refused { message, .. } => return Err(message),
-                other => return Err(format!("unexpected answer to fetch: {other:?}")),
-            }
+    // Claim the documents to fetch, so the other replicators of this node leave them alone.
+    let fetch: Vec<String> = {
+        let mut f = node.shared().fetching.lock().expect("fetching lock");
+        fetch
+            .into_iter()
+            .filter(|id| f.insert(id.clone()))
+            .collect()
+    };
+    let fetched = fetch_docs(node, peer, client, &fetch).await;
+    if let Ok(mut f) = node.shared().fetching.lock() {
+        for id in &fetch {
+            f.remove(id);
         }
     }
+    fetched?;
     for batch in sync.chunks(SYNC_DOCS_MAX) {
         sync_docs(node, peer, batch, client).await?;
     }

@@ -72,6 +72,8 @@ pub enum Cmd {
     },
     /// An exchange with the peer failed.
     ResetPeer { peer: String },
+    /// Stop after the commands already queued.
+    Shutdown,
     /// Stores a join token.
     PutToken {
         secret_hash: String,
@@ -281,7 +283,11 @@ impl Driver {
     }
 
     pub fn run(mut self, mut rx: tokio::sync::mpsc::Receiver<Cmd>) {
-        while let Some(first) = rx.blocking_recv() {
+        let mut stopping = false;
+        while !stopping {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
             let mut batch = vec![first];
             while batch.len() < BATCH_MAX {
                 match rx.try_recv() {
@@ -289,8 +295,12 @@ impl Driver {
                     Err(_) => break,
                 }
             }
+            let before = batch.len();
+            batch.retain(|c| !matches!(c, Cmd::Shutdown));
+            stopping = batch.len() != before;
             self.run_batch(batch);
         }
+        // Whatever is still queued is answered with ShuttingDown when the channel drops.
     }
 
     fn run_batch(&mut self, cmds: Vec<Cmd>) {
@@ -358,7 +368,9 @@ impl Driver {
             Cmd::SyncOut { reply, .. } => Deferred::Msgs(reply, Vec::new()),
             Cmd::SyncBack { reply, .. } => Deferred::MsgsR(reply, Err(String::new())),
             Cmd::Ingest { reply, .. } => Deferred::Count(reply, Err(String::new())),
-            Cmd::ResetPeer { .. } => Deferred::Msgs(oneshot::channel().0, Vec::new()),
+            Cmd::ResetPeer { .. } | Cmd::Shutdown => {
+                Deferred::Msgs(oneshot::channel().0, Vec::new())
+            }
             Cmd::PutToken { reply, .. } | Cmd::RemoveMember { reply, .. } => {
                 Deferred::Unit(reply, Err(String::new()))
             }
@@ -380,11 +392,13 @@ impl Driver {
         }
         let peers = self.shared.peer_queues();
         for (id, origin) in changed {
-            for (peer, q) in &peers {
-                if matches!(origin, Origin::Remote { peer: p } if p == peer) {
-                    continue;
+            // Full mesh: the node that made a change pushes it to every peer itself. Changes
+            // received are not forwarded (that doubled the traffic and the work of every
+            // receiver); a peer the origin could not reach is repaired by the replication cycle.
+            if *origin == Origin::Local {
+                for (_, q) in &peers {
+                    q.mark(id);
                 }
-                q.mark(id);
             }
             if id == MEMBERS_DOC {
                 if let Some(e) = entries.get(id) {
@@ -514,6 +528,7 @@ impl Driver {
                 self.sessions.reset_peer(&peer);
                 Deferred::Msgs(oneshot::channel().0, Vec::new())
             }
+            Cmd::Shutdown => Deferred::Msgs(oneshot::channel().0, Vec::new()),
             Cmd::PutToken {
                 secret_hash,
                 record,

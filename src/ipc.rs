@@ -19,6 +19,10 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
 pub const PATH: &str = "/ipc/v1";
+
+/// IPC bytes sent and received by every client of this process (request and answer bodies), for
+/// benchmarks.
+pub static CLIENT_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// A TLS handshake that takes longer is a stuck or hostile client.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP connect to a peer.
@@ -339,12 +343,17 @@ impl PeerClient {
             version: crate::node::version(),
             body,
         };
+        let body_bytes = wire::encode(&env);
+        CLIENT_BYTES.fetch_add(
+            body_bytes.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let req = HttpRequest::builder()
             .method(Method::POST)
             .uri(format!("https://{}{PATH}", crate::tls::CLUSTER_DNS_NAME))
             .header(HEADER_PROTOCOL, PROTOCOL_VERSION.to_string())
             .header(HEADER_CLUSTER, self.cluster_id.clone())
-            .body(Full::new(Bytes::from(wire::encode(&env))))
+            .body(Full::new(Bytes::from(body_bytes)))
             .map_err(|e| e.to_string())?;
         let result = tokio::time::timeout(REQUEST_TIMEOUT, async {
             send.ready()
@@ -359,6 +368,7 @@ impl PeerClient {
                 .await
                 .map_err(|e| format!("answer from {}: {e}", self.addr))?
                 .to_bytes();
+            CLIENT_BYTES.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let env: Envelope<Response> =
                 wire::decode(&bytes).map_err(|e| format!("answer from {}: {e}", self.addr))?;
             Ok::<_, String>(env.body)

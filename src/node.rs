@@ -159,6 +159,9 @@ pub struct Shared {
     pub members: watch::Sender<Vec<Member>>,
     /// Documents waiting to be pushed, per peer.
     pub peers: Mutex<HashMap<String, Arc<PeerQueue>>>,
+    /// Documents being fetched from some peer right now: a node catching up fetches each
+    /// document from one peer, not from all of them at once.
+    pub fetching: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Shared {
@@ -285,6 +288,7 @@ impl Node {
             digest: Arc::new(Mutex::new(digest)),
             members: watch::Sender::new(members),
             peers: Mutex::new(HashMap::new()),
+            fetching: Mutex::new(Default::default()),
         });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
         let mut rng = seeded(opts.seed);
@@ -581,6 +585,7 @@ impl Node {
     /// node get `ShuttingDown` from then on.
     pub fn shutdown(self) {
         let Node { tx, driver, .. } = self;
+        let _ = tx.blocking_send(Cmd::Shutdown);
         drop(tx);
         if let Some(h) = driver.lock().ok().and_then(|mut g| g.take()) {
             let _ = h.join();

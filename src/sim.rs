@@ -173,8 +173,11 @@ impl Node {
 
     /// Runs `f` over the node's documents, then "persists": drops created-but-unchanged documents
     /// and updates the digest and push sets of the changed ones.
+    /// `local`: the changes are this node's own writes, which it pushes to every peer; changes
+    /// received from a peer are not forwarded (full mesh; cycles repair what a push missed).
     fn with_docs<T>(
         &mut self,
+        local: bool,
         f: impl FnOnce(&mut MemDocs<'_>, &mut Sessions, &mut Digest) -> T,
     ) -> T {
         let mut md = MemDocs {
@@ -192,8 +195,10 @@ impl Node {
             if let Some(d) = self.docs.get_mut(id) {
                 self.digest.set(id, crate::node::heads_hash(d));
             }
-            for p in self.push.iter_mut() {
-                p.insert(id.clone());
+            if local {
+                for p in self.push.iter_mut() {
+                    p.insert(id.clone());
+                }
             }
         }
         out
@@ -337,8 +342,9 @@ impl Sim {
 
     fn start_sync(&mut self, node: usize, peer: usize, ids: Vec<String>, push: bool) {
         let peer_id = self.nodes[peer].id.clone();
-        let msgs = self.nodes[node]
-            .with_docs(|docs, sessions, _| sessions.generate(docs, &peer_id, Dir::Out, &ids));
+        let msgs = self.nodes[node].with_docs(false, |docs, sessions, _| {
+            sessions.generate(docs, &peer_id, Dir::Out, &ids)
+        });
         if msgs.is_empty() {
             self.nodes[node].links[peer] = Link::Idle;
             return;
@@ -368,7 +374,7 @@ impl Sim {
                 let actor = n.actor.clone();
                 let node_id = n.id.clone();
                 let rng = &mut self.rng;
-                let hash = n.with_docs(|docs, _, _| {
+                let hash = n.with_docs(true, |docs, _, _| {
                     let d = docs.docs.entry(id.clone()).or_insert_with(|| {
                         let mut g = doc::genesis(kind);
                         g.set_actor(actor.clone());
@@ -431,15 +437,9 @@ impl Sim {
                     return;
                 }
                 let peer_id = self.nodes[from].id.clone();
-                let resp = self.nodes[to].with_docs(|docs, sessions, digest| {
+                let resp = self.nodes[to].with_docs(false, |docs, sessions, digest| {
                     repl::serve(req, &peer_id, digest, sessions, docs)
                 });
-                // Changes received are pushed on to the other peers.
-                for p in 0..self.nodes.len() {
-                    if p != to && p != from {
-                        self.kick(to, p);
-                    }
-                }
                 self.send(to, from, || Event::Answer {
                     to: from,
                     from: to,
@@ -515,7 +515,7 @@ impl Sim {
                 let Response::Sync { msgs } = resp else {
                     return;
                 };
-                let next = self.nodes[node].with_docs(|docs, sessions, _| {
+                let next = self.nodes[node].with_docs(false, |docs, sessions, _| {
                     sessions.receive(docs, &peer_id, Dir::Out, msgs);
                     sessions.generate(docs, &peer_id, Dir::Out, &ids)
                 });
@@ -543,7 +543,7 @@ impl Sim {
             }
             Work::Fetch { ids, then } => {
                 if let Response::Docs { docs } = resp {
-                    self.nodes[node].with_docs(|d, _, _| {
+                    self.nodes[node].with_docs(false, |d, _, _| {
                         for (id, bytes) in docs {
                             let _ = repl::ingest(d, &id, &bytes);
                         }

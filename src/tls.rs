@@ -295,9 +295,7 @@ pub type Refusal = Arc<Mutex<Option<String>>>;
 /// A joiner's client: no certificate of its own; trusts the server only if the CA certificate it
 /// presents has the fingerprint from the join token and signed the server's certificate. Why a
 /// server was refused is kept in `refusal` for a clear message.
-pub fn joiner_config(
-    ca_fingerprint: &str,
-) -> Result<(Arc<ClientConfig>, Refusal), TlsError> {
+pub fn joiner_config(ca_fingerprint: &str) -> Result<(Arc<ClientConfig>, Refusal), TlsError> {
     let refusal = Arc::new(Mutex::new(None));
     let v = Arc::new(FingerprintVerifier {
         fingerprint: ca_fingerprint.to_ascii_lowercase(),

@@ -112,7 +112,9 @@ impl Digest {
 pub struct Plan {
     /// Only the peer has them: fetch their saved bytes.
     pub fetch: Vec<String>,
-    /// Both have them, with different heads (or only we have them): run sync.
+    /// Both have them, with different heads: run sync. Documents only we have are left out: the
+    /// peer fetches them in its own cycle, which costs a fraction of a sync from nothing (and a
+    /// new node is not flooded by every member at once).
     pub sync: Vec<String>,
 }
 
@@ -125,11 +127,6 @@ pub fn plan(ours: &[(String, Hash)], theirs: &[(String, Hash)]) -> Plan {
             None => p.fetch.push(id.to_string()),
             Some(o) if o != h => p.sync.push(id.to_string()),
             Some(_) => {}
-        }
-    }
-    for id in ours.keys() {
-        if !theirs_map.contains_key(id) {
-            p.sync.push(id.to_string());
         }
     }
     p
@@ -167,6 +164,10 @@ mod tests {
         let theirs = vec![("b".to_string(), [3; 32]), ("c".to_string(), [4; 32])];
         let p = plan(&ours, &theirs);
         assert_eq!(p.fetch, vec!["c"]);
-        assert_eq!(p.sync, vec!["b", "a"]);
+        assert_eq!(
+            p.sync,
+            vec!["b"],
+            "what only we have is for the peer to fetch"
+        );
     }
 }
