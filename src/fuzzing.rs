@@ -89,8 +89,29 @@ pub fn merge_convergence(data: &[u8]) {
     let _ = WriteMode::Put;
 }
 
+/// A simulated cluster scenario chosen by the bytes (loss, duplication, reordering, partitions,
+/// crashes): it must converge with every acknowledged write. Panics otherwise.
+pub fn simulation(data: &[u8]) {
+    let mut seed = [0u8; 8];
+    for (i, b) in data.iter().take(8).enumerate() {
+        seed[i] = *b;
+    }
+    let sc = crate::sim::Scenario::from_seed(u64::from_le_bytes(seed));
+    if let Err(e) = crate::sim::run(&sc) {
+        panic!("{e}\n{sc:?}");
+    }
+}
+
 /// Every decoder a client or a peer can reach, fed arbitrary bytes: none may panic.
 pub fn decode(data: &[u8]) {
+    use crate::core::proto::{Envelope, Request, Response};
+    let _ = crate::core::wire::decode::<Envelope<Request>>(data);
+    let _ = crate::core::wire::decode::<Envelope<Response>>(data);
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = crate::cluster::Token::parse(text);
+        let _ = rcgen::CertificateSigningRequestParams::from_pem(text);
+    }
+    let _ = crate::tls::node_id_of(data);
     let _ = crate::core::wire::decode::<crate::store::IndexEntry>(data);
     if let Ok(mut d) = AutoCommit::load(data) {
         let _ = d.get_heads();

@@ -28,3 +28,8 @@ fn merge_convergence_regressions() {
 fn decode_regressions() {
     replay("decode", peerconf::fuzzing::decode);
 }
+
+#[test]
+fn simulation_regressions() {
+    replay("simulation", peerconf::fuzzing::simulation);
+}
