@@ -36,7 +36,10 @@ pub struct ApiState {
 pub fn router(node: Node) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/status", get(status))
+        .route("/v1/drain", axum::routing::post(drain))
+        .route("/v1/undrain", axum::routing::post(undrain))
         .route("/v1/node", get(node_info))
         .route("/v1/schema", get(schema_all))
         .route("/v1/schema/{kind}", get(schema_kind))
@@ -310,4 +313,55 @@ async fn remove_node(
         .await
         .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()))?;
     Ok(Json(json!({"removed": id})).into_response())
+}
+
+/// 200 while the node takes clients, 503 while it drains (so load balancers stop sending them).
+async fn readyz(State(st): State<ApiState>) -> Response {
+    if st.node.drain().is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+async fn status(State(st): State<ApiState>) -> ApiResult {
+    Ok(Json(crate::monitor::status(&st.node)).into_response())
+}
+
+async fn drain(
+    State(st): State<ApiState>,
+    Extension(_who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult {
+    let v = if body.is_empty() {
+        json!({})
+    } else {
+        json_body(&body)?
+    };
+    let deadline = match v.get("deadline") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(humantime::parse_duration(s).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("deadline {s:?}: {e} (use e.g. 30s, 5m)"),
+            )
+        })?),
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("deadline: expected a duration like \"30s\", got {other}"),
+            ))
+        }
+    };
+    st.node.drain().start(deadline);
+    tracing::info!(deadline = ?deadline, "draining: new client connections are refused");
+    Ok(Json(json!({"draining": true, "deadline_s": deadline.map(|d| d.as_secs_f64()), "active_connections": st.node.drain().active()})).into_response())
+}
+
+async fn undrain(State(st): State<ApiState>, Extension(_who): Extension<Principal>) -> ApiResult {
+    st.node.drain().stop();
+    tracing::info!("undrained: client connections are accepted again");
+    Ok(Json(json!({"draining": false})).into_response())
 }

@@ -79,6 +79,20 @@ pub enum Command {
         #[command(subcommand)]
         what: NodeCommand,
     },
+    /// The state of every node of the cluster, as this node sees it.
+    Status {
+        /// The report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop taking new client connections; existing ones finish (closed at the deadline, if any).
+    Drain {
+        /// e.g. 30s, 5m: connections still open then are told to close.
+        #[arg(long)]
+        deadline: Option<String>,
+    },
+    /// Take client connections again.
+    Undrain,
     /// Start a local cluster of N nodes on loopback in a temporary directory, until Ctrl-C.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -260,6 +274,14 @@ pub fn main(cli: Cli) -> i32 {
                 Ok(())
             })
         }),
+        Command::Status { json: false } => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let c = ApiClient::new(&cli.api).map_err(|e| e.0)?;
+                let v = c.call(Method::GET, "/v1/status", None).await.map_err(|e| e.0)?;
+                print!("{}", status_table(&v));
+                Ok(())
+            })
+        }),
         Command::Demo { nodes } => runtime().and_then(|rt| rt.block_on(crate::demo::run(nodes))),
         Command::Bench { what } => match what {
             BenchCommand::Store { entities, writers } => {
@@ -342,6 +364,13 @@ async fn admin_command(api: &str, cmd: Command) -> Result<Value, CallError> {
         Command::Node {
             what: NodeCommand::List,
         } => c.call(Method::GET, "/v1/nodes", None).await,
+        Command::Status { .. } => c.call(Method::GET, "/v1/status", None).await,
+        Command::Drain { deadline } => {
+            let body =
+                serde_json::to_vec(&serde_json::json!({ "deadline": deadline })).expect("json");
+            c.call(Method::POST, "/v1/drain", Some(body)).await
+        }
+        Command::Undrain => c.call(Method::POST, "/v1/undrain", None).await,
         Command::Node {
             what: NodeCommand::Remove { id },
         } => {
@@ -357,4 +386,57 @@ async fn admin_command(api: &str, cmd: Command) -> Result<Value, CallError> {
             unreachable!("handled by main")
         }
     }
+}
+
+/// `peerconf status` as a table.
+fn status_table(v: &Value) -> String {
+    let mut out = format!(
+        "cluster {}  state {}  (seen from {})\n",
+        v["cluster_id"].as_str().unwrap_or("?"),
+        v["state"].as_str().unwrap_or("?"),
+        v["name"].as_str().unwrap_or("?")
+    );
+    out.push_str(&format!(
+        "{:<16} {:<12} {:<22} {:<8} {:>9} {:>8} {:>10} {:>8}  {}\n",
+        "NAME",
+        "STATUS",
+        "ADDRESS",
+        "VERSION",
+        "HEARD(ms)",
+        "RTT(ms)",
+        "OFFSET(ms)",
+        "UNSYNCED",
+        "LAST ERROR"
+    ));
+    let num = |x: &Value| match x.as_f64() {
+        Some(f) => format!("{f:.1}"),
+        None => "-".into(),
+    };
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        let me = if n["self"].as_bool() == Some(true) {
+            "*"
+        } else {
+            ""
+        };
+        let err = n["last_error"]["cause"]
+            .as_str()
+            .map(|c| format!("{c}: {}", n["last_error"]["message"].as_str().unwrap_or("")));
+        out.push_str(&format!(
+            "{:<16} {:<12} {:<22} {:<8} {:>9} {:>8} {:>10} {:>8}  {}\n",
+            format!("{}{me}", n["name"].as_str().unwrap_or("?")),
+            n["status"].as_str().unwrap_or("?"),
+            n["address"].as_str().unwrap_or("?"),
+            n["version"].as_str().unwrap_or("?"),
+            n["last_heartbeat_ms_ago"]
+                .as_u64()
+                .map_or("-".into(), |x| x.to_string()),
+            num(&n["rtt_ms"]),
+            num(&n["clock_offset_ms"]),
+            n["docs_out_of_sync"]
+                .as_u64()
+                .map_or("-".into(), |x| x.to_string()),
+            err.unwrap_or_default()
+        ));
+    }
+    out
 }

@@ -133,6 +133,15 @@ pub async fn admit(
     {
         return Err((Refusal::BadRequest, "the join request is malformed".into()));
     }
+    let limit = ctx
+        .node
+        .get(crdt_schema::Kind::Settings, "global")
+        .ok()
+        .flatten()
+        .and_then(|v| v["fields"]["join_clock_offset_max_ms"].as_i64())
+        .unwrap_or(60_000);
+    let offset = j.wall_ms - ctx.node.shared().clock.wall_ms();
+    crate::core::health::check_join_clock(offset, limit).map_err(|e| (Refusal::Clock, e))?;
     if ctx.node.members().iter().any(|m| m.id == j.node_id) {
         return Err((
             Refusal::BadRequest,
@@ -214,6 +223,7 @@ pub async fn join(
                 Refusal::Token => "token refused",
                 Refusal::Version => "version refused",
                 Refusal::Cluster => "wrong cluster",
+                Refusal::Clock => "clock offset",
                 _ => "refused",
             };
             return Err(format!("join refused by {peer} ({what}): {message}"));
@@ -280,6 +290,10 @@ impl Cluster {
             ctx,
             stop_rx.clone(),
         ))];
+        tasks.push(tokio::spawn(crate::monitor::ticker(
+            node.clone(),
+            stop_rx.clone(),
+        )));
         tasks.push(tokio::spawn(manage(node, client_tls, stop_rx)));
         Ok(Cluster { stop, tasks })
     }
@@ -330,7 +344,18 @@ async fn manage(node: Node, tls: Arc<rustls::ClientConfig>, mut stop: watch::Rec
                 p.insert(id.clone(), queue.clone());
             }
             let (s, r) = watch::channel(false);
-            let h = tokio::spawn(replicate(node.clone(), m.clone(), tls.clone(), queue, r));
+            let hb = tokio::spawn(crate::monitor::heartbeats(
+                node.clone(),
+                m.clone(),
+                tls.clone(),
+                queue.clone(),
+                r.clone(),
+            ));
+            let rep = tokio::spawn(replicate(node.clone(), m.clone(), tls.clone(), queue, r));
+            let h = tokio::spawn(async move {
+                let _ = hb.await;
+                let _ = rep.await;
+            });
             running.insert(id, (m.addr.clone(), s, h));
         }
         tokio::select! {
@@ -384,12 +409,22 @@ async fn replicate(
         };
         let wake = due.min(now + Duration::from_secs(1));
         let work = tokio::select! {
-            _ = queue.notify.notified() => Work::Push,
+            _ = queue.notify.notified() => {
+                if queue.cycle_now.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    Work::Cycle
+                } else {
+                    Work::Push
+                }
+            }
             _ = tokio::time::sleep_until(wake) => {
                 if tokio::time::Instant::now() >= due { Work::Cycle } else { continue }
             }
             _ = stop.changed() => return,
         };
+        if crate::monitor::incompatible(&node, &peer.id) {
+            // Another major version: neither synced to nor from (its server refuses us too).
+            continue;
+        }
         let r = match work {
             Work::Push => match push(&node, &peer.id, &queue, &mut client).await {
                 // Nothing was sent: it proves nothing about the peer.
@@ -397,10 +432,25 @@ async fn replicate(
                 Ok(true) => Ok(()),
                 Err(e) => Err(e),
             },
+            Work::Cycle
+                if !node
+                    .shared()
+                    .fetching
+                    .lock()
+                    .map(|f| f.is_empty())
+                    .unwrap_or(true) =>
+            {
+                // Another replicator is catching this node up: comparing digests now would only
+                // list the same missing documents again.
+                last_cycle = Some(tokio::time::Instant::now());
+                continue;
+            }
             Work::Cycle => {
                 last_cycle = Some(tokio::time::Instant::now());
                 jitter = rand::rng().random_range(0.8..1.2);
-                cycle(&node, &peer.id, &mut client).await
+                let r = cycle(&node, &peer.id, &mut client).await;
+                crate::monitor::cycle_done(&node, &peer.id, &r);
+                r.map(|_| ())
             }
         };
         match r {
@@ -516,7 +566,8 @@ async fn fetch_docs(
 }
 
 /// One replication cycle: digest root, then differing buckets, then the documents that differ.
-async fn cycle(node: &Node, peer: &str, client: &mut PeerClient) -> Result<(), String> {
+/// Returns how many documents differed.
+async fn cycle(node: &Node, peer: &str, client: &mut PeerClient) -> Result<usize, String> {
     let (mut c, mut req) = {
         let digest = node.shared().digest.clone();
         let mut d = digest.lock().expect("digest lock");
@@ -561,5 +612,5 @@ async fn cycle(node: &Node, peer: &str, client: &mut PeerClient) -> Result<(), S
     for batch in sync.chunks(SYNC_DOCS_MAX) {
         sync_docs(node, peer, batch, client).await?;
     }
-    Ok(())
+    Ok(fetch.len() + sync.len())
 }

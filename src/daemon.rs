@@ -26,12 +26,25 @@ pub async fn stop_signal() {
 }
 
 /// Runs the node in `dir` until `stop` resolves, then shuts down cleanly: the API stops taking
-/// requests, queued writes are committed, and the database is closed.
+/// requests, replication stops, queued writes are committed, and the database is closed.
 pub async fn run(
     dir: &Path,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     let node = Node::open(dir, NodeOptions::default()).map_err(|e| e.to_string())?;
+    let served = serve(node.clone(), stop).await;
+    tokio::task::spawn_blocking(move || node.shutdown())
+        .await
+        .map_err(|e| e.to_string())?;
+    served
+}
+
+/// Serves an open node (admin API, IPC, replication, health) until `stop` resolves. An embedding
+/// server calls this beside its own listeners.
+pub async fn serve(
+    node: Node,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
     let cfg = node.config().clone();
     let listener = tokio::net::TcpListener::bind(cfg.api_listen)
         .await
@@ -47,8 +60,5 @@ pub async fn run(
         .await;
     tracing::info!("shutting down");
     cluster.stop().await;
-    tokio::task::spawn_blocking(move || node.shutdown())
-        .await
-        .map_err(|e| e.to_string())?;
     served.map_err(|e| format!("admin API failed: {e}"))
 }

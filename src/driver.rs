@@ -218,6 +218,11 @@ impl Docs for BatchDocs<'_> {
         }
         Ok(self.batch.touched.get_mut(id).expect("just loaded"))
     }
+    fn insert(&mut self, id: &str, mut doc: AutoCommit) {
+        doc.set_actor(self.actor.clone());
+        self.batch.touched.insert(id.to_string(), doc);
+        self.changed.insert(id.to_string());
+    }
     fn changed(&mut self, id: &str) {
         self.changed.insert(id.to_string());
     }

@@ -225,6 +225,15 @@ async fn handle(
             format!("node {peer} is not a current member of this cluster"),
         );
     }
+    if let Request::Heartbeat(hb) = &env.body {
+        // Answered whatever the sender's version: that is how an incompatible member is seen.
+        let received = ctx.node.shared().clock.wall_ms();
+        let ack = crate::monitor::heard(&ctx.node, &peer, &env.version, hb);
+        let mut ack = ack;
+        ack.received_wall_ms = received;
+        ack.sent_wall_ms = ctx.node.shared().clock.wall_ms();
+        return answer(StatusCode::OK, &me(Response::HeartbeatAck(ack)));
+    }
     if !proto::compatible(&env.version, &crate::node::version()) {
         return refuse(
             StatusCode::CONFLICT,
@@ -269,6 +278,8 @@ pub struct PeerClient {
     send: Option<hyper::client::conn::http2::SendRequest<Full<Bytes>>>,
     cluster_id: String,
     from: String,
+    /// The software version in the peer's last answer.
+    pub peer_version: Option<String>,
 }
 
 impl PeerClient {
@@ -284,6 +295,7 @@ impl PeerClient {
             send: None,
             cluster_id: cluster_id.to_string(),
             from: from.to_string(),
+            peer_version: None,
         }
     }
 
@@ -332,6 +344,14 @@ impl PeerClient {
 
     /// One request and its answer. A refusal comes back as `Ok(Response::Refused)`.
     pub async fn call(&mut self, body: Request) -> Result<Response, String> {
+        self.call_timeout(body, REQUEST_TIMEOUT).await
+    }
+
+    pub async fn call_timeout(
+        &mut self,
+        body: Request,
+        timeout: Duration,
+    ) -> Result<Response, String> {
         if self.send.is_none() {
             self.connect().await?;
         }
@@ -355,7 +375,7 @@ impl PeerClient {
             .header(HEADER_CLUSTER, self.cluster_id.clone())
             .body(Full::new(Bytes::from(body_bytes)))
             .map_err(|e| e.to_string())?;
-        let result = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let result = tokio::time::timeout(timeout, async {
             send.ready()
                 .await
                 .map_err(|e| format!("connection to {}: {e}", self.addr))?;
@@ -371,7 +391,7 @@ impl PeerClient {
             CLIENT_BYTES.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let env: Envelope<Response> =
                 wire::decode(&bytes).map_err(|e| format!("answer from {}: {e}", self.addr))?;
-            Ok::<_, String>(env.body)
+            Ok::<_, String>(env)
         })
         .await
         .map_err(|_| {
@@ -381,10 +401,16 @@ impl PeerClient {
             )
         })
         .and_then(|r| r);
-        if result.is_err() {
-            self.send = None;
+        match result {
+            Ok(env) => {
+                self.peer_version = Some(env.version);
+                Ok(env.body)
+            }
+            Err(e) => {
+                self.send = None;
+                Err(e)
+            }
         }
-        result
     }
 }
 

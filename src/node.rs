@@ -162,6 +162,11 @@ pub struct Shared {
     /// Documents being fetched from some peer right now: a node catching up fetches each
     /// document from one peer, not from all of them at once.
     pub fetching: Mutex<std::collections::HashSet<String>>,
+    /// What this node knows of each peer's health.
+    pub health: Mutex<std::collections::BTreeMap<String, crate::core::health::PeerHealth>>,
+    /// The drain switch of the client-facing service.
+    pub drain: crate::drain::Drain,
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Shared {
@@ -178,6 +183,8 @@ impl Shared {
 pub struct PeerQueue {
     pub dirty: Mutex<BTreeSet<String>>,
     pub notify: tokio::sync::Notify,
+    /// A replication cycle is wanted now (heartbeats showed the digests differ).
+    pub cycle_now: std::sync::atomic::AtomicBool,
 }
 
 impl PeerQueue {
@@ -198,6 +205,12 @@ impl PeerQueue {
             d.remove(id);
         }
         ids
+    }
+
+    pub fn request_cycle(&self) {
+        self.cycle_now
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_one();
     }
 
     pub fn put_back(&self, ids: Vec<String>) {
@@ -289,6 +302,9 @@ impl Node {
             members: watch::Sender::new(members),
             peers: Mutex::new(HashMap::new()),
             fetching: Mutex::new(Default::default()),
+            health: Mutex::new(Default::default()),
+            drain: Default::default(),
+            clock: opts.clock.clone(),
         });
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
         let mut rng = seeded(opts.seed);
@@ -421,6 +437,28 @@ impl Node {
         self.shared.members.borrow().clone()
     }
 
+    /// The drain switch of the client-facing service, for the embedding server.
+    pub fn drain(&self) -> &crate::drain::Drain {
+        &self.shared.drain
+    }
+
+    /// The global settings that drive health checks.
+    pub fn health_config(&self) -> crate::core::health::HealthConfig {
+        let f = self
+            .get(Kind::Settings, "global")
+            .ok()
+            .flatten()
+            .map(|v| v["fields"].clone())
+            .unwrap_or_default();
+        let d = crate::core::health::HealthConfig::default();
+        let get = |k: &str, dflt: u64| f[k].as_u64().unwrap_or(dflt);
+        crate::core::health::HealthConfig {
+            heartbeat_interval_ms: get("heartbeat_interval_ms", d.heartbeat_interval_ms),
+            offline_timeout_ms: get("offline_timeout_ms", d.offline_timeout_ms),
+            clock_drift_warn_ms: get("clock_drift_warn_ms", d.clock_drift_warn_ms),
+        }
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.shared.data_dir
     }
@@ -466,6 +504,13 @@ impl Node {
         crdt_schema::validate_name(kind, name)?;
         match self.shared.store.index_get(&doc_id(kind, name))? {
             Some(e) if e.alive => Ok(Some(parse_json(&e.json)?)),
+            // A singleton never written reads as its defaults.
+            _ if kind.singleton().is_some() => {
+                let d = doc::genesis(kind);
+                let mut state = doc::read(&d, kind, name).map_err(|e| Error::Io(e.to_string()))?;
+                state.alive = true;
+                Ok(Some(state.to_json()))
+            }
             _ => Ok(None),
         }
     }

@@ -124,6 +124,11 @@ impl Docs for MemDocs<'_> {
             .entry(id.to_string())
             .or_insert_with(|| AutoCommit::new().with_actor(actor)))
     }
+    fn insert(&mut self, id: &str, mut doc: AutoCommit) {
+        doc.set_actor(self.actor.clone());
+        self.docs.insert(id.to_string(), doc);
+        self.changed.insert(id.to_string());
+    }
     fn changed(&mut self, id: &str) {
         self.changed.insert(id.to_string());
     }

@@ -111,12 +111,15 @@ pub fn execute(
             (Some(true), v)
         }
         Op::Patch(body) => {
-            if !current.alive {
+            // A singleton (settings, security) always exists: a patch of one never written
+            // creates it from the defaults.
+            let create = !current.alive && kind.singleton().is_some();
+            if !current.alive && !create {
                 return Err(not_found());
             }
             let body = unwrap_body(kind, body);
             (
-                None,
+                create.then_some(true),
                 crdt_schema::validate_write(kind, &body, WriteMode::Patch, true)?,
             )
         }

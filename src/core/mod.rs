@@ -4,6 +4,7 @@
 pub mod clock;
 pub mod digest;
 pub mod entity;
+pub mod health;
 pub mod members;
 pub mod proto;
 pub mod repl;

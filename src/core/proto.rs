@@ -52,6 +52,26 @@ pub enum Request {
         ids: Vec<String>,
     },
     Join(JoinRequest),
+    /// Liveness, clock and version: answered even by a node of another major version.
+    Heartbeat(Heartbeat),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Heartbeat {
+    /// Sender's wall clock when sent (t1).
+    pub wall_ms: i64,
+    pub draining: bool,
+    /// Sender's digest root: a mismatch that persists starts a replication cycle.
+    pub root: Hash,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeartbeatAck {
+    /// Receiver's wall clock on receipt (t2) and when answering (t3).
+    pub received_wall_ms: i64,
+    pub sent_wall_ms: i64,
+    pub draining: bool,
+    pub root: Hash,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -62,6 +82,7 @@ pub enum Response {
     BucketDocs { docs: Vec<(String, Hash)> },
     Docs { docs: Vec<(String, Vec<u8>)> },
     Joined(Box<JoinResponse>),
+    HeartbeatAck(HeartbeatAck),
     Refused { reason: Refusal, message: String },
 }
 
@@ -70,6 +91,7 @@ pub enum Refusal {
     Token,
     Version,
     Cluster,
+    Clock,
     NotMember,
     BadRequest,
     Internal,

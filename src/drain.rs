@@ -1,0 +1,215 @@
+//! Draining a node's client-facing service (the embedding server's SFTP, FTPS... listeners): no
+//! new connections, existing ones finish, and after an optional deadline the ones still open are
+//! told to close. Replication, the admin API and IPC are not affected, so a draining node can be
+//! watched and undrained.
+//!
+//! The embedding server asks [`Drain::admit`] for every new connection (None: refuse it), keeps
+//! the [`ConnectionGuard`] for the connection's life, and selects on [`ConnectionGuard::closing`]
+//! to close it when the deadline passes. [`Drain::drained`] completes when the last guard is
+//! gone or the deadline passes.
+
+use serde::Serialize;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainState {
+    Serving,
+    Draining { deadline: Option<Instant> },
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DrainOutcome {
+    /// Every connection finished.
+    Idle,
+    /// The deadline passed with connections still open (they were told to close).
+    DeadlinePassed { open: usize },
+    /// The node was undrained first.
+    Undrained,
+}
+
+struct Inner {
+    state: watch::Sender<DrainState>,
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+/// The drain switch of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct Drain {
+    inner: Arc<Inner>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            inner: Arc::new(Inner {
+                state: watch::Sender::new(DrainState::Serving),
+                active: AtomicUsize::new(0),
+                idle: Notify::new(),
+            }),
+        }
+    }
+}
+
+impl Drain {
+    pub fn is_draining(&self) -> bool {
+        matches!(*self.inner.state.borrow(), DrainState::Draining { .. })
+    }
+
+    /// Whether a new client connection may be accepted.
+    pub fn accepting(&self) -> bool {
+        !self.is_draining()
+    }
+
+    /// A guard for a new connection, or None while draining (refuse the connection).
+    pub fn admit(&self) -> Option<ConnectionGuard> {
+        if self.is_draining() {
+            return None;
+        }
+        self.inner.active.fetch_add(1, Ordering::SeqCst);
+        Some(ConnectionGuard {
+            inner: self.inner.clone(),
+        })
+    }
+
+    /// Connections open now.
+    pub fn active(&self) -> usize {
+        self.inner.active.load(Ordering::SeqCst)
+    }
+
+    /// Starts draining; with a deadline, connections still open then are told to close.
+    pub fn start(&self, deadline: Option<Duration>) {
+        let deadline = deadline.map(|d| Instant::now() + d);
+        self.inner
+            .state
+            .send_replace(DrainState::Draining { deadline });
+        self.inner.idle.notify_waiters();
+    }
+
+    /// Stops draining: new connections are accepted again.
+    pub fn stop(&self) {
+        self.inner.state.send_replace(DrainState::Serving);
+        self.inner.idle.notify_waiters();
+    }
+
+    /// The deadline of the current drain, if any.
+    pub fn deadline(&self) -> Option<Instant> {
+        match *self.inner.state.borrow() {
+            DrainState::Draining { deadline } => deadline,
+            DrainState::Serving => None,
+        }
+    }
+
+    /// Completes when the drain is over: every connection gone, the deadline passed, or undrained.
+    pub async fn drained(&self) -> DrainOutcome {
+        let mut rx = self.inner.state.subscribe();
+        loop {
+            let idle = self.inner.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            let state = *rx.borrow_and_update();
+            let deadline = match state {
+                DrainState::Serving => return DrainOutcome::Undrained,
+                DrainState::Draining { deadline } => deadline,
+            };
+            if self.active() == 0 {
+                return DrainOutcome::Idle;
+            }
+            let until_deadline = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = idle => {}
+                _ = rx.changed() => {}
+                _ = until_deadline => return DrainOutcome::DeadlinePassed { open: self.active() },
+            }
+        }
+    }
+}
+
+/// Held for the life of one client connection.
+pub struct ConnectionGuard {
+    inner: Arc<Inner>,
+}
+
+impl ConnectionGuard {
+    /// Resolves when this connection must close: the node is draining and its deadline passed.
+    pub async fn closing(&self) {
+        let mut rx = self.inner.state.subscribe();
+        loop {
+            let state = *rx.borrow_and_update();
+            match state {
+                DrainState::Draining { deadline: Some(d) } => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(d) => return,
+                        r = rx.changed() => if r.is_err() { std::future::pending::<()>().await },
+                    }
+                }
+                _ => {
+                    if rx.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.inner.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.inner.idle.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_waits_for_connections_then_the_deadline() {
+        let d = Drain::default();
+        let g1 = d.admit().unwrap();
+        let g2 = d.admit().unwrap();
+        d.start(Some(Duration::from_secs(10)));
+        assert!(
+            d.admit().is_none(),
+            "a draining node refuses new connections"
+        );
+        drop(g1);
+        let closing = tokio::spawn(async move {
+            g2.closing().await;
+            Instant::now()
+        });
+        let t0 = Instant::now();
+        assert_eq!(d.drained().await, DrainOutcome::DeadlinePassed { open: 1 });
+        assert_eq!(closing.await.unwrap() - t0, Duration::from_secs(10));
+        d.stop();
+        assert!(d.admit().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_ends_when_the_last_connection_ends() {
+        let d = Drain::default();
+        let g = d.admit().unwrap();
+        d.start(None);
+        let waiter = {
+            let d = d.clone();
+            tokio::spawn(async move { d.drained().await })
+        };
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!waiter.is_finished());
+        drop(g);
+        assert_eq!(waiter.await.unwrap(), DrainOutcome::Idle);
+    }
+}

@@ -1,0 +1,254 @@
+//! Cluster health, the I/O side: one heartbeater per peer, a ticker that re-evaluates liveness,
+//! and the status report. The decisions are in `core::health`.
+
+use crate::core::health::{Cause, Event, PeerHealth, Sample, Status};
+use crate::core::proto::{Heartbeat, HeartbeatAck, Request, Response};
+use crate::ipc::PeerClient;
+use crate::node::{Node, PeerQueue};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// How often liveness is re-evaluated: detection is late by at most this much.
+const TICK: Duration = Duration::from_millis(25);
+
+fn mono(node: &Node) -> u64 {
+    node.shared().clock.mono_ms()
+}
+
+fn our_root(node: &Node) -> [u8; 32] {
+    node.shared().digest.lock().expect("digest lock").root()
+}
+
+fn log_events(node: &Node, peer: &str, events: Vec<Event>) {
+    let name = node
+        .members()
+        .into_iter()
+        .find(|m| m.id == peer)
+        .map(|m| m.name)
+        .unwrap_or_else(|| peer.to_string());
+    for e in events {
+        match e {
+            Event::Suspect => {
+                tracing::info!(peer = %name, "peer SUSPECT: no heartbeat for a while")
+            }
+            Event::Offline => {
+                tracing::warn!(peer = %name, "peer OFFLINE: silent for offline_timeout_ms")
+            }
+            Event::Online { was_offline: true } => tracing::info!(peer = %name, "peer back ONLINE"),
+            Event::Online { was_offline: false } => tracing::debug!(peer = %name, "peer ONLINE"),
+            Event::DriftStarted { offset_ms } => {
+                tracing::warn!(peer = %name, offset_ms, "clock drift: the peer's clock is off by more than clock_drift_warn_ms (merges do not depend on clocks; fix NTP)")
+            }
+            Event::DriftEnded => tracing::info!(peer = %name, "clock drift resolved"),
+            Event::Incompatible { version } => {
+                tracing::warn!(peer = %name, %version, ours = %crate::node::version(), "peer INCOMPATIBLE: another major version; not syncing with it")
+            }
+        }
+    }
+}
+
+fn with_health<T>(node: &Node, peer: &str, f: impl FnOnce(&mut PeerHealth) -> T) -> T {
+    let now = mono(node);
+    let mut h = node.shared().health.lock().expect("health lock");
+    f(h.entry(peer.to_string())
+        .or_insert_with(|| PeerHealth::new(now)))
+}
+
+/// A peer's heartbeat arrived (server side). Returns the answer, times to be filled in.
+pub fn heard(node: &Node, peer: &str, version: &str, hb: &Heartbeat) -> HeartbeatAck {
+    let now = mono(node);
+    let ours = crate::node::version();
+    let events = with_health(node, peer, |h| h.heard(now, version, hb.draining, &ours));
+    log_events(node, peer, events);
+    HeartbeatAck {
+        received_wall_ms: 0,
+        sent_wall_ms: 0,
+        draining: node.drain().is_draining(),
+        root: our_root(node),
+    }
+}
+
+pub fn incompatible(node: &Node, peer: &str) -> bool {
+    node.shared()
+        .health
+        .lock()
+        .map(|h| h.get(peer).is_some_and(|p| p.incompatible()))
+        .unwrap_or(false)
+}
+
+/// Records the outcome of a replication cycle with a peer.
+pub fn cycle_done(node: &Node, peer: &str, result: &Result<usize, String>) {
+    let wall = node.shared().clock.wall_ms();
+    with_health(node, peer, |h| match result {
+        Ok(n) => {
+            h.last_cycle_wall_ms = Some(wall);
+            h.docs_out_of_sync = Some(*n as u64);
+        }
+        Err(e) => h.failed(Cause::of(e), e.clone(), wall),
+    });
+}
+
+/// Sends heartbeats to one peer every `heartbeat_interval_ms`, on its own connection so they
+/// are never stuck behind a large sync.
+pub async fn heartbeats(
+    node: Node,
+    peer: crate::core::members::Member,
+    tls: Arc<rustls::ClientConfig>,
+    queue: Arc<PeerQueue>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let cfg = node.config().clone();
+    let mut client = PeerClient::new(&peer.addr, tls, &cfg.cluster_id, &cfg.node_id);
+    let ours = crate::node::version();
+    loop {
+        let hc = node.health_config();
+        let interval = Duration::from_millis(hc.heartbeat_interval_ms);
+        let next = tokio::time::Instant::now() + interval;
+        let t1 = node.shared().clock.wall_ms();
+        let m1 = mono(&node);
+        let hb = Heartbeat {
+            wall_ms: t1,
+            draining: node.drain().is_draining(),
+            root: our_root(&node),
+        };
+        // A heartbeat is given up on after the offline timeout: the detector decides from silence.
+        let call = client.call_timeout(
+            Request::Heartbeat(hb),
+            Duration::from_millis(hc.offline_timeout_ms),
+        );
+        let r = tokio::select! {
+            r = call => r,
+            _ = stop.changed() => return,
+        };
+        let wall = node.shared().clock.wall_ms();
+        match r {
+            Ok(Response::HeartbeatAck(ack)) => {
+                let m4 = mono(&node);
+                let s = Sample {
+                    t1,
+                    t2: ack.received_wall_ms,
+                    t3: ack.sent_wall_ms,
+                    t4: wall,
+                    rtt_mono_ms: (m4 - m1) as f64,
+                };
+                let root_differs = ack.root != our_root(&node);
+                let (events, want_cycle) = with_health(&node, &peer.id, |h| {
+                    let v = client
+                        .peer_version
+                        .clone()
+                        .unwrap_or_else(|| peer.version.clone());
+                    let ev = h.answered(m4, s, &v, ack.draining, &ours, &hc);
+                    if root_differs {
+                        h.root_mismatches += 1;
+                    } else {
+                        h.root_mismatches = 0;
+                        h.docs_out_of_sync = Some(0);
+                    }
+                    (ev, h.root_mismatches == 2)
+                });
+                log_events(&node, &peer.id, events);
+                if want_cycle {
+                    // Two heartbeats in a row saw different digests: repair now, not at the next cycle.
+                    queue.request_cycle();
+                }
+            }
+            Ok(Response::Refused { message, .. }) => {
+                with_health(&node, &peer.id, |h| h.failed(Cause::Refused, message, wall))
+            }
+            Ok(other) => with_health(&node, &peer.id, |h| {
+                h.failed(Cause::Other, format!("unexpected answer {other:?}"), wall)
+            }),
+            Err(e) => with_health(&node, &peer.id, |h| h.failed(Cause::of(&e), e, wall)),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Re-evaluates every peer's liveness every few milliseconds.
+pub async fn ticker(node: Node, mut stop: watch::Receiver<bool>) {
+    loop {
+        let hc = node.health_config();
+        let now = mono(&node);
+        let live: Vec<String> = node
+            .members()
+            .into_iter()
+            .filter(|m| !m.removed && m.id != node.config().node_id)
+            .map(|m| m.id)
+            .collect();
+        let mut all = Vec::new();
+        {
+            let mut h = node.shared().health.lock().expect("health lock");
+            h.retain(|id, _| live.contains(id));
+            for id in &live {
+                let p = h.entry(id.clone()).or_insert_with(|| PeerHealth::new(now));
+                all.push((id.clone(), p.tick(now, &hc)));
+            }
+        }
+        for (id, ev) in all {
+            log_events(&node, &id, ev);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The status report: every node, this one included, and the cluster's state.
+pub fn status(node: &Node) -> Value {
+    let now = mono(node);
+    let cfg = node.config();
+    let members: Vec<_> = node.members().into_iter().filter(|m| !m.removed).collect();
+    let health = node.shared().health.lock().expect("health lock").clone();
+    let me_status = if node.drain().is_draining() {
+        Status::Draining
+    } else {
+        Status::Online
+    };
+    let mut nodes = Vec::new();
+    let mut degraded = false;
+    for m in &members {
+        if m.id == cfg.node_id {
+            nodes.push(json!({
+                "id": m.id, "name": m.name, "address": cfg.ipc_advertise, "version": crate::node::version(),
+                "status": me_status, "self": true, "last_heartbeat_ms_ago": 0, "rtt_ms": 0.0, "clock_offset_ms": 0.0,
+                "docs_out_of_sync": 0, "last_replication_cycle": Value::Null, "last_error": Value::Null, "flaps": 0,
+                "active_connections": node.drain().active(),
+            }));
+            continue;
+        }
+        let h = health
+            .get(&m.id)
+            .cloned()
+            .unwrap_or_else(|| PeerHealth::new(now));
+        let st = h.status();
+        if matches!(st, Status::Offline | Status::Suspect | Status::Incompatible) {
+            degraded = true;
+        }
+        nodes.push(json!({
+            "id": m.id, "name": m.name, "address": m.addr,
+            "version": h.version.clone().unwrap_or_else(|| m.version.clone()),
+            "status": st, "self": false,
+            "last_heartbeat_ms_ago": h.silent_ms(now),
+            "rtt_ms": h.rtt_ms(),
+            "clock_offset_ms": h.offset_ms(),
+            "docs_out_of_sync": h.docs_out_of_sync,
+            "last_replication_cycle": h.last_cycle_wall_ms,
+            "last_error": h.last_error.as_ref().map(|(cause, msg, at)| json!({"cause": cause, "message": msg, "at_wall_ms": at})),
+            "flaps": h.flaps,
+        }));
+    }
+    let state = if members.len() <= 1 {
+        "STANDALONE"
+    } else if degraded {
+        "DEGRADED"
+    } else {
+        "ACTIVE"
+    };
+    json!({"id": cfg.node_id, "name": cfg.name, "cluster_id": cfg.cluster_id, "state": state, "nodes": nodes})
+}
