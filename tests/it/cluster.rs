@@ -641,3 +641,79 @@ fn foreign_client(server: &Material, cert_pem: &str, key_pem: &str) -> Arc<rustl
     c.alpn_protocols = vec![b"h2".to_vec()];
     Arc::new(c)
 }
+
+/// Concurrent writes to one field, made while the nodes could not see each other, converge to
+/// one winner everywhere and are reported by `peerconf conflicts` on every node until a write
+/// resolves them.
+#[test]
+fn concurrent_register_writes_are_reported_as_conflicts_until_resolved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ns = form_cluster(tmp.path(), 2, FAST);
+    put_json(&ns[0], "user", "cf", json!({"home_dir": "/start"}));
+    let on = |n: &ClusterNode| {
+        entities(&n.api, "user").and_then(|u| u.get("cf").map(|f| f["home_dir"].clone()))
+    };
+    assert!(wait_for(Duration::from_secs(10), || (on(&ns[1])
+        == Some(json!("/start")))
+    .then_some(()))
+    .is_some());
+    ns[1].stop();
+    patch_json(&ns[0], "user", "cf", json!({"home_dir": "/from-n1"}));
+    ns[0].stop();
+    ns[1].restart();
+    patch_json(&ns[1], "user", "cf", json!({"home_dir": "/from-n2"}));
+    ns[0].restart();
+    let conflict_on = |n: &ClusterNode| -> Option<Value> {
+        let c = cli_json(n, &["conflicts"]);
+        c["conflicts"]
+            .as_array()?
+            .iter()
+            .find(|e| e["name"] == "cf")
+            .map(|e| e["conflicts"]["home_dir"].clone())
+    };
+    let seen: Vec<Value> = ns
+        .iter()
+        .map(|n| {
+            wait_for(Duration::from_secs(10), || {
+                conflict_on(n).filter(|v| v.as_array().is_some_and(|a| a.len() == 2))
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} never reported the conflict: {}",
+                    n.name,
+                    cli_json(n, &["conflicts"])
+                )
+            })
+        })
+        .collect();
+    assert_eq!(seen[0], seen[1], "the nodes disagree on the conflict");
+    let values: Vec<&str> = seen[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        values.contains(&"/from-n1") && values.contains(&"/from-n2"),
+        "{values:?}"
+    );
+    assert_eq!(on(&ns[0]), on(&ns[1]), "both nodes show the same winner");
+    assert_eq!(
+        on(&ns[0]),
+        Some(json!(values[0])),
+        "the winner is listed first"
+    );
+    // A write resolves it everywhere.
+    patch_json(&ns[0], "user", "cf", json!({"home_dir": "/resolved"}));
+    for n in &ns {
+        assert!(
+            wait_for(Duration::from_secs(10), || (conflict_on(n).is_none()
+                && on(n) == Some(json!("/resolved")))
+            .then_some(()))
+            .is_some(),
+            "{} still shows the conflict: {}",
+            n.name,
+            cli_json(n, &["conflicts"])
+        );
+    }
+}
