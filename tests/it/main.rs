@@ -7,5 +7,6 @@ mod architecture;
 mod cluster;
 mod embedded;
 mod fuzz_regressions;
+mod health;
 mod process;
 mod simulation;

@@ -382,3 +382,46 @@ pub fn form_cluster(root: &Path, n: usize, settings: &str) -> Vec<ClusterNode> {
     }
     nodes
 }
+
+// ---- Health helpers (tests/it/health.rs) ----
+
+impl Daemon {
+    /// `peerconf run` with extra environment variables (an advertised version, a faked clock);
+    /// waits until the API listens, like [`Daemon::start`].
+    pub fn start_env(dir: &Path, api: &str, envs: &[(&str, &str)]) -> Daemon {
+        let log = dir.with_extension(format!("log{}", rand_suffix()));
+        let child = Command::new(BIN)
+            .args(["run", "--data-dir"])
+            .arg(dir)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("spawn peerconf run");
+        let d = Daemon {
+            child: Some(child),
+            api: api.to_string(),
+            log,
+        };
+        let up = wait_for(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(api).ok().map(|_| ())
+        });
+        assert!(
+            up.is_some(),
+            "node with env {envs:?} did not come up: {}",
+            d.log_text()
+        );
+        d
+    }
+}
+
+impl ClusterNode {
+    /// Starts the node again, after [`Daemon::stop`] or [`Daemon::kill9`], with extra
+    /// environment variables.
+    pub fn restart_env(&mut self, envs: &[(&str, &str)]) {
+        assert!(self.d.child.is_none(), "{} is still running", self.name);
+        self.d = Daemon::start_env(&self.dir, &self.api, envs);
+        wait_listening(&self.ipc, &format!("{}'s IPC port", self.name));
+    }
+}
