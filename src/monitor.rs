@@ -102,10 +102,24 @@ pub async fn heartbeats(
     let cfg = node.config().clone();
     let mut client = PeerClient::new(&peer.addr, tls, &cfg.cluster_id, &cfg.node_id);
     let ours = crate::node::version();
+    let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
+        // The interval is re-read at least every 100 ms, so a change of the setting takes effect
+        // at once (a shortened offline timeout must not meet heartbeats on the old schedule).
         let hc = node.health_config();
         let interval = Duration::from_millis(hc.heartbeat_interval_ms);
-        let next = tokio::time::Instant::now() + interval;
+        if let Some(t) = last_sent {
+            let due = t + interval;
+            let now = tokio::time::Instant::now();
+            if now < due {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due.min(now + Duration::from_millis(100))) => {}
+                    _ = stop.changed() => return,
+                }
+                continue;
+            }
+        }
+        last_sent = Some(tokio::time::Instant::now());
         let t1 = node.shared().clock.wall_ms();
         let m1 = mono(&node);
         let hb = Heartbeat {
@@ -146,11 +160,18 @@ pub async fn heartbeats(
                         h.root_mismatches = 0;
                         h.docs_out_of_sync = Some(0);
                     }
-                    (ev, h.root_mismatches == 2)
+                    // Two heartbeats in a row saw different digests: repair now, not at the next
+                    // cycle (and again after two more, while they still differ).
+                    let repair = h.root_mismatches >= 2;
+                    if repair {
+                        h.root_mismatches = 0;
+                    }
+                    // A peer back from OFFLINE or from another version is caught up at once.
+                    let back = ev.iter().any(|e| matches!(e, Event::Online { .. }));
+                    (ev, repair || back)
                 });
                 log_events(&node, &peer.id, events);
-                if want_cycle {
-                    // Two heartbeats in a row saw different digests: repair now, not at the next cycle.
+                if want_cycle && !incompatible(&node, &peer.id) {
                     queue.request_cycle();
                 }
             }
@@ -162,18 +183,27 @@ pub async fn heartbeats(
             }),
             Err(e) => with_health(&node, &peer.id, |h| h.failed(Cause::of(&e), e, wall)),
         }
-        tokio::select! {
-            _ = tokio::time::sleep_until(next) => {}
-            _ = stop.changed() => return,
-        }
     }
 }
 
 /// Re-evaluates every peer's liveness every few milliseconds.
 pub async fn ticker(node: Node, mut stop: watch::Receiver<bool>) {
+    let mut seen = node.health_config();
+    let mut grace_until = 0;
+    let mut grace_timeout_ms = 0;
     loop {
-        let hc = node.health_config();
+        let mut hc = node.health_config();
         let now = mono(&node);
+        if hc != seen {
+            // Heartbeats sent on the old schedule are still on their way: judge silence by the
+            // longer of the two timeouts until a heartbeat of each schedule has had time to land.
+            grace_until = now + seen.heartbeat_interval_ms.max(hc.heartbeat_interval_ms) * 2;
+            grace_timeout_ms = seen.offline_timeout_ms.max(hc.offline_timeout_ms);
+            seen = hc;
+        }
+        if now < grace_until {
+            hc.offline_timeout_ms = hc.offline_timeout_ms.max(grace_timeout_ms);
+        }
         let live: Vec<String> = node
             .members()
             .into_iter()
