@@ -282,10 +282,7 @@ async fn create_token(
             ))
         }
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+    let now = st.node.shared().clock.wall_ms();
     let (token, expires) = crate::cluster::create_token(&st.node, ttl, now)
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e))?;

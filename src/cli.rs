@@ -33,41 +33,20 @@ pub struct Cli {
 pub enum Command {
     /// Create a node in a new data directory and print its node ID.
     Init {
-        #[arg(long)]
-        data_dir: PathBuf,
-        /// Human-readable node name (default: derived from the node ID).
-        #[arg(long)]
-        name: Option<String>,
-        /// Address of the admin API.
-        #[arg(long, default_value = DEFAULT_API_LISTEN)]
-        api_listen: SocketAddr,
-        /// Address of the peer-to-peer (IPC) port.
-        #[arg(long, default_value = DEFAULT_IPC_LISTEN)]
-        ipc_listen: SocketAddr,
-        /// Address the other nodes reach the IPC port at (default: --ipc-listen).
-        #[arg(long)]
-        ipc_advertise: Option<String>,
+        #[command(flatten)]
+        node: NodeArgs,
     },
     /// Join an existing cluster: contact a member's IPC port with a join token, then create the
     /// node in a new data directory (start it with `peerconf run`).
     Join {
-        #[arg(long)]
-        data_dir: PathBuf,
         /// IPC address (host:port) of a current member.
         #[arg(long)]
         peer: String,
         /// A token from `peerconf token create` on that member.
         #[arg(long)]
         token: String,
-        #[arg(long)]
-        name: Option<String>,
-        #[arg(long, default_value = DEFAULT_API_LISTEN)]
-        api_listen: SocketAddr,
-        #[arg(long, default_value = DEFAULT_IPC_LISTEN)]
-        ipc_listen: SocketAddr,
-        /// Address the other nodes reach the IPC port at (default: --ipc-listen).
-        #[arg(long)]
-        ipc_advertise: Option<String>,
+        #[command(flatten)]
+        node: NodeArgs,
     },
     /// Join tokens.
     Token {
@@ -136,6 +115,36 @@ pub enum Command {
     },
 }
 
+/// The node-local settings of `init` and `join`.
+#[derive(clap::Args, Debug)]
+pub struct NodeArgs {
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Human-readable node name (default: derived from the node ID).
+    #[arg(long)]
+    name: Option<String>,
+    /// Address of the admin API.
+    #[arg(long, default_value = DEFAULT_API_LISTEN)]
+    api_listen: SocketAddr,
+    /// Address of the peer-to-peer (IPC) port.
+    #[arg(long, default_value = DEFAULT_IPC_LISTEN)]
+    ipc_listen: SocketAddr,
+    /// Address the other nodes reach the IPC port at (default: --ipc-listen).
+    #[arg(long)]
+    ipc_advertise: Option<String>,
+}
+
+impl NodeArgs {
+    fn options(&self) -> InitOptions {
+        InitOptions {
+            name: self.name.clone(),
+            api_listen: self.api_listen,
+            ipc_listen: self.ipc_listen,
+            ipc_advertise: self.ipc_advertise.clone(),
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum TokenCommand {
     /// Create a single-use join token (printed alone on the last line).
@@ -200,20 +209,9 @@ fn kind_arg(kind: &str) -> Result<String, CallError> {
 /// Runs a command; returns the process exit code.
 pub fn main(cli: Cli) -> i32 {
     let result = match cli.command {
-        Command::Init {
-            data_dir,
-            name,
-            api_listen,
-            ipc_listen,
-            ipc_advertise,
-        } => {
-            let opts = InitOptions {
-                name,
-                api_listen,
-                ipc_listen,
-                ipc_advertise,
-            };
-            Node::init(&data_dir, &opts, &NodeOptions::default())
+        Command::Init { node } => {
+            let data_dir = node.data_dir.clone();
+            Node::init(&data_dir, &node.options(), &NodeOptions::default())
                 .map(|cfg| {
                     eprintln!(
                         "initialised node {} ({}) in {}; start it with: peerconf run --data-dir {}",
@@ -229,21 +227,9 @@ pub fn main(cli: Cli) -> i32 {
         Command::Run { data_dir } => runtime().and_then(|rt| {
             rt.block_on(crate::daemon::run(&data_dir, crate::daemon::stop_signal()))
         }),
-        Command::Join {
-            data_dir,
-            peer,
-            token,
-            name,
-            api_listen,
-            ipc_listen,
-            ipc_advertise,
-        } => {
-            let opts = InitOptions {
-                name,
-                api_listen,
-                ipc_listen,
-                ipc_advertise,
-            };
+        Command::Join { peer, token, node } => {
+            let data_dir = node.data_dir.clone();
+            let opts = node.options();
             runtime().and_then(|rt| {
                 rt.block_on(crate::cluster::join(&data_dir, &peer, &token, &opts))
                     .map(|cfg| {

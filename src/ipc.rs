@@ -246,8 +246,16 @@ async fn handle(
             // Answered from the digest of what is committed, without the driver.
             let digest = ctx.node.shared().digest.clone();
             let mut d = digest.lock().expect("digest lock");
+            let catching_up = !ctx
+                .node
+                .shared()
+                .fetching
+                .lock()
+                .map(|f| f.is_empty())
+                .unwrap_or(true);
             match env.body {
                 Request::DigestRoot { root } if root == d.root() => Response::InSync,
+                Request::DigestRoot { .. } if catching_up => Response::CatchingUp,
                 Request::DigestRoot { .. } => Response::Buckets {
                     hashes: d.buckets().to_vec(),
                 },

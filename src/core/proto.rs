@@ -76,14 +76,28 @@ pub struct HeartbeatAck {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum Response {
-    Sync { msgs: Vec<(String, Vec<u8>)> },
+    Sync {
+        msgs: Vec<(String, Vec<u8>)>,
+    },
     InSync,
-    Buckets { hashes: Vec<Hash> },
-    BucketDocs { docs: Vec<(String, Hash)> },
-    Docs { docs: Vec<(String, Vec<u8>)> },
+    /// The answering node is fetching documents to catch up: comparing digests with it now would
+    /// only list what it lacks; try at the next cycle.
+    CatchingUp,
+    Buckets {
+        hashes: Vec<Hash>,
+    },
+    BucketDocs {
+        docs: Vec<(String, Hash)>,
+    },
+    Docs {
+        docs: Vec<(String, Vec<u8>)>,
+    },
     Joined(Box<JoinResponse>),
     HeartbeatAck(HeartbeatAck),
-    Refused { reason: Refusal, message: String },
+    Refused {
+        reason: Refusal,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -280,7 +280,9 @@ impl Cycle {
 
     pub fn step(&mut self, digest: &Digest, resp: Response) -> Result<Next, String> {
         match (&*self, resp) {
-            (Cycle::AwaitRoot, Response::InSync) => Ok(Next::Done(Plan::default())),
+            (Cycle::AwaitRoot, Response::InSync | Response::CatchingUp) => {
+                Ok(Next::Done(Plan::default()))
+            }
             (Cycle::AwaitRoot, Response::Buckets { hashes }) => {
                 let buckets = digest.differing(&hashes);
                 if buckets.is_empty() {
