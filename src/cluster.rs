@@ -544,23 +544,33 @@ async fn fetch_docs(
     client: &mut PeerClient,
     fetch: &[String],
 ) -> Result<(), String> {
+    // Pipelined: the next batch is on its way while the driver stores the last one.
+    let mut storing: Option<tokio::task::JoinHandle<Result<usize, crate::node::Error>>> = None;
     for batch in fetch.chunks(FETCH_DOCS_MAX) {
         let mut want: Vec<String> = batch.to_vec();
         while !want.is_empty() {
-            match client.call(Request::Fetch { ids: want.clone() }).await? {
+            let resp = client.call(Request::Fetch { ids: want.clone() }).await?;
+            match resp {
                 Response::Docs { docs } => {
                     if docs.is_empty() {
                         break;
                     }
                     let got: std::collections::HashSet<String> =
                         docs.iter().map(|(id, _)| id.clone()).collect();
-                    node.ingest(peer, docs).await.map_err(|e| e.to_string())?;
+                    if let Some(h) = storing.take() {
+                        h.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+                    }
+                    let (node, peer) = (node.clone(), peer.to_string());
+                    storing = Some(tokio::spawn(async move { node.ingest(&peer, docs).await }));
                     want.retain(|id| !got.contains(id));
                 }
                 Response::Refused { message, .. } => return Err(message),
                 other => return Err(format!("unexpected answer to fetch: {other:?}")),
             }
         }
+    }
+    if let Some(h) = storing {
+        h.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
     }
     Ok(())
 }
