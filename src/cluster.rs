@@ -558,7 +558,9 @@ async fn fetch_docs(
                     let got: std::collections::HashSet<String> =
                         docs.iter().map(|(id, _)| id.clone()).collect();
                     if let Some(h) = storing.take() {
-                        h.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+                        h.await
+                            .map_err(|e| e.to_string())?
+                            .map_err(|e| e.to_string())?;
                     }
                     let (node, peer) = (node.clone(), peer.to_string());
                     storing = Some(tokio::spawn(async move { node.ingest(&peer, docs).await }));
@@ -570,7 +572,9 @@ async fn fetch_docs(
         }
     }
     if let Some(h) = storing {
-        h.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        h.await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
     }
     Ok(())
 }

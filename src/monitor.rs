@@ -233,7 +233,8 @@ pub async fn ticker(node: Node, mut stop: watch::Receiver<bool>) {
 pub fn status(node: &Node) -> Value {
     let now = mono(node);
     let cfg = node.config();
-    let members: Vec<_> = node.members().into_iter().filter(|m| !m.removed).collect();
+    let mut members: Vec<_> = node.members().into_iter().filter(|m| !m.removed).collect();
+    members.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
     let health = node.shared().health.lock().expect("health lock").clone();
     let me_status = if node.drain().is_draining() {
         Status::Draining
