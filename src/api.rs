@@ -38,6 +38,7 @@ pub fn router(node: Node) -> Router {
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
         .route("/v1/drain", axum::routing::post(drain))
         .route("/v1/undrain", axum::routing::post(undrain))
         .route("/v1/node", get(node_info))
@@ -361,4 +362,12 @@ async fn undrain(State(st): State<ApiState>, Extension(_who): Extension<Principa
     st.node.drain().stop();
     tracing::info!("undrained: client connections are accepted again");
     Ok(Json(json!({"draining": false})).into_response())
+}
+
+async fn metrics(State(st): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::monitor::metrics(&st.node),
+    )
+        .into_response()
 }

@@ -283,3 +283,76 @@ pub fn status(node: &Node) -> Value {
     };
     json!({"id": cfg.node_id, "name": cfg.name, "cluster_id": cfg.cluster_id, "state": state, "nodes": nodes})
 }
+
+/// The status report as Prometheus text: one series per peer and state, so alerts can fire on
+/// OFFLINE, CLOCK_DRIFT or INCOMPATIBLE without parsing JSON.
+pub fn metrics(node: &Node) -> String {
+    let st = status(node);
+    let mut out = String::new();
+    out.push_str("# HELP peerconf_peer_status 1 for the status each node is in, as seen from this node.\n# TYPE peerconf_peer_status gauge\n");
+    let all = [
+        "ONLINE",
+        "SUSPECT",
+        "OFFLINE",
+        "DRAINING",
+        "CLOCK_DRIFT",
+        "INCOMPATIBLE",
+    ];
+    let nodes = st["nodes"].as_array().cloned().unwrap_or_default();
+    for n in &nodes {
+        let name = n["name"].as_str().unwrap_or("?");
+        for s in all {
+            let v = u8::from(n["status"].as_str() == Some(s));
+            out.push_str(&format!(
+                "peerconf_peer_status{{peer=\"{name}\",status=\"{s}\"}} {v}\n"
+            ));
+        }
+    }
+    let gauges = [
+        (
+            "peerconf_peer_clock_offset_ms",
+            "clock_offset_ms",
+            "Estimated clock offset of the peer (its clock minus ours).",
+        ),
+        (
+            "peerconf_peer_rtt_ms",
+            "rtt_ms",
+            "Round trip of the last heartbeat.",
+        ),
+        (
+            "peerconf_peer_last_heartbeat_ms_ago",
+            "last_heartbeat_ms_ago",
+            "Time since the peer was last heard from.",
+        ),
+        (
+            "peerconf_peer_docs_out_of_sync",
+            "docs_out_of_sync",
+            "Documents that differed at the last replication cycle.",
+        ),
+        (
+            "peerconf_peer_flaps_total",
+            "flaps",
+            "Returns of the peer from OFFLINE.",
+        ),
+    ];
+    for (metric, field, help) in gauges {
+        out.push_str(&format!("# HELP {metric} {help}\n# TYPE {metric} gauge\n"));
+        for n in &nodes {
+            if let Some(v) = n[field].as_f64() {
+                out.push_str(&format!(
+                    "{metric}{{peer=\"{}\"}} {v}\n",
+                    n["name"].as_str().unwrap_or("?")
+                ));
+            }
+        }
+    }
+    out.push_str(&format!(
+        "# HELP peerconf_documents Documents stored on this node.\n# TYPE peerconf_documents gauge\npeerconf_documents {}\n",
+        node.doc_count().unwrap_or(0)
+    ));
+    out.push_str(&format!(
+        "# HELP peerconf_draining 1 while this node drains.\n# TYPE peerconf_draining gauge\npeerconf_draining {}\n",
+        u8::from(node.drain().is_draining())
+    ));
+    out
+}

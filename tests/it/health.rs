@@ -851,6 +851,23 @@ fn clock_drift_is_shown_and_a_join_with_a_far_off_clock_is_refused() {
         status_of(&st, "n3") == "CLOCK_DRIFT" && in_range(&st),
         "`peerconf status --json` on n1 with n3's clock 10 s ahead: {st:#}"
     );
+    // The metrics show it too.
+    let (code, text) = http(&ns[0].api, "GET", "/metrics", None);
+    assert_eq!(code, 200, "/metrics: {text}");
+    assert!(
+        text.contains("peerconf_peer_status{peer=\"n3\",status=\"CLOCK_DRIFT\"} 1")
+            && text.contains("peerconf_peer_status{peer=\"n3\",status=\"ONLINE\"} 0"),
+        "/metrics does not show n3 in CLOCK_DRIFT:\n{text}"
+    );
+    let offset = text
+        .lines()
+        .find(|l| l.starts_with("peerconf_peer_clock_offset_ms{peer=\"n3\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no clock offset metric for n3:\n{text}"));
+    assert!(
+        (9000.0..=11000.0).contains(&offset.abs()),
+        "metric offset {offset}"
+    );
 
     let token = token_create(&ns[0].api, None);
     let dir = tmp.path().join("n4");
