@@ -35,25 +35,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(dir: &Path, api: &str) -> Daemon {
-        let log = dir.with_extension(format!("log{}", rand_suffix()));
-        let child = Command::new(BIN)
-            .args(["run", "--data-dir"])
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
-            .spawn()
-            .expect("spawn peerconf run");
-        let d = Daemon {
-            child: Some(child),
-            api: api.to_string(),
-            log,
-        };
-        let up = wait_for(Duration::from_secs(20), || {
-            std::net::TcpStream::connect(api).ok().map(|_| ())
-        });
-        assert!(up.is_some(), "node did not come up: {}", d.log_text());
-        d
+        Daemon::start_env(dir, api, &[])
     }
 
     pub fn log_text(&self) -> String {
