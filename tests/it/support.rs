@@ -7,7 +7,25 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_peerconf");
 
+/// A loopback address nobody listens on, for a node started later. Ports come from 20000..32000,
+/// below Linux's ephemeral range (32768 and up): a port the kernel hands out for port 0 or for an
+/// outgoing connection of another test could be taken again before our node binds it, one from
+/// this range only by another test's pick, which the per-process offset makes unlikely.
 pub fn free_addr() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    for _ in 0..1000 {
+        let n = start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(97));
+        let port = 20000 + (n % 12000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return format!("127.0.0.1:{port}");
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().unwrap().to_string()
 }
