@@ -117,6 +117,8 @@ struct Batch {
 }
 
 enum Deferred {
+    /// The command has no answer.
+    Nothing,
     Write(
         oneshot::Sender<Result<EntityState, Error>>,
         Result<EntityState, Error>,
@@ -139,6 +141,7 @@ impl Deferred {
     fn send(self, commit: &Result<(), String>) {
         let failed = |e: &String| format!("commit failed: {e}");
         match (self, commit) {
+            (Deferred::Nothing, _) => {}
             (Deferred::Write(r, v), Ok(())) => drop(r.send(v)),
             (Deferred::Write(r, v), Err(e)) => drop(r.send(match v {
                 Ok(_) => Err(Error::Store(StoreError::Redb(failed(e)))),
@@ -168,7 +171,6 @@ struct BatchDocs<'a> {
     cache: &'a mut lru::LruCache<String, AutoCommit>,
     actor: &'a ActorId,
     batch: &'a mut Batch,
-    origin: Origin,
     created: BTreeSet<String>,
     changed: BTreeSet<String>,
 }
@@ -314,7 +316,7 @@ impl Driver {
             Err(e) => {
                 let err = Err(e.to_string());
                 for c in cmds {
-                    self.defer_failed(c).send(&err);
+                    self.defer_failed(c, &e.to_string()).send(&err);
                 }
                 return;
             }
@@ -360,9 +362,15 @@ impl Driver {
         }
     }
 
-    fn defer_failed(&mut self, c: Cmd) -> Deferred {
+    /// The answer to a command that could not run because no transaction could start.
+    fn defer_failed(&mut self, c: Cmd, why: &str) -> Deferred {
         match c {
-            Cmd::Write { reply, .. } => Deferred::Write(reply, Err(Error::ShuttingDown)),
+            Cmd::Write { reply, .. } => Deferred::Write(
+                reply,
+                Err(Error::Store(StoreError::Redb(format!(
+                    "cannot start a transaction: {why}"
+                )))),
+            ),
             Cmd::Serve { reply, .. } => Deferred::Resp(
                 reply,
                 Response::Refused {
@@ -373,9 +381,7 @@ impl Driver {
             Cmd::SyncOut { reply, .. } => Deferred::Msgs(reply, Vec::new()),
             Cmd::SyncBack { reply, .. } => Deferred::MsgsR(reply, Err(String::new())),
             Cmd::Ingest { reply, .. } => Deferred::Count(reply, Err(String::new())),
-            Cmd::ResetPeer { .. } | Cmd::Shutdown => {
-                Deferred::Msgs(oneshot::channel().0, Vec::new())
-            }
+            Cmd::ResetPeer { .. } | Cmd::Shutdown => Deferred::Nothing,
             Cmd::PutToken { reply, .. } | Cmd::RemoveMember { reply, .. } => {
                 Deferred::Unit(reply, Err(String::new()))
             }
@@ -469,13 +475,11 @@ impl Driver {
             cache: &mut self.cache,
             actor: &self.actor,
             batch: b,
-            origin: origin.clone(),
             created: BTreeSet::new(),
             changed: BTreeSet::new(),
         };
         let out = f(&mut docs, &mut self.sessions);
         let (created, changed) = (docs.created, docs.changed);
-        let _ = &docs.origin;
         self.persist(b, created, changed, &origin);
         out
     }
@@ -531,9 +535,9 @@ impl Driver {
             }
             Cmd::ResetPeer { peer } => {
                 self.sessions.reset_peer(&peer);
-                Deferred::Msgs(oneshot::channel().0, Vec::new())
+                Deferred::Nothing
             }
-            Cmd::Shutdown => Deferred::Msgs(oneshot::channel().0, Vec::new()),
+            Cmd::Shutdown => Deferred::Nothing,
             Cmd::PutToken {
                 secret_hash,
                 record,
@@ -634,7 +638,6 @@ impl Driver {
             cache: &mut self.cache,
             actor: &actor,
             batch: b,
-            origin: Origin::Local,
             created: BTreeSet::new(),
             changed: BTreeSet::new(),
         };

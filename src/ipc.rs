@@ -307,12 +307,6 @@ impl PeerClient {
         }
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.send
-            .as_ref()
-            .is_some_and(|s| s.is_ready() || !s.is_closed())
-    }
-
     pub fn disconnect(&mut self) {
         self.send = None;
     }

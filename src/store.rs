@@ -151,14 +151,6 @@ impl Store {
         let chunks = txn.open_table(CHUNKS)?;
         load(&docs, &chunks, id)
     }
-
-    /// The saved bytes of a committed document (full save followed by its chunks).
-    pub fn doc_bytes(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let docs = txn.open_table(DOCS)?;
-        let chunks = txn.open_table(CHUNKS)?;
-        bytes(&docs, &chunks, id)
-    }
 }
 
 fn bytes(

@@ -151,19 +151,6 @@ impl Sessions {
         }
     }
 
-    /// Forgets every session with `peer` (it left the cluster).
-    pub fn forget_peer(&mut self, peer: &str) {
-        let keys: Vec<_> = self
-            .map
-            .iter()
-            .filter(|((p, _, _), _)| p == peer)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in keys {
-            self.map.pop(&k);
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.map.len()
     }

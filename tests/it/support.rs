@@ -147,16 +147,7 @@ pub fn stderr(o: &Output) -> String {
 
 /// `peerconf init` with fresh loopback ports; returns the API address.
 pub fn init(dir: &Path, name: &str) -> String {
-    let api = free_addr();
-    let ipc = free_addr();
-    let o = Command::new(BIN)
-        .args(["init", "--data-dir"])
-        .arg(dir)
-        .args(["--name", name, "--api-listen", &api, "--ipc-listen", &ipc])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "init failed: {}", stderr(&o));
-    api
+    init_node(dir, name).0
 }
 
 // ---- Cluster helpers (tests/it/cluster.rs) ----
