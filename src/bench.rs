@@ -307,7 +307,11 @@ async fn idle_bytes_per_s(window: std::time::Duration, pairs: usize) -> f64 {
 }
 
 /// `peerconf bench cluster`: a local 3-node cluster with TLS and durable storage.
-pub async fn cluster(entities: usize, interval_ms: u64) -> Result<(), String> {
+pub async fn cluster(
+    entities: usize,
+    interval_ms: u64,
+    latency_only: Option<usize>,
+) -> Result<(), String> {
     let tmp = tempfile::Builder::new()
         .prefix("peerconf-bench-cluster-")
         .tempdir()
@@ -350,6 +354,21 @@ pub async fn cluster(entities: usize, interval_ms: u64) -> Result<(), String> {
     let r: Vec<&Node> = refs.iter().collect();
     converge(&r, std::time::Duration::from_secs(30)).await?;
     eprintln!("bench cluster: 3 nodes up; replication interval {interval_ms} ms");
+    if let Some(n) = latency_only {
+        let (lat, _) = visibility(&nodes, 1, n, "lat1-").await?;
+        println!(
+            "  write-to-visible p50/p99/max, 1 writer, {n} writes  {:.3} / {:.3} / {:.3} ms",
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.99),
+            percentile(&lat, 1.0)
+        );
+        for bn in nodes {
+            bn.cluster.stop().await;
+            let n = bn.node;
+            let _ = tokio::task::spawn_blocking(move || n.shutdown()).await;
+        }
+        return Ok(());
+    }
 
     // Idle traffic with 1,000 entities.
     load(&nodes[0].node, "small", 1000, 64).await?;

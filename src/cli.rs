@@ -181,6 +181,10 @@ pub enum BenchCommand {
         /// Replication cycle period during the benchmark.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
+        /// Measure only write-to-visible latency with one writer, this many writes (for profiling
+        /// the replication path).
+        #[arg(long)]
+        latency_only: Option<usize>,
     },
 }
 
@@ -276,7 +280,10 @@ pub fn main(cli: Cli) -> i32 {
             BenchCommand::Cluster {
                 entities,
                 interval_ms,
-            } => runtime().and_then(|rt| rt.block_on(crate::bench::cluster(entities, interval_ms))),
+                latency_only,
+            } => runtime().and_then(|rt| {
+                rt.block_on(crate::bench::cluster(entities, interval_ms, latency_only))
+            }),
         },
         admin => runtime().and_then(|rt| {
             rt.block_on(admin_command(&cli.api, admin))

@@ -9,7 +9,7 @@ use crate::core::proto::{
     SYNC_ROUNDS_MAX,
 };
 use crate::core::repl::{Cycle, Next};
-use crate::driver::TokenRecord;
+use crate::driver::{Msgs, TokenRecord};
 use crate::ipc::{PeerClient, ServerContext};
 use crate::node::{InitOptions, Node, NodeConfig, NodeOptions, PeerQueue};
 use crate::tls::{Material, TlsFiles};
@@ -461,6 +461,9 @@ async fn replicate(
                     last_cycle = None;
                 }
                 failed_last = false;
+                queue
+                    .failing
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 backoff = BACKOFF_MIN;
             }
             Err(e) => {
@@ -468,6 +471,13 @@ async fn replicate(
                     tracing::warn!(peer = %peer.name, addr = %peer.addr, error = %e, "replication to peer failed");
                 }
                 failed_last = true;
+                // The driver lists documents for this peer instead of making messages, and the
+                // messages already made go back to being listed: the session reset below makes
+                // them stale.
+                queue
+                    .failing
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                queue.requeue_ready();
                 client.disconnect();
                 // A lost message must not stall the pair: clear in-flight sync state.
                 node.reset_peer(&peer.id).await;
@@ -488,7 +498,9 @@ enum Work {
     Cycle,
 }
 
-/// Pushes every waiting document. Ok(false) when there was nothing to send.
+/// Pushes everything waiting: the messages the driver made (pushes of local writes, and what
+/// peers' answers called for), then the documents whose messages are still to be made. Ok(false)
+/// when there was nothing to send.
 async fn push(
     node: &Node,
     peer: &str,
@@ -497,6 +509,33 @@ async fn push(
 ) -> Result<bool, String> {
     let mut sent = false;
     loop {
+        let ready = queue.take_ready(SYNC_DOCS_MAX);
+        if !ready.is_empty() {
+            let ids: Vec<String> = ready.iter().map(|r| r.id.clone()).collect();
+            let round = ready.iter().map(|r| r.round).max().unwrap_or(1);
+            let msgs: Msgs = ready.into_iter().map(|r| (r.id, r.msg)).collect();
+            match client.call(Request::Sync { msgs }).await {
+                // The answer goes to the driver, and the next push does not wait for it: what
+                // the answer calls for comes back through the ready queue.
+                Ok(Response::Sync { msgs: back }) => {
+                    node.sync_back_later(peer, back, ids, round);
+                }
+                Ok(Response::Refused { message, .. }) => {
+                    queue.put_back(ids);
+                    return Err(message);
+                }
+                Ok(other) => {
+                    queue.put_back(ids);
+                    return Err(format!("unexpected answer to sync: {other:?}"));
+                }
+                Err(e) => {
+                    queue.put_back(ids);
+                    return Err(e);
+                }
+            }
+            sent = true;
+            continue;
+        }
         let ids = queue.take(SYNC_DOCS_MAX);
         if ids.is_empty() {
             return Ok(sent);

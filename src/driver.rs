@@ -7,9 +7,9 @@ use crate::core::clock::Clock;
 use crate::core::digest::Digest;
 use crate::core::entity::{self, Context, Op, World, WriteError};
 use crate::core::members::{self, Member, MEMBERS_DOC};
-use crate::core::proto::{Refusal, Request, Response};
+use crate::core::proto::{Refusal, Request, Response, SYNC_ROUNDS_MAX};
 use crate::core::repl::{self, Dir, Docs, Sessions};
-use crate::node::{heads_hash, index_entry, ChangeEvent, Error, Origin, Shared};
+use crate::node::{heads_hash, index_entry, ChangeEvent, Error, Origin, Ready, Shared};
 use crate::store::{IndexEntry, Store, StoreError, WriteTxn};
 use automerge::{ActorId, AutoCommit};
 use crdt_schema::doc::{self, EntityState};
@@ -38,6 +38,15 @@ pub fn token_key(secret_hash: &str) -> String {
     format!("token/{secret_hash}")
 }
 
+/// Where the messages that follow a peer's answer go.
+pub enum SyncThen {
+    /// Back to the caller, who carries on the exchange.
+    Reply(oneshot::Sender<Result<Msgs, String>>),
+    /// Into the peer's ready queue, as this round (the answer was to round `round`); dropped past
+    /// [`SYNC_ROUNDS_MAX`], the replication cycle repairs whatever is left.
+    Queue { round: usize },
+}
+
 pub enum Cmd {
     Write {
         kind: Kind,
@@ -57,12 +66,13 @@ pub enum Cmd {
         ids: Vec<String>,
         reply: oneshot::Sender<Msgs>,
     },
-    /// A peer's answer to our sync messages; returns the next messages (empty when done).
+    /// A peer's answer to our sync messages, and what to do with the next messages (none when
+    /// the exchange is over).
     SyncBack {
         peer: String,
         msgs: Msgs,
         ids: Vec<String>,
-        reply: oneshot::Sender<Result<Msgs, String>>,
+        then: SyncThen,
     },
     /// Saved documents fetched from a peer.
     Ingest {
@@ -113,6 +123,10 @@ struct Batch {
     changed: BTreeMap<String, Origin>,
     /// Index rows written, for the digest after commit.
     entries: BTreeMap<String, IndexEntry>,
+    /// What each local write changed, in order, to push: document, heads after, changes.
+    pushes: Vec<(String, Vec<automerge::ChangeHash>, Vec<u8>)>,
+    /// Messages that peers' answers called for: peer, messages, round.
+    follow_ups: Vec<(String, Msgs, usize)>,
     poisoned: Option<String>,
 }
 
@@ -326,6 +340,8 @@ impl Driver {
             touched: HashMap::new(),
             changed: BTreeMap::new(),
             entries: BTreeMap::new(),
+            pushes: Vec::new(),
+            follow_ups: Vec::new(),
             poisoned: None,
         };
         let mut deferred = Vec::with_capacity(cmds.len());
@@ -337,6 +353,8 @@ impl Driver {
             touched,
             changed,
             entries,
+            pushes,
+            follow_ups,
             poisoned,
         } = b;
         let dirty = !entries.is_empty() || !changed.is_empty() || poisoned.is_some();
@@ -351,7 +369,7 @@ impl Driver {
             for (id, d) in touched {
                 self.cache.put(id, d);
             }
-            self.after_commit(&changed, &entries);
+            self.after_commit(&changed, &entries, pushes, follow_ups);
         } else if let Err(e) = &commit {
             // The touched documents may hold changes that are not durable: drop them, so the
             // next use reloads what is committed.
@@ -379,7 +397,11 @@ impl Driver {
                 },
             ),
             Cmd::SyncOut { reply, .. } => Deferred::Msgs(reply, Vec::new()),
-            Cmd::SyncBack { reply, .. } => Deferred::MsgsR(reply, Err(String::new())),
+            Cmd::SyncBack {
+                then: SyncThen::Reply(reply),
+                ..
+            } => Deferred::MsgsR(reply, Err(String::new())),
+            Cmd::SyncBack { .. } => Deferred::Nothing,
             Cmd::Ingest { reply, .. } => Deferred::Count(reply, Err(String::new())),
             Cmd::ResetPeer { .. } | Cmd::Shutdown => Deferred::Nothing,
             Cmd::PutToken { reply, .. } | Cmd::RemoveMember { reply, .. } => {
@@ -395,22 +417,20 @@ impl Driver {
         &mut self,
         changed: &BTreeMap<String, Origin>,
         entries: &BTreeMap<String, IndexEntry>,
+        pushes: Vec<(String, Vec<automerge::ChangeHash>, Vec<u8>)>,
+        follow_ups: Vec<(String, Msgs, usize)>,
     ) {
         if let Ok(mut d) = self.shared.digest.lock() {
             for (id, e) in entries {
                 d.set(id, e.heads_hash);
             }
         }
-        let peers = self.shared.peer_queues();
+        // Full mesh: the node that made a change pushes it to every peer itself. Changes received
+        // are not forwarded (that doubled the traffic and the work of every receiver); a peer the
+        // origin could not reach is repaired by the replication cycle.
+        self.push_local(changed, pushes);
+        self.queue_follow_ups(follow_ups);
         for (id, origin) in changed {
-            // Full mesh: the node that made a change pushes it to every peer itself. Changes
-            // received are not forwarded (that doubled the traffic and the work of every
-            // receiver); a peer the origin could not reach is repaired by the replication cycle.
-            if *origin == Origin::Local {
-                for (_, q) in &peers {
-                    q.mark(id);
-                }
-            }
             if id == MEMBERS_DOC {
                 if let Some(e) = entries.get(id) {
                     if let Ok(list) = serde_json::from_slice::<Vec<Member>>(&e.json) {
@@ -426,6 +446,72 @@ impl Driver {
                     alive: e.alive,
                     origin: origin.clone(),
                 });
+            }
+        }
+    }
+
+    /// Hands this batch's local writes to every peer's replicator, as push messages made here
+    /// (the replicator sends them at once instead of first asking the driver for them). A peer
+    /// that is not answering, or has too much waiting, gets the document IDs instead, and its
+    /// messages are made when it is ready; so do local changes that are not writes (the member
+    /// list).
+    fn push_local(
+        &mut self,
+        changed: &BTreeMap<String, Origin>,
+        pushes: Vec<(String, Vec<automerge::ChangeHash>, Vec<u8>)>,
+    ) {
+        let peers = self.shared.peer_queues();
+        let pushed: BTreeSet<&str> = pushes.iter().map(|(id, _, _)| id.as_str()).collect();
+        for (id, origin) in changed {
+            if *origin == Origin::Local && !pushed.contains(id.as_str()) {
+                for (_, q) in &peers {
+                    q.mark(id);
+                }
+            }
+        }
+        if pushes.is_empty() {
+            return;
+        }
+        let msgs: Vec<(String, Vec<automerge::ChangeHash>, Vec<u8>)> = pushes
+            .into_iter()
+            .map(|(id, heads, changes)| {
+                let m = Sessions::push_message(heads.clone(), changes);
+                (id, heads, m)
+            })
+            .collect();
+        for (peer, q) in &peers {
+            if !q.wants_messages() {
+                for (id, _, _) in &msgs {
+                    q.mark(id);
+                }
+                continue;
+            }
+            let mut ready = Vec::with_capacity(msgs.len());
+            for (id, heads, m) in &msgs {
+                self.sessions.pushed(peer, id, heads);
+                ready.push(Ready {
+                    id: id.clone(),
+                    msg: m.clone(),
+                    round: 1,
+                });
+            }
+            q.add_ready(ready);
+        }
+    }
+
+    fn queue_follow_ups(&mut self, follow_ups: Vec<(String, Msgs, usize)>) {
+        if follow_ups.is_empty() {
+            return;
+        }
+        let peers: HashMap<String, Arc<crate::node::PeerQueue>> =
+            self.shared.peer_queues().into_iter().collect();
+        for (peer, msgs, round) in follow_ups {
+            if let Some(q) = peers.get(&peer) {
+                q.add_ready(
+                    msgs.into_iter()
+                        .map(|(id, msg)| Ready { id, msg, round })
+                        .collect(),
+                );
             }
         }
     }
@@ -448,7 +534,7 @@ impl Driver {
             let r = entry_for(&id, d).and_then(|entry| {
                 b.txn
                     .put_doc(&id, d, entry.clone())
-                    .map(|()| entry)
+                    .map(|_| entry)
                     .map_err(|e| e.to_string())
             });
             match r {
@@ -511,14 +597,22 @@ impl Driver {
                 peer,
                 msgs,
                 ids,
-                reply,
+                then,
             } => {
                 let origin = Origin::Remote { peer: peer.clone() };
                 let next = self.with_docs(b, origin, |docs, sessions| {
                     sessions.receive(docs, &peer, Dir::Out, msgs);
                     sessions.generate(docs, &peer, Dir::Out, &ids)
                 });
-                Deferred::MsgsR(reply, Ok(next))
+                match then {
+                    SyncThen::Reply(reply) => Deferred::MsgsR(reply, Ok(next)),
+                    SyncThen::Queue { round } => {
+                        if round < SYNC_ROUNDS_MAX && !next.is_empty() {
+                            b.follow_ups.push((peer, next, round + 1));
+                        }
+                        Deferred::Nothing
+                    }
+                }
             }
             Cmd::Ingest { peer, docs, reply } => {
                 let origin = Origin::Remote { peer };
@@ -666,6 +760,7 @@ impl Driver {
     ) -> Result<EntityState, Error> {
         crdt_schema::validate_name(kind, name)?;
         let id = doc_id(kind, name);
+        let mut is_new = false;
         let mut d = match b.touched.remove(&id).or_else(|| self.cache.pop(&id)) {
             Some(d) => d,
             None => match b.txn.load_doc(&id)? {
@@ -676,10 +771,12 @@ impl Driver {
                 None => {
                     let mut d = doc::genesis(kind);
                     d.set_actor(self.actor.clone());
+                    is_new = true;
                     d
                 }
             },
         };
+        let before = d.get_heads();
         let mut salt = [0u8; 16];
         self.rng.fill_bytes(&mut salt);
         let ctx = Context {
@@ -697,12 +794,22 @@ impl Driver {
         };
         if outcome.changed {
             let entry = index_entry(&mut d, &outcome.state);
-            if let Err(e) = b.txn.put_doc(&id, &mut d, entry.clone()) {
-                // The document holds a change the transaction may not: never reuse it, and
-                // commit nothing of this batch.
-                b.poisoned.get_or_insert(e.to_string());
-                return Err(e.into());
-            }
+            let full = match b.txn.put_doc(&id, &mut d, entry.clone()) {
+                Ok(full) => full,
+                Err(e) => {
+                    // The document holds a change the transaction may not: never reuse it, and
+                    // commit nothing of this batch.
+                    b.poisoned.get_or_insert(e.to_string());
+                    return Err(e.into());
+                }
+            };
+            // What the peers need: a document new here goes whole (the full save just stored,
+            // which loads fastest); otherwise the changes this write made.
+            let changes = match full {
+                Some(bytes) if is_new => bytes,
+                _ => d.save_after(&before),
+            };
+            b.pushes.push((id.clone(), d.get_heads(), changes));
             b.entries.insert(id.clone(), entry);
             b.changed.insert(id.clone(), Origin::Local);
         }

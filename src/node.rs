@@ -13,7 +13,7 @@ use crate::core::digest::Digest;
 use crate::core::entity::{self, Op, WriteError};
 use crate::core::members::{Member, MEMBERS_DOC};
 use crate::core::proto::{Refusal, Request, Response};
-use crate::driver::{Cmd, Driver, Msgs, TokenRecord};
+use crate::driver::{Cmd, Driver, Msgs, SyncThen, TokenRecord};
 use crate::store::{IndexEntry, Store, StoreError};
 use crate::time::SystemClock;
 use automerge::{ActorId, AutoCommit};
@@ -178,16 +178,45 @@ impl Shared {
     }
 }
 
-/// Documents changed since they were last pushed to one peer, and a wake-up for its replicator.
+/// Messages the driver made for one peer right after a commit, waiting for its replicator: the
+/// most a peer that does not answer can hold before the driver only lists the documents instead.
+pub const READY_MAX: usize = 4096;
+
+/// A sync message waiting to be sent to a peer.
+pub struct Ready {
+    pub id: String,
+    pub msg: Vec<u8>,
+    /// 1 for a push; n + 1 for what the answer to a round-n message called for.
+    pub round: usize,
+}
+
+/// What waits to be pushed to one peer, and a wake-up for its replicator.
 #[derive(Default)]
 pub struct PeerQueue {
+    /// Documents whose messages are still to be made.
     pub dirty: Mutex<BTreeSet<String>>,
+    /// Sync messages made by the driver (pushes of local writes, and what peers' answers called
+    /// for), in the order made.
+    pub ready: Mutex<Vec<Ready>>,
     pub notify: tokio::sync::Notify,
     /// A replication cycle is wanted now (heartbeats showed the digests differ).
     pub cycle_now: std::sync::atomic::AtomicBool,
+    /// The last exchange with the peer failed: the driver lists documents instead of making
+    /// messages nobody will take.
+    pub failing: std::sync::atomic::AtomicBool,
 }
 
 impl PeerQueue {
+    /// Whether the driver should make this peer's messages now.
+    pub fn wants_messages(&self) -> bool {
+        !self.failing.load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .ready
+                .lock()
+                .map(|r| r.len() < READY_MAX)
+                .unwrap_or(false)
+    }
+
     pub fn mark(&self, id: &str) {
         if let Ok(mut d) = self.dirty.lock() {
             d.insert(id.to_string());
@@ -195,7 +224,26 @@ impl PeerQueue {
         self.notify.notify_one();
     }
 
-    /// Takes up to `n` documents to push.
+    pub fn add_ready(&self, msgs: Vec<Ready>) {
+        if msgs.is_empty() {
+            return;
+        }
+        if let Ok(mut r) = self.ready.lock() {
+            r.extend(msgs);
+        }
+        self.notify.notify_one();
+    }
+
+    /// Takes up to `n` ready messages.
+    pub fn take_ready(&self, n: usize) -> Vec<Ready> {
+        let Ok(mut r) = self.ready.lock() else {
+            return Vec::new();
+        };
+        let n = n.min(r.len());
+        r.drain(..n).collect()
+    }
+
+    /// Takes up to `n` documents whose messages are still to be made.
     pub fn take(&self, n: usize) -> Vec<String> {
         let Ok(mut d) = self.dirty.lock() else {
             return Vec::new();
@@ -213,10 +261,22 @@ impl PeerQueue {
         self.notify.notify_one();
     }
 
-    pub fn put_back(&self, ids: Vec<String>) {
+    /// Documents whose push failed: their messages are made again later.
+    pub fn put_back(&self, ids: impl IntoIterator<Item = String>) {
         if let Ok(mut d) = self.dirty.lock() {
             d.extend(ids);
         }
+    }
+
+    /// After a failed exchange: every ready message is dropped (its session was reset) and its
+    /// document listed to be pushed again.
+    pub fn requeue_ready(&self) {
+        let msgs = self
+            .ready
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default();
+        self.put_back(msgs.into_iter().map(|r| r.id));
     }
 }
 
@@ -374,10 +434,27 @@ impl Node {
             peer: peer.to_string(),
             msgs,
             ids,
-            reply,
+            then: SyncThen::Reply(reply),
         })
         .await?
         .map_err(Error::Io)
+    }
+
+    /// Hands a peer's answer to pushed messages to the driver without waiting for it: whatever
+    /// the answer calls for is queued for that peer's replicator, as round `round + 1`.
+    pub fn sync_back_later(&self, peer: &str, msgs: Msgs, ids: Vec<String>, round: usize) {
+        let cmd = Cmd::SyncBack {
+            peer: peer.to_string(),
+            msgs,
+            ids,
+            then: SyncThen::Queue { round },
+        };
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.tx.try_send(cmd) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(cmd).await;
+            });
+        }
     }
 
     pub async fn ingest(&self, peer: &str, docs: Msgs) -> Result<usize, Error> {

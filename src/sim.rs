@@ -82,6 +82,9 @@ struct Node {
     actor: ActorId,
     /// Documents changed since last pushed, per peer (volatile).
     push: Vec<BTreeSet<String>>,
+    /// Push messages of local writes waiting for each peer's link (volatile), as the driver makes
+    /// them.
+    ready: Vec<Vec<(String, Vec<u8>)>>,
     links: Vec<Link>,
 }
 
@@ -148,6 +151,7 @@ impl Node {
             incarnation: 0,
             actor: ActorId::from(vec![0u8; 16]),
             push: vec![BTreeSet::new(); n],
+            ready: vec![Vec::new(); n],
             links: (0..n).map(|_| Link::Idle).collect(),
         };
         node.restart(i);
@@ -164,6 +168,9 @@ impl Node {
         self.sessions = Sessions::default();
         for p in self.push.iter_mut() {
             p.clear();
+        }
+        for r in self.ready.iter_mut() {
+            r.clear();
         }
         for l in self.links.iter_mut() {
             *l = Link::Idle;
@@ -335,7 +342,22 @@ impl Sim {
     /// nothing (cycles start on ticks).
     fn kick(&mut self, node: usize, peer: usize) {
         let n = &mut self.nodes[node];
-        if !n.up || !matches!(n.links[peer], Link::Idle) || n.push[peer].is_empty() {
+        if !n.up || !matches!(n.links[peer], Link::Idle) {
+            return;
+        }
+        if !n.ready[peer].is_empty() {
+            let k = n.ready[peer].len().min(SYNC_DOCS_MAX);
+            let msgs: Vec<(String, Vec<u8>)> = n.ready[peer].drain(..k).collect();
+            let ids = msgs.iter().map(|(id, _)| id.clone()).collect();
+            self.request(
+                node,
+                peer,
+                Request::Sync { msgs },
+                Work::Push { ids, rounds: 1 },
+            );
+            return;
+        }
+        if n.push[peer].is_empty() {
             return;
         }
         let ids: Vec<String> = n.push[peer].iter().take(SYNC_DOCS_MAX).cloned().collect();
@@ -379,7 +401,8 @@ impl Sim {
                 let actor = n.actor.clone();
                 let node_id = n.id.clone();
                 let rng = &mut self.rng;
-                let hash = n.with_docs(true, |docs, _, _| {
+                let hash = n.with_docs(false, |docs, _, _| {
+                    let is_new = !docs.docs.contains_key(&id);
                     let d = docs.docs.entry(id.clone()).or_insert_with(|| {
                         let mut g = doc::genesis(kind);
                         g.set_actor(actor.clone());
@@ -398,10 +421,28 @@ impl Sim {
                     } else {
                         None
                     };
+                    // The push, made as the driver makes it: a new document whole, otherwise
+                    // the write's changes.
+                    let changes = if is_new {
+                        d.save()
+                    } else {
+                        d.save_after(&before)
+                    };
                     if hash.is_some() {
                         docs.changed(&id);
                     }
-                    hash
+                    hash.map(|h| (h, after, changes))
+                });
+                let hash = hash.map(|(h, heads, changes)| {
+                    let msg = Sessions::push_message(heads.clone(), changes);
+                    for p in 0..n.ready.len() {
+                        if p != node {
+                            let pid = format!("node{p}");
+                            n.sessions.pushed(&pid, &id, &heads);
+                            n.ready[p].push((id.clone(), msg.clone()));
+                        }
+                    }
+                    h
                 });
                 // Acknowledged: in the simulation a write is durable the moment it is made.
                 if let Some(h) = hash {
@@ -424,7 +465,9 @@ impl Sim {
                     if peer == node || !matches!(self.nodes[node].links[peer], Link::Idle) {
                         continue;
                     }
-                    if !self.nodes[node].push[peer].is_empty() {
+                    if !self.nodes[node].push[peer].is_empty()
+                        || !self.nodes[node].ready[peer].is_empty()
+                    {
                         self.kick(node, peer);
                         continue;
                     }
@@ -482,6 +525,9 @@ impl Sim {
                         if let Work::Push { ids, .. } = work {
                             n.push[peer].extend(ids.iter().cloned());
                         }
+                        // Push messages not sent yet are stale once the sessions are reset.
+                        let stale: Vec<(String, Vec<u8>)> = n.ready[peer].drain(..).collect();
+                        n.push[peer].extend(stale.into_iter().map(|(id, _)| id));
                         n.links[peer] = Link::Idle;
                         let pid = self.nodes[peer].id.clone();
                         self.nodes[node].sessions.reset_peer(&pid);

@@ -213,15 +213,18 @@ impl WriteTxn {
 
     /// Stores the changes of `doc` made since it was loaded or last stored, and its index row.
     /// `entry.chunks` is set here.
+    /// Stores the document's changes since it was last saved, or the whole document (new, or
+    /// time to compact); returns the bytes of a whole save.
     pub fn put_doc(
         &mut self,
         id: &str,
         doc: &mut AutoCommit,
         mut entry: IndexEntry,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let prev = self.index_get(id)?;
         let mut docs = self.txn.open_table(DOCS)?;
         let mut chunks = self.txn.open_table(CHUNKS)?;
+        let mut full = None;
         match prev {
             Some(p) if p.chunks < CHUNKS_MAX => {
                 let inc = doc.save_incremental();
@@ -234,18 +237,20 @@ impl WriteTxn {
             }
             prev => {
                 // New document, or time to compact: one full save replaces every chunk.
-                docs.insert(id, doc.save().as_slice())?;
+                let bytes = doc.save();
+                docs.insert(id, bytes.as_slice())?;
                 if let Some(p) = prev {
                     for n in 0..p.chunks {
                         chunks.remove((id, n))?;
                     }
                 }
                 entry.chunks = 0;
+                full = Some(bytes);
             }
         }
         let mut index = self.txn.open_table(INDEX)?;
         index.insert(id, encode_entry(&entry).as_slice())?;
-        Ok(())
+        Ok(full)
     }
 
     pub fn local_put(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {

@@ -68,21 +68,64 @@ impl Sessions {
     ) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
         for id in ids {
-            if !valid_doc_id(id) {
-                continue;
-            }
-            let doc = match docs.get_or_create(id) {
-                Ok(d) => d,
-                Err(_) => continue,
-            };
-            let st = self
-                .map
-                .get_or_insert_mut((peer.to_string(), dir, id.clone()), sync::State::new);
-            if let Some(m) = doc.sync().generate_sync_message(st) {
-                out.push((id.clone(), m.encode()));
-            }
+            self.generate_one(docs, peer, dir, id, &mut out);
         }
         out
+    }
+
+    /// A push: the sync message carrying the changes one local write made (`changes`, as saved
+    /// bytes) together with the document's heads after it, made without first learning what the
+    /// peer has. A peer that has the changes' dependencies applies them at once, so a write reaches
+    /// it in one round trip; a peer that lacks some answers with what it needs, and the exchange
+    /// goes on as any sync does. The message is the same for every peer; each peer's session
+    /// records that our heads were announced, so the peer's answer ends the exchange when it has
+    /// everything. The changes are deliberately not recorded as sent: should the peer lose them,
+    /// nothing stops them from being sent again.
+    pub fn push_message(heads: Vec<automerge::ChangeHash>, changes: Vec<u8>) -> Vec<u8> {
+        let mut flags = sync::MessageFlags::new();
+        flags.set(sync::MessageFlags::SUPPORTS_SYNC_RESET);
+        sync::Message {
+            heads,
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: vec![changes].into(),
+            flags: Some(flags),
+            version: sync::MessageVersion::V2,
+        }
+        .encode()
+    }
+
+    /// Records in `peer`'s session for `id` that a push announcing `heads` went out.
+    pub fn pushed(&mut self, peer: &str, id: &str, heads: &[automerge::ChangeHash]) {
+        let st = self.map.get_or_insert_mut(
+            (peer.to_string(), Dir::Out, id.to_string()),
+            sync::State::new,
+        );
+        st.last_sent_heads = heads.to_vec();
+        st.have_responded = true;
+        st.in_flight = true;
+    }
+
+    fn generate_one(
+        &mut self,
+        docs: &mut dyn Docs,
+        peer: &str,
+        dir: Dir,
+        id: &str,
+        out: &mut Vec<(String, Vec<u8>)>,
+    ) {
+        if !valid_doc_id(id) {
+            return;
+        }
+        let Ok(doc) = docs.get_or_create(id) else {
+            return;
+        };
+        let st = self
+            .map
+            .get_or_insert_mut((peer.to_string(), dir, id.to_string()), sync::State::new);
+        if let Some(m) = doc.sync().generate_sync_message(st) {
+            out.push((id.to_string(), m.encode()));
+        }
     }
 
     /// Applies a peer's sync messages. Malformed ones are skipped and their session reset; the
