@@ -127,6 +127,10 @@ struct Batch {
     pushes: Vec<(String, Vec<automerge::ChangeHash>, Vec<u8>)>,
     /// Messages that peers' answers called for: peer, messages, round.
     follow_ups: Vec<(String, Msgs, usize)>,
+    /// Saved bytes that documents new to this node were loaded from (stored as they are).
+    loaded: HashMap<String, Vec<u8>>,
+    /// The heads of what is stored of each touched document (what a chunk is saved after).
+    stored: HashMap<String, Vec<automerge::ChangeHash>>,
     poisoned: Option<String>,
 }
 
@@ -207,7 +211,8 @@ impl BatchDocs<'_> {
                 }),
         };
         match d {
-            Some(d) => {
+            Some(mut d) => {
+                self.batch.stored.insert(id.to_string(), d.get_heads());
                 self.batch.touched.insert(id.to_string(), d);
                 Ok(true)
             }
@@ -238,6 +243,10 @@ impl Docs for BatchDocs<'_> {
         doc.set_actor(self.actor.clone());
         self.batch.touched.insert(id.to_string(), doc);
         self.changed.insert(id.to_string());
+    }
+    fn insert_loaded(&mut self, id: &str, doc: AutoCommit, saved: &[u8]) {
+        self.insert(id, doc);
+        self.batch.loaded.insert(id.to_string(), saved.to_vec());
     }
     fn changed(&mut self, id: &str) {
         self.changed.insert(id.to_string());
@@ -342,6 +351,8 @@ impl Driver {
             entries: BTreeMap::new(),
             pushes: Vec::new(),
             follow_ups: Vec::new(),
+            loaded: HashMap::new(),
+            stored: HashMap::new(),
             poisoned: None,
         };
         let mut deferred = Vec::with_capacity(cmds.len());
@@ -356,6 +367,7 @@ impl Driver {
             pushes,
             follow_ups,
             poisoned,
+            ..
         } = b;
         let dirty = !entries.is_empty() || !changed.is_empty() || poisoned.is_some();
         let commit = match poisoned {
@@ -531,12 +543,15 @@ impl Driver {
             let Some(d) = b.touched.get_mut(&id) else {
                 continue;
             };
+            let saved = b.loaded.remove(&id);
+            let stored = b.stored.get(&id).cloned().unwrap_or_default();
             let r = entry_for(&id, d).and_then(|entry| {
                 b.txn
-                    .put_doc(&id, d, entry.clone())
+                    .put_doc(&id, d, entry.clone(), saved, &stored)
                     .map(|_| entry)
                     .map_err(|e| e.to_string())
             });
+            b.stored.insert(id.clone(), d.get_heads());
             match r {
                 Ok(entry) => {
                     b.entries.insert(id.clone(), entry);
@@ -794,7 +809,7 @@ impl Driver {
         };
         if outcome.changed {
             let entry = index_entry(&mut d, &outcome.state);
-            let full = match b.txn.put_doc(&id, &mut d, entry.clone()) {
+            let full = match b.txn.put_doc(&id, &mut d, entry.clone(), None, &before) {
                 Ok(full) => full,
                 Err(e) => {
                     // The document holds a change the transaction may not: never reuse it, and
@@ -809,7 +824,9 @@ impl Driver {
                 Some(bytes) if is_new => bytes,
                 _ => d.save_after(&before),
             };
-            b.pushes.push((id.clone(), d.get_heads(), changes));
+            let heads = d.get_heads();
+            b.stored.insert(id.clone(), heads.clone());
+            b.pushes.push((id.clone(), heads, changes));
             b.entries.insert(id.clone(), entry);
             b.changed.insert(id.clone(), Origin::Local);
         }

@@ -801,7 +801,7 @@ pub(crate) fn create_dir(
     };
     let entry = crate::driver::entry_for(MEMBERS_DOC, &mut members).map_err(Error::Io)?;
     let mut txn = store.write()?;
-    txn.put_doc(MEMBERS_DOC, &mut members, entry)?;
+    txn.put_doc(MEMBERS_DOC, &mut members, entry, None, &[])?;
     txn.local_put(
         CONFIG_KEY,
         &serde_json::to_vec(cfg).expect("config serializes"),

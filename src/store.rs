@@ -213,13 +213,19 @@ impl WriteTxn {
 
     /// Stores the changes of `doc` made since it was loaded or last stored, and its index row.
     /// `entry.chunks` is set here.
-    /// Stores the document's changes since it was last saved, or the whole document (new, or
-    /// time to compact); returns the bytes of a whole save.
+    /// Stores the document's changes since `stored` (the heads of what is stored now), or the
+    /// whole document (new, or time to compact); returns the bytes of a whole save. `saved`: bytes
+    /// the document was just loaded from, stored as they are if a whole save is due.
+    ///
+    /// The heads are passed in rather than left to `save_incremental`, whose cursor a document
+    /// loaded from bytes does not have: its first incremental save would repeat the whole history.
     pub fn put_doc(
         &mut self,
         id: &str,
         doc: &mut AutoCommit,
         mut entry: IndexEntry,
+        saved: Option<Vec<u8>>,
+        stored: &[automerge::ChangeHash],
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let prev = self.index_get(id)?;
         let mut docs = self.txn.open_table(DOCS)?;
@@ -227,7 +233,7 @@ impl WriteTxn {
         let mut full = None;
         match prev {
             Some(p) if p.chunks < CHUNKS_MAX => {
-                let inc = doc.save_incremental();
+                let inc = doc.save_after(stored);
                 if !inc.is_empty() {
                     chunks.insert((id, p.chunks), inc.as_slice())?;
                     entry.chunks = p.chunks + 1;
@@ -237,7 +243,10 @@ impl WriteTxn {
             }
             prev => {
                 // New document, or time to compact: one full save replaces every chunk.
-                let bytes = doc.save();
+                let bytes = match saved {
+                    Some(b) => b,
+                    None => doc.save(),
+                };
                 docs.insert(id, bytes.as_slice())?;
                 if let Some(p) = prev {
                     for n in 0..p.chunks {
@@ -262,5 +271,67 @@ impl WriteTxn {
     pub fn commit(self) -> Result<(), StoreError> {
         self.txn.commit()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+    use automerge::ROOT;
+
+    fn entry() -> IndexEntry {
+        IndexEntry {
+            alive: true,
+            conflicts: false,
+            chunks: 0,
+            heads_hash: [0; 32],
+            json: b"{}".to_vec(),
+        }
+    }
+
+    fn stored_len(store: &Store, id: &str) -> usize {
+        let txn = store.write().expect("txn");
+        txn.doc_bytes(id).expect("read").expect("stored").len()
+    }
+
+    /// A document loaded back from the store and edited stores only the edit, not its whole
+    /// history again (a loaded document has no save cursor of its own).
+    #[test]
+    fn an_edit_of_a_reloaded_document_stores_only_the_edit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db")).expect("open");
+        let id = "user/alice";
+        let mut d = AutoCommit::new();
+        for i in 0..200 {
+            d.put(
+                ROOT,
+                format!("field{i}"),
+                format!("a value long enough {i}"),
+            )
+            .expect("put");
+            d.commit();
+        }
+        let mut txn = store.write().expect("txn");
+        txn.put_doc(id, &mut d, entry(), None, &[]).expect("put");
+        txn.commit().expect("commit");
+        let full = stored_len(&store, id);
+
+        let mut d = store.load_doc(id).expect("load").expect("present");
+        let before = d.get_heads();
+        d.put(ROOT, "field0", "edited").expect("put");
+        d.commit();
+        let mut txn = store.write().expect("txn");
+        let mut e = entry();
+        e.chunks = 0;
+        txn.put_doc(id, &mut d, e, None, &before).expect("put");
+        txn.commit().expect("commit");
+        let grown = stored_len(&store, id) - full;
+        assert!(
+            grown < 300,
+            "an edit of one field stored {grown} bytes (the whole document is {full})"
+        );
+        let mut back = store.load_doc(id).expect("load").expect("present");
+        assert_eq!(back.get_heads(), d.get_heads());
     }
 }

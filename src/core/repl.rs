@@ -34,6 +34,12 @@ pub trait Docs {
     fn get_or_create(&mut self, id: &str) -> Result<&mut AutoCommit, String>;
     /// Adds a document this node did not have (it is changed, and persisted).
     fn insert(&mut self, id: &str, doc: AutoCommit);
+    /// Adds a document this node did not have, loaded from `saved`: those bytes can be stored as
+    /// they are instead of saving the document again.
+    fn insert_loaded(&mut self, id: &str, doc: AutoCommit, saved: &[u8]) {
+        let _ = saved;
+        self.insert(id, doc);
+    }
     /// The document changed.
     fn changed(&mut self, id: &str);
     /// Its saved bytes, for a peer that lacks it.
@@ -216,7 +222,7 @@ pub fn ingest(docs: &mut dyn Docs, id: &str, bytes: &[u8]) -> Result<(), String>
         // A document new to this node loads whole: several times cheaper than applying the same
         // bytes to an empty document.
         let doc = AutoCommit::load(bytes).map_err(|e| format!("{id}: {e}"))?;
-        docs.insert(id, doc);
+        docs.insert_loaded(id, doc, bytes);
         return Ok(());
     }
     let doc = docs.get_or_create(id)?;
