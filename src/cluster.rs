@@ -8,7 +8,7 @@ use crate::core::proto::{
     self, JoinRequest, JoinResponse, Refusal, Request, Response, FETCH_DOCS_MAX, SYNC_DOCS_MAX,
     SYNC_ROUNDS_MAX,
 };
-use crate::core::repl::{Cycle, Next};
+use crate::core::repl::{Cycle, Next, Sessions};
 use crate::driver::{Msgs, TokenRecord};
 use crate::ipc::{PeerClient, ServerContext};
 use crate::node::{InitOptions, Node, NodeConfig, NodeOptions, PeerQueue};
@@ -513,12 +513,41 @@ async fn push(
         if !ready.is_empty() {
             let ids: Vec<String> = ready.iter().map(|r| r.id.clone()).collect();
             let round = ready.iter().map(|r| r.round).max().unwrap_or(1);
-            let msgs: Msgs = ready.into_iter().map(|r| (r.id, r.msg)).collect();
+            let mut pushed: std::collections::HashMap<String, Vec<automerge::ChangeHash>> =
+                std::collections::HashMap::new();
+            let mut msgs: Msgs = Vec::with_capacity(ready.len());
+            for r in ready {
+                match r.pushed {
+                    Some(h) => {
+                        pushed.insert(r.id.clone(), h);
+                    }
+                    // A document pushed and followed up in one request: its answer goes through
+                    // the session.
+                    None => {
+                        pushed.remove(&r.id);
+                    }
+                }
+                msgs.push((r.id, r.msg));
+            }
             match client.call(Request::Sync { msgs }).await {
                 // The answer goes to the driver, and the next push does not wait for it: what
                 // the answer calls for comes back through the ready queue.
                 Ok(Response::Sync { msgs: back }) => {
-                    node.sync_back_later(peer, back, ids, round);
+                    // Answers that end a push need nothing more; a push the peer did not answer
+                    // at all is over too. The rest goes through the sessions.
+                    let (ended, back): (Msgs, Msgs) = back.into_iter().partition(|(id, m)| {
+                        pushed.get(id).is_some_and(|h| Sessions::ends_push(m, h))
+                    });
+                    let ids: Vec<String> = ids
+                        .into_iter()
+                        .filter(|id| {
+                            !ended.iter().any(|(e, _)| e == id)
+                                && (!pushed.contains_key(id) || back.iter().any(|(b, _)| b == id))
+                        })
+                        .collect();
+                    if !ids.is_empty() {
+                        node.sync_back_later(peer, back, ids, round);
+                    }
                 }
                 Ok(Response::Refused { message, .. }) => {
                     queue.put_back(ids);

@@ -505,6 +505,7 @@ impl Driver {
                     id: id.clone(),
                     msg: m.clone(),
                     round: 1,
+                    pushed: Some(heads.clone()),
                 });
             }
             q.add_ready(ready);
@@ -521,7 +522,12 @@ impl Driver {
             if let Some(q) = peers.get(&peer) {
                 q.add_ready(
                     msgs.into_iter()
-                        .map(|(id, msg)| Ready { id, msg, round })
+                        .map(|(id, msg)| Ready {
+                            id,
+                            msg,
+                            round,
+                            pushed: None,
+                        })
                         .collect(),
                 );
             }

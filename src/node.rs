@@ -188,6 +188,8 @@ pub struct Ready {
     pub msg: Vec<u8>,
     /// 1 for a push; n + 1 for what the answer to a round-n message called for.
     pub round: usize,
+    /// For a push, the heads it announces.
+    pub pushed: Option<Vec<automerge::ChangeHash>>,
 }
 
 /// What waits to be pushed to one peer, and a wake-up for its replicator.

@@ -72,6 +72,9 @@ const CYCLE_MS: u64 = 200;
 /// After the faults stop, the cluster must converge within this much virtual time.
 const CONVERGE_MS_MAX: u64 = 30_000;
 
+/// A push message waiting for a link: document, message, heads announced.
+type ReadyPush = (String, Vec<u8>, Vec<automerge::ChangeHash>);
+
 struct Node {
     id: String,
     docs: BTreeMap<String, AutoCommit>,
@@ -84,7 +87,7 @@ struct Node {
     push: Vec<BTreeSet<String>>,
     /// Push messages of local writes waiting for each peer's link (volatile), as the driver makes
     /// them.
-    ready: Vec<Vec<(String, Vec<u8>)>>,
+    ready: Vec<Vec<ReadyPush>>,
     links: Vec<Link>,
 }
 
@@ -99,10 +102,23 @@ enum Link {
 }
 
 enum Work {
-    Push { ids: Vec<String>, rounds: usize },
+    Push {
+        ids: Vec<String>,
+        rounds: usize,
+    },
+    /// Push messages of local writes, with the heads each announced.
+    Pushed {
+        pushed: Vec<(String, Vec<automerge::ChangeHash>)>,
+    },
     Cycle(Cycle),
-    Fetch { ids: Vec<String>, then: Vec<String> },
-    Sync { ids: Vec<String>, rounds: usize },
+    Fetch {
+        ids: Vec<String>,
+        then: Vec<String>,
+    },
+    Sync {
+        ids: Vec<String>,
+        rounds: usize,
+    },
 }
 
 /// A node's documents as the replication core sees them.
@@ -347,14 +363,13 @@ impl Sim {
         }
         if !n.ready[peer].is_empty() {
             let k = n.ready[peer].len().min(SYNC_DOCS_MAX);
-            let msgs: Vec<(String, Vec<u8>)> = n.ready[peer].drain(..k).collect();
-            let ids = msgs.iter().map(|(id, _)| id.clone()).collect();
-            self.request(
-                node,
-                peer,
-                Request::Sync { msgs },
-                Work::Push { ids, rounds: 1 },
-            );
+            let mut msgs = Vec::with_capacity(k);
+            let mut pushed = Vec::with_capacity(k);
+            for (id, m, heads) in n.ready[peer].drain(..k) {
+                msgs.push((id.clone(), m));
+                pushed.push((id, heads));
+            }
+            self.request(node, peer, Request::Sync { msgs }, Work::Pushed { pushed });
             return;
         }
         if n.push[peer].is_empty() {
@@ -439,7 +454,7 @@ impl Sim {
                         if p != node {
                             let pid = format!("node{p}");
                             n.sessions.pushed(&pid, &id, &heads);
-                            n.ready[p].push((id.clone(), msg.clone()));
+                            n.ready[p].push((id.clone(), msg.clone(), heads.clone()));
                         }
                     }
                     h
@@ -522,12 +537,17 @@ impl Sim {
                     if *r == req_id {
                         // The exchange failed: reset the sessions so nothing stays in flight, and
                         // put pushed documents back.
-                        if let Work::Push { ids, .. } = work {
-                            n.push[peer].extend(ids.iter().cloned());
+                        match work {
+                            Work::Push { ids, .. } => n.push[peer].extend(ids.iter().cloned()),
+                            Work::Pushed { pushed } => {
+                                n.push[peer].extend(pushed.iter().map(|(id, _)| id.clone()))
+                            }
+                            _ => {}
                         }
                         // Push messages not sent yet are stale once the sessions are reset.
-                        let stale: Vec<(String, Vec<u8>)> = n.ready[peer].drain(..).collect();
-                        n.push[peer].extend(stale.into_iter().map(|(id, _)| id));
+                        let stale: Vec<String> =
+                            n.ready[peer].drain(..).map(|(id, _, _)| id).collect();
+                        n.push[peer].extend(stale);
                         n.links[peer] = Link::Idle;
                         let pid = self.nodes[peer].id.clone();
                         self.nodes[node].sessions.reset_peer(&pid);
@@ -562,6 +582,36 @@ impl Sim {
     fn on_answer(&mut self, node: usize, peer: usize, work: Work, resp: Response) {
         let peer_id = self.nodes[peer].id.clone();
         match work {
+            Work::Pushed { pushed } => {
+                // As the replicator does: answers that end a push are dropped, the rest go
+                // through the sessions.
+                let Response::Sync { msgs } = resp else {
+                    return;
+                };
+                let (ended, back): (Vec<_>, Vec<_>) = msgs.into_iter().partition(|(id, m)| {
+                    pushed
+                        .iter()
+                        .any(|(p, h)| p == id && Sessions::ends_push(m, h))
+                });
+                let ids: Vec<String> = pushed
+                    .iter()
+                    .map(|(id, _)| id.clone())
+                    .filter(|id| {
+                        !ended.iter().any(|(e, _)| e == id) && back.iter().any(|(b, _)| b == id)
+                    })
+                    .collect();
+                if ids.is_empty() {
+                    return;
+                }
+                let next = self.nodes[node].with_docs(false, |docs, sessions, _| {
+                    sessions.receive(docs, &peer_id, Dir::Out, back);
+                    sessions.generate(docs, &peer_id, Dir::Out, &ids)
+                });
+                if !next.is_empty() {
+                    let work = Work::Sync { ids, rounds: 2 };
+                    self.request(node, peer, Request::Sync { msgs: next }, work);
+                }
+            }
             Work::Push { ids, rounds } | Work::Sync { ids, rounds } => {
                 let Response::Sync { msgs } = resp else {
                     return;

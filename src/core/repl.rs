@@ -109,7 +109,24 @@ impl Sessions {
         );
         st.last_sent_heads = heads.to_vec();
         st.have_responded = true;
-        st.in_flight = true;
+        // Not marked in flight: an answer that ends the push is not handed back to the session
+        // (see `ends_push`), and a session left in flight would send nothing until reset.
+    }
+
+    /// Whether a peer's answer to a push says the exchange is over: it has exactly the heads
+    /// pushed, needs nothing and sends nothing. Such an answer is not applied to the session:
+    /// it would only teach it the peer's heads, which the session learns again the next time
+    /// it is used. Anything else (a need, changes, other heads, bytes that do not decode) goes
+    /// through the session as usual.
+    pub fn ends_push(answer: &[u8], pushed: &[automerge::ChangeHash]) -> bool {
+        let Ok(m) = sync::Message::decode(answer) else {
+            return false;
+        };
+        let mut heads = m.heads.clone();
+        heads.sort();
+        let mut want = pushed.to_vec();
+        want.sort();
+        m.changes.is_empty() && m.need.is_empty() && heads == want
     }
 
     fn generate_one(
