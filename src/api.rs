@@ -161,6 +161,28 @@ fn json_body(bytes: &Bytes) -> Result<Value, ApiError> {
     })
 }
 
+/// A duration field of an optional JSON body (`{"ttl": "2h"}`): None when the body or the field
+/// is absent or null.
+fn optional_duration(
+    body: &Bytes,
+    field: &str,
+    example: &str,
+) -> Result<Option<std::time::Duration>, ApiError> {
+    let invalid = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid", m);
+    if body.is_empty() {
+        return Ok(None);
+    }
+    match json_body(body)?.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => humantime::parse_duration(s)
+            .map(Some)
+            .map_err(|e| invalid(format!("{field} {s:?}: {e} (use e.g. {example})"))),
+        Some(other) => Err(invalid(format!(
+            "{field}: expected a duration like \"{example}\", got {other}"
+        ))),
+    }
+}
+
 fn kind(s: &str) -> Result<Kind, ApiError> {
     Ok(Kind::parse(s)?)
 }
@@ -261,28 +283,7 @@ async fn create_token(
     Extension(_who): Extension<Principal>,
     body: Bytes,
 ) -> ApiResult {
-    let v = if body.is_empty() {
-        json!({})
-    } else {
-        json_body(&body)?
-    };
-    let ttl = match v.get("ttl") {
-        None | Some(Value::Null) => crate::cluster::TOKEN_TTL_DEFAULT,
-        Some(Value::String(s)) => humantime::parse_duration(s).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                format!("ttl {s:?}: {e} (use e.g. 30m, 2h)"),
-            )
-        })?,
-        Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                format!("ttl: expected a duration like \"1h\", got {other}"),
-            ))
-        }
-    };
+    let ttl = optional_duration(&body, "ttl", "1h")?.unwrap_or(crate::cluster::TOKEN_TTL_DEFAULT);
     let now = st.node.shared().clock.wall_ms();
     let (token, expires) = crate::cluster::create_token(&st.node, ttl, now)
         .await
@@ -331,28 +332,7 @@ async fn drain(
     Extension(_who): Extension<Principal>,
     body: Bytes,
 ) -> ApiResult {
-    let v = if body.is_empty() {
-        json!({})
-    } else {
-        json_body(&body)?
-    };
-    let deadline = match v.get("deadline") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(humantime::parse_duration(s).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                format!("deadline {s:?}: {e} (use e.g. 30s, 5m)"),
-            )
-        })?),
-        Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                format!("deadline: expected a duration like \"30s\", got {other}"),
-            ))
-        }
-    };
+    let deadline = optional_duration(&body, "deadline", "30s")?;
     st.node.drain().start(deadline);
     tracing::info!(deadline = ?deadline, "draining: new client connections are refused");
     Ok(Json(json!({"draining": true, "deadline_s": deadline.map(|d| d.as_secs_f64()), "active_connections": st.node.drain().active()})).into_response())

@@ -362,11 +362,7 @@ pub async fn cluster(
             percentile(&lat, 0.99),
             percentile(&lat, 1.0)
         );
-        for bn in nodes {
-            bn.cluster.stop().await;
-            let n = bn.node;
-            let _ = tokio::task::spawn_blocking(move || n.shutdown()).await;
-        }
+        stop_all(nodes).await;
         return Ok(());
     }
 
@@ -448,10 +444,14 @@ pub async fn cluster(
     println!("  idle bytes/s per pair, 1,000 docs     {idle_1k:>8.0}");
     println!("  idle bytes/s per pair, {total_docs} docs {idle_big:>8.0}");
     println!("{report}");
+    stop_all(nodes).await;
+    Ok(())
+}
+
+async fn stop_all(nodes: Vec<BenchNode>) {
     for bn in nodes {
         bn.cluster.stop().await;
         let n = bn.node;
         let _ = tokio::task::spawn_blocking(move || n.shutdown()).await;
     }
-    Ok(())
 }

@@ -123,6 +123,8 @@ struct Batch {
     changed: BTreeMap<String, Origin>,
     /// Index rows written, for the digest after commit.
     entries: BTreeMap<String, IndexEntry>,
+    /// Whether any peer exists to push to (pushes are made only then).
+    has_peers: bool,
     /// What each local write changed, in order, to push: document, heads after, changes.
     pushes: Vec<(String, Vec<automerge::ChangeHash>, Vec<u8>)>,
     /// Messages that peers' answers called for: peer, messages, round.
@@ -350,6 +352,7 @@ impl Driver {
             changed: BTreeMap::new(),
             entries: BTreeMap::new(),
             pushes: Vec::new(),
+            has_peers: !self.shared.peer_queues().is_empty(),
             follow_ups: Vec::new(),
             loaded: HashMap::new(),
             stored: HashMap::new(),
@@ -826,13 +829,16 @@ impl Driver {
             };
             // What the peers need: a document new here goes whole (the full save just stored,
             // which loads fastest); otherwise the changes this write made.
-            let changes = match full {
-                Some(bytes) if is_new => bytes,
-                _ => d.save_after(&before),
-            };
             let heads = d.get_heads();
             b.stored.insert(id.clone(), heads.clone());
-            b.pushes.push((id.clone(), heads, changes));
+            // A node with no peers makes no pushes.
+            if b.has_peers {
+                let changes = match full {
+                    Some(bytes) if is_new => bytes,
+                    _ => d.save_after(&before),
+                };
+                b.pushes.push((id.clone(), heads, changes));
+            }
             b.entries.insert(id.clone(), entry);
             b.changed.insert(id.clone(), Origin::Local);
         }

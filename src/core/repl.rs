@@ -360,3 +360,102 @@ impl Cycle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+    use automerge::ROOT;
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    struct Mem(HashMap<String, AutoCommit>);
+
+    impl Docs for Mem {
+        fn get(&mut self, id: &str) -> Result<Option<&mut AutoCommit>, String> {
+            Ok(self.0.get_mut(id))
+        }
+        fn get_or_create(&mut self, id: &str) -> Result<&mut AutoCommit, String> {
+            Ok(self.0.entry(id.to_string()).or_default())
+        }
+        fn insert(&mut self, id: &str, doc: AutoCommit) {
+            self.0.insert(id.to_string(), doc);
+        }
+        fn changed(&mut self, _id: &str) {}
+        fn saved(&mut self, id: &str) -> Result<Option<Vec<u8>>, String> {
+            Ok(self.0.get_mut(id).map(|d| d.save()))
+        }
+    }
+
+    const ID: &str = "user/alice";
+
+    fn edit(d: &mut AutoCommit, v: &str) {
+        d.put(ROOT, "home", v).expect("put");
+        d.commit();
+    }
+
+    /// Pushes `msg` from a to b and returns b's answer for the document.
+    fn exchange(b: &mut Mem, b_sessions: &mut Sessions, msg: Vec<u8>) -> Vec<u8> {
+        let errors = b_sessions.receive(b, "a", Dir::In, vec![(ID.into(), msg)]);
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut out = b_sessions.generate(b, "a", Dir::In, &[ID.into()]);
+        assert_eq!(out.len(), 1, "b answers the push");
+        out.remove(0).1
+    }
+
+    #[test]
+    fn a_push_to_a_peer_with_the_dependencies_is_one_round_trip() {
+        let mut a = AutoCommit::new();
+        edit(&mut a, "/one");
+        // A new document goes whole.
+        let (mut b, mut bs) = (Mem::default(), Sessions::default());
+        let heads = a.get_heads();
+        let answer = exchange(
+            &mut b,
+            &mut bs,
+            Sessions::push_message(heads.clone(), a.save()),
+        );
+        assert_eq!(b.0.get_mut(ID).expect("b has it").get_heads(), heads);
+        assert!(
+            Sessions::ends_push(&answer, &heads),
+            "the answer ends the push"
+        );
+        // An edit goes as its changes alone.
+        let before = a.get_heads();
+        edit(&mut a, "/two");
+        let heads = a.get_heads();
+        let push = Sessions::push_message(heads.clone(), a.save_after(&before));
+        let answer = exchange(&mut b, &mut bs, push);
+        assert_eq!(b.0.get_mut(ID).expect("b has it").get_heads(), heads);
+        assert!(Sessions::ends_push(&answer, &heads));
+    }
+
+    #[test]
+    fn a_peer_missing_dependencies_asks_and_the_session_sends_them() {
+        let mut a = Mem::default();
+        let mut doc = AutoCommit::new();
+        edit(&mut doc, "/one");
+        let before = doc.get_heads();
+        edit(&mut doc, "/two");
+        let heads = doc.get_heads();
+        let push = Sessions::push_message(heads.clone(), doc.save_after(&before));
+        a.insert(ID, doc);
+        let mut a_sessions = Sessions::default();
+        a_sessions.pushed("b", ID, &heads);
+
+        // b never saw the first change.
+        let (mut b, mut bs) = (Mem::default(), Sessions::default());
+        let mut answer = exchange(&mut b, &mut bs, push);
+        assert!(!Sessions::ends_push(&answer, &heads), "b needs more");
+        for _ in 0..4 {
+            a_sessions.receive(&mut a, "b", Dir::Out, vec![(ID.into(), answer)]);
+            let next = a_sessions.generate(&mut a, "b", Dir::Out, &[ID.into()]);
+            let Some((_, m)) = next.into_iter().next() else {
+                break;
+            };
+            answer = exchange(&mut b, &mut bs, m);
+        }
+        assert_eq!(b.0.get_mut(ID).expect("b has it").get_heads(), heads);
+        assert!(!Sessions::ends_push(b"not a sync message", &heads));
+    }
+}
