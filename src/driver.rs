@@ -380,18 +380,21 @@ impl Driver {
             None => txn.commit().map_err(|e| e.to_string()),
         };
         self.wrote_local = false;
+        // Peers and callers first: caching the documents (and dropping those it evicts) is not
+        // on anyone's path.
+        match &commit {
+            Ok(()) => self.after_commit(&changed, &entries, pushes, follow_ups),
+            // The touched documents may hold changes that are not durable: they are dropped, so
+            // the next use reloads what is committed.
+            Err(e) => tracing::error!(error = %e, "commit failed; the batch is refused"),
+        }
+        for d in deferred {
+            d.send(&commit);
+        }
         if commit.is_ok() {
             for (id, d) in touched {
                 self.cache.put(id, d);
             }
-            self.after_commit(&changed, &entries, pushes, follow_ups);
-        } else if let Err(e) = &commit {
-            // The touched documents may hold changes that are not durable: drop them, so the
-            // next use reloads what is committed.
-            tracing::error!(error = %e, "commit failed; the batch is refused");
-        }
-        for d in deferred {
-            d.send(&commit);
         }
     }
 

@@ -22,6 +22,7 @@ pub mod sim;
 pub mod store;
 pub mod time;
 pub mod tls;
+pub mod wal;
 
 pub use crdt_schema::{self as schema, typed, Kind};
 pub use node::{ChangeEvent, Error, InitOptions, Node, NodeConfig, NodeOptions, Origin};

@@ -6,17 +6,60 @@
 //!   they load as one Automerge document. `INDEX[id].chunks == n`.
 //! - `INDEX[id]` always describes the document as committed in the same transaction.
 //! - Nothing in `LOCAL` is ever sent to a peer.
-//! - Every commit is durable (`Durability::Immediate`, fsync) before it returns.
+//! - Every commit is durable before it returns: its record is in the write-ahead log
+//!   ([`crate::wal`]) and redb has committed it without fsync, or (a checkpoint) redb has
+//!   committed it with fsync together with every earlier non-durable commit.
+//! - `META[WAL_SEQ]` is the number of the last log record a durable redb commit covers. Opening
+//!   the store replays the records after it, then checkpoints.
+//! - A log record holds the blind writes of one transaction (puts and removes of whole values),
+//!   so replaying records redb already has changes nothing.
 
 use automerge::AutoCommit;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::wal::Wal;
 
 const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("docs");
 const CHUNKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("chunks");
 const INDEX: TableDefinition<&str, &[u8]> = TableDefinition::new("index");
 const LOCAL: TableDefinition<&str, &[u8]> = TableDefinition::new("local");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const WAL_SEQ: &str = "wal_seq";
+
+/// One blind write of a transaction, as logged.
+#[derive(Serialize, Deserialize)]
+enum Op {
+    Doc(String, Vec<u8>),
+    Chunk(String, u32, Vec<u8>),
+    DelChunk(String, u32),
+    Index(String, Vec<u8>),
+    Local(String, Vec<u8>),
+}
+
+fn apply(txn: &redb::WriteTransaction, op: &Op) -> Result<(), StoreError> {
+    match op {
+        Op::Doc(id, b) => {
+            txn.open_table(DOCS)?.insert(id.as_str(), b.as_slice())?;
+        }
+        Op::Chunk(id, n, b) => {
+            txn.open_table(CHUNKS)?
+                .insert((id.as_str(), *n), b.as_slice())?;
+        }
+        Op::DelChunk(id, n) => {
+            txn.open_table(CHUNKS)?.remove((id.as_str(), *n))?;
+        }
+        Op::Index(id, b) => {
+            txn.open_table(INDEX)?.insert(id.as_str(), b.as_slice())?;
+        }
+        Op::Local(k, b) => {
+            txn.open_table(LOCAL)?.insert(k.as_str(), b.as_slice())?;
+        }
+    }
+    Ok(())
+}
 
 /// Incremental chunks kept per document before it is compacted into one full save: bounds the
 /// work of a load and the space of a long history.
@@ -62,8 +105,15 @@ redb_err!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError
+    redb::CommitError,
+    redb::SetDurabilityError
 );
+
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        StoreError::Redb(format!("write-ahead log: {e}"))
+    }
+}
 
 fn encode_entry(e: &IndexEntry) -> Vec<u8> {
     crate::core::wire::encode(e)
@@ -75,6 +125,14 @@ fn decode_entry(b: &[u8]) -> Result<IndexEntry, StoreError> {
 
 pub struct Store {
     db: Database,
+    wal: Arc<Mutex<Wal>>,
+}
+
+/// The log's path: beside the database.
+pub fn wal_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(".wal");
+    PathBuf::from(p)
 }
 
 impl Store {
@@ -90,21 +148,57 @@ impl Store {
                 }
                 other => StoreError::Redb(other.to_string()),
             })?;
+        // Recovery: replay what the log holds after the last checkpoint, and checkpoint.
         let txn = db.begin_write()?;
-        {
+        let checkpoint = {
             txn.open_table(DOCS)?;
             txn.open_table(CHUNKS)?;
             txn.open_table(INDEX)?;
             txn.open_table(LOCAL)?;
+            let meta = txn.open_table(META)?;
+            let v = meta.get(WAL_SEQ)?.map(|v| v.value()).unwrap_or(0);
+            v
+        };
+        let (mut wal, records) = Wal::open(&wal_path(path), checkpoint)?;
+        for r in &records {
+            let ops: Vec<Op> = crate::core::wire::decode(r)
+                .map_err(|e| StoreError::Corrupt(format!("write-ahead log record: {e}")))?;
+            for op in &ops {
+                apply(&txn, op)?;
+            }
         }
+        txn.open_table(META)?.insert(WAL_SEQ, wal.seq())?;
         txn.commit()?;
-        Ok(Store { db })
+        wal.reset();
+        if !records.is_empty() {
+            tracing::info!(records = records.len(), "replayed the write-ahead log");
+        }
+        Ok(Store {
+            db,
+            wal: Arc::new(Mutex::new(wal)),
+        })
     }
 
     pub fn write(&self) -> Result<WriteTxn, StoreError> {
         Ok(WriteTxn {
             txn: self.db.begin_write()?,
+            ops: Vec::new(),
+            wal: self.wal.clone(),
         })
+    }
+
+    /// Makes every commit so far durable in redb itself, so the log can start over. Done when
+    /// the log is full and when the store closes; never needed for correctness.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let mut wal = self.wal.lock().map_err(|_| poisoned())?;
+        if !wal.pending() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?.insert(WAL_SEQ, wal.seq())?;
+        txn.commit()?;
+        wal.reset();
+        Ok(())
     }
 
     pub fn local_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -181,9 +275,24 @@ fn load(
     }
 }
 
+fn poisoned() -> StoreError {
+    StoreError::Redb("the write-ahead log's lock is poisoned".into())
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Err(e) = self.checkpoint() {
+            tracing::warn!(error = %e, "checkpoint at close failed; the next open replays the log");
+        }
+    }
+}
+
 /// One write transaction: every change of an effect batch goes into one, committed once.
 pub struct WriteTxn {
     txn: redb::WriteTransaction,
+    /// The transaction's writes, for its log record.
+    ops: Vec<Op>,
+    wal: Arc<Mutex<Wal>>,
 }
 
 impl WriteTxn {
@@ -236,6 +345,7 @@ impl WriteTxn {
                 let inc = doc.save_after(stored);
                 if !inc.is_empty() {
                     chunks.insert((id, p.chunks), inc.as_slice())?;
+                    self.ops.push(Op::Chunk(id.to_string(), p.chunks, inc));
                     entry.chunks = p.chunks + 1;
                 } else {
                     entry.chunks = p.chunks;
@@ -248,9 +358,11 @@ impl WriteTxn {
                     None => doc.save(),
                 };
                 docs.insert(id, bytes.as_slice())?;
+                self.ops.push(Op::Doc(id.to_string(), bytes.clone()));
                 if let Some(p) = prev {
                     for n in 0..p.chunks {
                         chunks.remove((id, n))?;
+                        self.ops.push(Op::DelChunk(id.to_string(), n));
                     }
                 }
                 entry.chunks = 0;
@@ -258,18 +370,33 @@ impl WriteTxn {
             }
         }
         let mut index = self.txn.open_table(INDEX)?;
-        index.insert(id, encode_entry(&entry).as_slice())?;
+        let row = encode_entry(&entry);
+        index.insert(id, row.as_slice())?;
+        self.ops.push(Op::Index(id.to_string(), row));
         Ok(full)
     }
 
     pub fn local_put(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.txn.open_table(LOCAL)?.insert(key, value)?;
+        self.ops.push(Op::Local(key.to_string(), value.to_vec()));
         Ok(())
     }
 
-    /// Commits durably (fsync) before returning.
-    pub fn commit(self) -> Result<(), StoreError> {
-        self.txn.commit()?;
+    /// Commits durably before returning: appends the transaction's record to the log, then
+    /// commits redb without fsync. A record that does not fit makes this a checkpoint instead.
+    /// Readers see the commit only once it is durable.
+    pub fn commit(mut self) -> Result<(), StoreError> {
+        let mut wal = self.wal.lock().map_err(|_| poisoned())?;
+        let record = crate::core::wire::encode(&self.ops);
+        if wal.fits(record.len()) {
+            wal.append(&record)?;
+            self.txn.set_durability(redb::Durability::None)?;
+            self.txn.commit()?;
+        } else {
+            self.txn.open_table(META)?.insert(WAL_SEQ, wal.seq())?;
+            self.txn.commit()?;
+            wal.reset();
+        }
         Ok(())
     }
 }
@@ -333,5 +460,74 @@ mod tests {
         );
         let mut back = store.load_doc(id).expect("load").expect("present");
         assert_eq!(back.get_heads(), d.get_heads());
+    }
+
+    fn put(store: &Store, id: &str, text: &str) -> AutoCommit {
+        let mut d = AutoCommit::new();
+        d.put(ROOT, "text", text).expect("put");
+        d.commit();
+        let mut txn = store.write().expect("txn");
+        txn.put_doc(id, &mut d, entry(), None, &[]).expect("put");
+        txn.local_put(&format!("local-{id}"), text.as_bytes())
+            .expect("local");
+        txn.commit().expect("commit");
+        d
+    }
+
+    /// What a crash leaves: the database file as of its last fsync'd commit, and the log. A copy
+    /// taken while the store is open has exactly that (commits after the checkpoint are
+    /// acknowledged through the log only), and opening it replays them.
+    #[test]
+    fn commits_acknowledged_through_the_log_survive_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("db");
+        let store = Store::open(&db).expect("open");
+        put(&store, "user/before", "checkpointed");
+        store.checkpoint().expect("checkpoint");
+        let mut docs = Vec::new();
+        for i in 0..20 {
+            docs.push(put(&store, &format!("user/u{i}"), &format!("value {i}")));
+        }
+        let crashed = dir.path().join("crashed");
+        std::fs::copy(&db, &crashed).expect("copy db");
+        std::fs::copy(wal_path(&db), wal_path(&crashed)).expect("copy wal");
+        drop(store);
+
+        let back = Store::open(&crashed).expect("reopen");
+        assert_eq!(back.doc_count().expect("count"), 21);
+        for (i, d) in docs.iter_mut().enumerate() {
+            let mut got = back
+                .load_doc(&format!("user/u{i}"))
+                .expect("load")
+                .expect("replayed");
+            assert_eq!(got.get_heads(), d.get_heads());
+            assert_eq!(
+                back.local_get(&format!("local-user/u{i}")).expect("local"),
+                Some(format!("value {i}").into_bytes())
+            );
+        }
+        assert!(back.index_get("user/before").expect("index").is_some());
+    }
+
+    /// A batch too big for the log commits to redb durably and starts the log over; nothing
+    /// before it is lost.
+    #[test]
+    fn a_batch_too_big_for_the_log_is_a_checkpoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("db");
+        let store = Store::open(&db).expect("open");
+        put(&store, "user/small", "logged");
+        let big = "x".repeat(crate::wal::RECORD_MAX + 1);
+        put(&store, "user/big", &big);
+        assert!(!store.wal.lock().expect("lock").pending());
+        put(&store, "user/after", "logged again");
+        let crashed = dir.path().join("crashed");
+        std::fs::copy(&db, &crashed).expect("copy db");
+        std::fs::copy(wal_path(&db), wal_path(&crashed)).expect("copy wal");
+        drop(store);
+        let back = Store::open(&crashed).expect("reopen");
+        for id in ["user/small", "user/big", "user/after"] {
+            assert!(back.load_doc(id).expect("load").is_some(), "{id} lost");
+        }
     }
 }

@@ -166,7 +166,7 @@ impl Sessions {
                 errors.push(format!("{id:?}: not a document ID"));
                 continue;
             }
-            let msg = match sync::Message::decode(&bytes) {
+            let mut msg = match sync::Message::decode(&bytes) {
                 Ok(m) => m,
                 Err(e) => {
                     self.reset(peer, dir, &id);
@@ -174,6 +174,17 @@ impl Sessions {
                     continue;
                 }
             };
+            // A document new here that arrives whole (a push of a new document): load it from
+            // the bytes and keep them as its stored save, instead of saving it again. The session
+            // then takes the message without its changes, which leaves it as if it had applied
+            // them (every head the message names is now known).
+            if msg.changes.len() == 1 && matches!(docs.get(&id), Ok(None)) {
+                let chunk = msg.changes.iter().next().unwrap_or_default();
+                if let Ok(loaded) = AutoCommit::load(chunk) {
+                    docs.insert_loaded(&id, loaded, chunk);
+                    msg.changes = sync::ChunkList::empty();
+                }
+            }
             let doc = match docs.get_or_create(&id) {
                 Ok(d) => d,
                 Err(e) => {

@@ -1,0 +1,254 @@
+//! The write-ahead log that makes a commit durable with one small synchronous write.
+//!
+//! A durable redb commit writes every page the transaction dirtied plus the header, then fsyncs:
+//! about 0.4 ms here, 0.6 ms when two nodes commit at once. A write of one page to a file whose
+//! blocks are already allocated, opened with `O_DSYNC`, costs about 0.2 ms and half the kernel
+//! CPU. So a batch is made durable by appending its record here, and redb then commits it
+//! without fsync (visible at once, durable at the next checkpoint). See [`crate::store`].
+//!
+//! Layout: a file of [`WAL_BYTES`], zero-filled when created so that no later write changes its
+//! metadata. Records start on page boundaries:
+//! `magic u32 | seq u64 | len u32 | crc32(seq, payload) u32 | payload`, padded to a whole page.
+//! Sequence numbers grow by one per record and never repeat. After a checkpoint (a durable redb
+//! commit that stores the last sequence number it covers) the log is written again from offset 0.
+//!
+//! Recovery reads from offset 0 and keeps records while each is intact and numbered exactly one
+//! more than the previous, starting after the checkpoint. A torn record fails its CRC; a record
+//! left over from before the last checkpoint has a number at most the checkpoint's.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Size of the log file. A full log is checkpointed before the next append.
+pub const WAL_BYTES: u64 = 8 << 20;
+/// A record larger than this is not logged: its batch commits to redb durably (a checkpoint).
+pub const RECORD_MAX: usize = 1 << 20;
+const PAGE: u64 = 4096;
+const MAGIC: u32 = 0x5043_574c;
+const HEADER: usize = 20;
+
+pub struct Wal {
+    file: File,
+    path: PathBuf,
+    /// Where the next record goes.
+    offset: u64,
+    /// Number of the last record appended (or covered by the checkpoint).
+    seq: u64,
+    /// Set by a failed write: the file's state is unknown, so nothing more is appended.
+    broken: Option<String>,
+}
+
+fn crc(seq: u64, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&seq.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+fn padded(len: usize) -> u64 {
+    ((HEADER + len) as u64).div_ceil(PAGE) * PAGE
+}
+
+impl Wal {
+    /// Opens (creating and zero-filling if needed) the log, and returns the payloads of the
+    /// intact records numbered after `checkpoint`, in order. The caller applies them, records
+    /// the last number in a durable commit, then calls [`Wal::reset`].
+    pub fn open(path: &Path, checkpoint: u64) -> io::Result<(Wal, Vec<Vec<u8>>)> {
+        {
+            let f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)?;
+            let len = f.metadata()?.len();
+            if len < WAL_BYTES {
+                let zeros = vec![0u8; 1 << 20];
+                let mut at = len;
+                while at < WAL_BYTES {
+                    let n = (WAL_BYTES - at).min(zeros.len() as u64) as usize;
+                    f.write_all_at(&zeros[..n], at)?;
+                    at += n as u64;
+                }
+                f.sync_all()?;
+                if let Some(dir) = path.parent() {
+                    File::open(dir)?.sync_all()?;
+                }
+            }
+        }
+        // O_DIRECT skips the page cache: less CPU, and about 0.03 ms less per write here. A file
+        // system without it (tmpfs) gets buffered O_DSYNC writes.
+        let open = |flags| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(flags)
+                .open(path)
+        };
+        let file = match open(libc::O_DSYNC | libc::O_DIRECT) {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(libc::O_DSYNC)?,
+            Err(e) => return Err(e),
+        };
+        let mut records = Vec::new();
+        let mut seq = checkpoint;
+        let mut offset = 0u64;
+        // Read through a second, buffered handle: O_DIRECT reads need aligned buffers.
+        let reader = File::open(path)?;
+        let mut header = [0u8; HEADER];
+        while offset + HEADER as u64 <= WAL_BYTES {
+            reader.read_exact_at(&mut header, offset)?;
+            let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+            let n = u64::from_le_bytes(header[4..12].try_into().expect("8 bytes"));
+            let len = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes")) as usize;
+            let sum = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes"));
+            if magic != MAGIC || n != seq + 1 || offset + padded(len) > WAL_BYTES {
+                break;
+            }
+            let mut payload = vec![0u8; len];
+            reader.read_exact_at(&mut payload, offset + HEADER as u64)?;
+            if crc(n, &payload) != sum {
+                break;
+            }
+            records.push(payload);
+            seq = n;
+            offset += padded(len);
+        }
+        let wal = Wal {
+            file,
+            path: path.to_path_buf(),
+            offset,
+            seq,
+            broken: None,
+        };
+        Ok((wal, records))
+    }
+
+    /// Number of the last record appended or checkpointed.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether a record of `len` payload bytes can be appended now (else the caller checkpoints).
+    pub fn fits(&self, len: usize) -> bool {
+        len <= RECORD_MAX && self.offset + padded(len) <= WAL_BYTES
+    }
+
+    /// Appends one record and returns once it is on stable storage. Precondition: `fits`.
+    pub fn append(&mut self, payload: &[u8]) -> io::Result<()> {
+        if let Some(e) = &self.broken {
+            return Err(io::Error::other(format!(
+                "an earlier write to {} failed ({e}); restart the node",
+                self.path.display()
+            )));
+        }
+        let n = self.seq + 1;
+        let size = padded(payload.len()) as usize;
+        // A page-aligned buffer, as O_DIRECT requires.
+        let mut raw = vec![0u8; size + PAGE as usize];
+        let start = raw.as_ptr().align_offset(PAGE as usize);
+        let buf = &mut raw[start..start + size];
+        buf[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        buf[4..12].copy_from_slice(&n.to_le_bytes());
+        buf[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        buf[16..20].copy_from_slice(&crc(n, payload).to_le_bytes());
+        buf[HEADER..HEADER + payload.len()].copy_from_slice(payload);
+        // O_DSYNC: the write returns once the data is on stable storage.
+        if let Err(e) = self.file.write_all_at(buf, self.offset) {
+            self.broken = Some(e.to_string());
+            return Err(e);
+        }
+        self.offset += size as u64;
+        self.seq = n;
+        Ok(())
+    }
+
+    /// Called after a durable redb commit that stored [`Wal::seq`]: every record is now covered,
+    /// so the log is written again from the start.
+    pub fn reset(&mut self) {
+        self.offset = 0;
+    }
+
+    /// Whether records are waiting for a checkpoint.
+    pub fn pending(&self) -> bool {
+        self.offset > 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_after_the_checkpoint_come_back_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wal");
+        let (mut w, recs) = Wal::open(&path, 0).expect("open");
+        assert!(recs.is_empty());
+        for i in 0..5u8 {
+            w.append(&vec![i; 100 + i as usize * 5000]).expect("append");
+        }
+        drop(w);
+        let (w, recs) = Wal::open(&path, 0).expect("reopen");
+        assert_eq!(recs.len(), 5);
+        assert_eq!(recs[3], vec![3u8; 15100]);
+        assert_eq!(w.seq(), 5);
+        // Records up to the checkpoint are not returned.
+        let (_, recs) = Wal::open(&path, 3).expect("reopen");
+        assert_eq!(
+            recs.len(),
+            0,
+            "record 1 is not numbered 4: nothing follows checkpoint 3"
+        );
+    }
+
+    #[test]
+    fn a_torn_record_and_everything_after_it_are_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wal");
+        let (mut w, _) = Wal::open(&path, 0).expect("open");
+        for i in 0..3u8 {
+            w.append(&[i; 10]).expect("append");
+        }
+        drop(w);
+        // Flip one payload byte of record 2.
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.write_all_at(&[9], PAGE + HEADER as u64).expect("write");
+        let (w, recs) = Wal::open(&path, 0).expect("reopen");
+        assert_eq!(recs, vec![vec![0u8; 10]]);
+        assert_eq!(w.seq(), 1);
+    }
+
+    #[test]
+    fn after_a_reset_stale_records_are_not_replayed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wal");
+        let (mut w, _) = Wal::open(&path, 0).expect("open");
+        for i in 0..4u8 {
+            w.append(&[i; 10]).expect("append");
+        }
+        // Checkpoint at 4, then one more record: it overwrites record 1 only.
+        w.reset();
+        w.append(&[7; 10]).expect("append");
+        drop(w);
+        let (w, recs) = Wal::open(&path, 4).expect("reopen");
+        assert_eq!(recs, vec![vec![7u8; 10]]);
+        assert_eq!(w.seq(), 5);
+    }
+
+    #[test]
+    fn a_full_log_refuses_a_record_that_does_not_fit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut w, _) = Wal::open(&dir.path().join("wal"), 0).expect("open");
+        assert!(!w.fits(RECORD_MAX + 1));
+        let big = vec![1u8; RECORD_MAX - HEADER];
+        while w.fits(big.len()) {
+            w.append(&big).expect("append");
+        }
+        assert!(w.offset + padded(big.len()) > WAL_BYTES);
+        w.reset();
+        assert!(w.fits(big.len()));
+    }
+}
