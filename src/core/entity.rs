@@ -99,7 +99,7 @@ pub fn execute(
 ) -> Result<Outcome, WriteError> {
     crdt_schema::validate_name(kind, name)?;
     let internal = |e: automerge::AutomergeError| WriteError::Internal(e.to_string());
-    let current = doc::read(doc, kind, name).map_err(internal)?;
+    let current = doc::read_mut(doc, kind, name).map_err(internal)?;
     let not_found = || WriteError::NotFound {
         kind,
         name: name.to_string(),
