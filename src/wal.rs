@@ -31,6 +31,8 @@ const HEADER: usize = 20;
 
 pub struct Wal {
     file: File,
+    /// Opened with O_DIRECT (else buffered O_DSYNC).
+    direct: bool,
     path: PathBuf,
     /// Where the next record goes.
     offset: u64,
@@ -87,9 +89,9 @@ impl Wal {
                 .custom_flags(flags)
                 .open(path)
         };
-        let file = match open(libc::O_DSYNC | libc::O_DIRECT) {
-            Ok(f) => f,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(libc::O_DSYNC)?,
+        let (file, direct) = match open(libc::O_DSYNC | libc::O_DIRECT) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(libc::O_DSYNC)?, false),
             Err(e) => return Err(e),
         };
         let mut records = Vec::new();
@@ -118,6 +120,7 @@ impl Wal {
         }
         let wal = Wal {
             file,
+            direct,
             path: path.to_path_buf(),
             offset,
             seq,
@@ -156,7 +159,18 @@ impl Wal {
         buf[16..20].copy_from_slice(&crc(n, payload).to_le_bytes());
         buf[HEADER..HEADER + payload.len()].copy_from_slice(payload);
         // O_DSYNC: the write returns once the data is on stable storage.
-        if let Err(e) = self.file.write_all_at(buf, self.offset) {
+        let mut written = self.file.write_all_at(buf, self.offset);
+        if self.direct && matches!(&written, Err(e) if e.raw_os_error() == Some(libc::EINVAL)) {
+            // A file system that accepts O_DIRECT at open but not for this write wrote nothing:
+            // go on with buffered O_DSYNC writes.
+            self.file = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DSYNC)
+                .open(&self.path)?;
+            self.direct = false;
+            written = self.file.write_all_at(buf, self.offset);
+        }
+        if let Err(e) = written {
             self.broken = Some(e.to_string());
             return Err(e);
         }
