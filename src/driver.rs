@@ -133,7 +133,34 @@ struct Batch {
     loaded: HashMap<String, Vec<u8>>,
     /// The heads of what is stored of each touched document (what a chunk is saved after).
     stored: HashMap<String, Vec<automerge::ChangeHash>>,
+    /// Set when a change was applied that the batch's prelogged record may not hold (a
+    /// document had changes queued for missing dependencies): the batch logs in full.
+    unlogged: bool,
     poisoned: Option<String>,
+}
+
+/// The record of a batch made only of sync messages from peers, known before it runs: the
+/// changes the messages carry. None for any other batch (its changes are known only once made).
+fn received_changes(cmds: &[Cmd]) -> Option<Vec<crate::store::LogOp>> {
+    let mut ops = Vec::new();
+    for c in cmds {
+        let msgs = match c {
+            Cmd::Serve {
+                req: crate::core::proto::Request::Sync { msgs },
+                ..
+            } => msgs,
+            Cmd::SyncBack { msgs, .. } => msgs,
+            _ => return None,
+        };
+        for (id, bytes) in msgs {
+            if let Ok(m) = automerge::sync::Message::decode(bytes) {
+                for chunk in m.changes.iter() {
+                    ops.push(crate::store::LogOp::Changes(id.clone(), chunk.to_vec()));
+                }
+            }
+        }
+    }
+    (!ops.is_empty()).then_some(ops)
 }
 
 enum Deferred {
@@ -253,6 +280,9 @@ impl Docs for BatchDocs<'_> {
     fn changed(&mut self, id: &str) {
         self.changed.insert(id.to_string());
     }
+    fn unlogged(&mut self) {
+        self.batch.unlogged = true;
+    }
     fn saved(&mut self, id: &str) -> Result<Option<Vec<u8>>, String> {
         if let Some(d) = self.batch.touched.get_mut(id) {
             return Ok(Some(d.save()));
@@ -336,6 +366,9 @@ impl Driver {
     }
 
     fn run_batch(&mut self, cmds: Vec<Cmd>) {
+        // Changes received from peers go to the log at once, on the log thread, while the batch
+        // applies them: the disk write overlaps the work instead of following it.
+        let prelogged = received_changes(&cmds).map(|ops| self.store.prelog(&ops));
         let txn = match self.store.write() {
             Ok(t) => t,
             Err(e) => {
@@ -356,6 +389,7 @@ impl Driver {
             follow_ups: Vec::new(),
             loaded: HashMap::new(),
             stored: HashMap::new(),
+            unlogged: false,
             poisoned: None,
         };
         let mut deferred = Vec::with_capacity(cmds.len());
@@ -370,14 +404,16 @@ impl Driver {
             pushes,
             follow_ups,
             poisoned,
+            unlogged,
             ..
         } = b;
+        let prelogged = prelogged.filter(|_| !unlogged);
         let dirty = !entries.is_empty() || !changed.is_empty() || poisoned.is_some();
         let commit = match poisoned {
             Some(e) => Err(e),
             // A batch that changed nothing does not pay for an fsync.
             None if !dirty && !self.wrote_local => Ok(()),
-            None => txn.commit().map_err(|e| e.to_string()),
+            None => txn.commit(prelogged).map_err(|e| e.to_string()),
         };
         self.wrote_local = false;
         // Peers and callers first: caching the documents (and dropping those it evicts) is not

@@ -808,7 +808,7 @@ pub(crate) fn create_dir(
         CONFIG_KEY,
         &serde_json::to_vec(cfg).expect("config serializes"),
     )?;
-    txn.commit()?;
+    txn.commit(None)?;
     Ok(())
 }
 

@@ -29,37 +29,20 @@ const LOCAL: TableDefinition<&str, &[u8]> = TableDefinition::new("local");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const WAL_SEQ: &str = "wal_seq";
 
-/// One blind write of a transaction, as logged.
+/// One entry of a log record. Records are logical: what a document gained, as Automerge bytes
+/// (changes or a whole save), and node-local rows. Replaying merges the bytes into the stored
+/// document and derives its index row again; a merge is idempotent, so replaying what redb
+/// already holds changes nothing.
 #[derive(Serialize, Deserialize)]
-enum Op {
-    Doc(String, Vec<u8>),
-    Chunk(String, u32, Vec<u8>),
-    DelChunk(String, u32),
-    Index(String, Vec<u8>),
+pub enum LogOp {
+    Changes(String, Vec<u8>),
     Local(String, Vec<u8>),
 }
 
-fn apply(txn: &redb::WriteTransaction, op: &Op) -> Result<(), StoreError> {
-    match op {
-        Op::Doc(id, b) => {
-            txn.open_table(DOCS)?.insert(id.as_str(), b.as_slice())?;
-        }
-        Op::Chunk(id, n, b) => {
-            txn.open_table(CHUNKS)?
-                .insert((id.as_str(), *n), b.as_slice())?;
-        }
-        Op::DelChunk(id, n) => {
-            txn.open_table(CHUNKS)?.remove((id.as_str(), *n))?;
-        }
-        Op::Index(id, b) => {
-            txn.open_table(INDEX)?.insert(id.as_str(), b.as_slice())?;
-        }
-        Op::Local(k, b) => {
-            txn.open_table(LOCAL)?.insert(k.as_str(), b.as_slice())?;
-        }
-    }
-    Ok(())
-}
+/// The answer to a record handed to the log thread ahead of its batch ([`Store::prelog`]).
+pub struct Prelogged(std::sync::mpsc::Receiver<Result<bool, String>>);
+
+type LogJob = (Vec<u8>, std::sync::mpsc::SyncSender<Result<bool, String>>);
 
 /// Incremental chunks kept per document before it is compacted into one full save: bounds the
 /// work of a load and the space of a long history.
@@ -126,6 +109,8 @@ fn decode_entry(b: &[u8]) -> Result<IndexEntry, StoreError> {
 pub struct Store {
     db: Database,
     wal: Arc<Mutex<Wal>>,
+    /// The log thread: appends records handed over ahead of their batch.
+    log_jobs: Mutex<std::sync::mpsc::Sender<LogJob>>,
 }
 
 /// The log's path: beside the database.
@@ -159,24 +144,58 @@ impl Store {
             let v = meta.get(WAL_SEQ)?.map(|v| v.value()).unwrap_or(0);
             v
         };
-        let (mut wal, records) = Wal::open(&wal_path(path), checkpoint)?;
+        let (wal, records) = Wal::open(&wal_path(path), checkpoint)?;
+        let wal = Arc::new(Mutex::new(wal));
+        let mut replay = WriteTxn {
+            txn,
+            ops: Vec::new(),
+            wal: wal.clone(),
+        };
         for r in &records {
-            let ops: Vec<Op> = crate::core::wire::decode(r)
+            let ops: Vec<LogOp> = crate::core::wire::decode(r)
                 .map_err(|e| StoreError::Corrupt(format!("write-ahead log record: {e}")))?;
-            for op in &ops {
-                apply(&txn, op)?;
+            for op in ops {
+                replay.replay(op)?;
             }
         }
-        txn.open_table(META)?.insert(WAL_SEQ, wal.seq())?;
-        txn.commit()?;
-        wal.reset();
+        replay.checkpoint()?;
         if !records.is_empty() {
             tracing::info!(records = records.len(), "replayed the write-ahead log");
         }
+        let (tx, rx) = std::sync::mpsc::channel::<LogJob>();
+        let log = wal.clone();
+        std::thread::Builder::new()
+            .name("peerconf-log".into())
+            .spawn(move || {
+                for (record, reply) in rx {
+                    let r = match log.lock() {
+                        Ok(mut w) if w.fits(record.len()) => {
+                            w.append(&record).map(|()| true).map_err(|e| e.to_string())
+                        }
+                        Ok(_) => Ok(false),
+                        Err(_) => Err("the write-ahead log's lock is poisoned".to_string()),
+                    };
+                    let _ = reply.send(r);
+                }
+            })
+            .map_err(|e| StoreError::Redb(format!("cannot start the log thread: {e}")))?;
         Ok(Store {
             db,
-            wal: Arc::new(Mutex::new(wal)),
+            wal,
+            log_jobs: Mutex::new(tx),
         })
+    }
+
+    /// Hands a record to the log thread, to be made durable while its batch is still being
+    /// executed; [`WriteTxn::commit`] waits for it. For a batch whose every change is known
+    /// before it runs (changes received from a peer).
+    pub fn prelog(&self, ops: &[LogOp]) -> Prelogged {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let record = crate::core::wire::encode(&ops);
+        if let Ok(jobs) = self.log_jobs.lock() {
+            let _ = jobs.send((record, tx));
+        }
+        Prelogged(rx)
     }
 
     pub fn write(&self) -> Result<WriteTxn, StoreError> {
@@ -190,11 +209,13 @@ impl Store {
     /// Makes every commit so far durable in redb itself, so the log can start over. Done when
     /// the log is full and when the store closes; never needed for correctness.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
+        // A transaction before the log's lock, as everywhere: the driver locks the log while it
+        // holds its transaction.
+        let txn = self.db.begin_write()?;
         let mut wal = self.wal.lock().map_err(|_| poisoned())?;
         if !wal.pending() {
             return Ok(());
         }
-        let txn = self.db.begin_write()?;
         txn.open_table(META)?.insert(WAL_SEQ, wal.seq())?;
         txn.commit()?;
         wal.reset();
@@ -290,8 +311,8 @@ impl Drop for Store {
 /// One write transaction: every change of an effect batch goes into one, committed once.
 pub struct WriteTxn {
     txn: redb::WriteTransaction,
-    /// The transaction's writes, for its log record.
-    ops: Vec<Op>,
+    /// The transaction's changes, for its log record.
+    ops: Vec<LogOp>,
     wal: Arc<Mutex<Wal>>,
 }
 
@@ -345,7 +366,7 @@ impl WriteTxn {
                 let inc = doc.save_after(stored);
                 if !inc.is_empty() {
                     chunks.insert((id, p.chunks), inc.as_slice())?;
-                    self.ops.push(Op::Chunk(id.to_string(), p.chunks, inc));
+                    self.ops.push(LogOp::Changes(id.to_string(), inc));
                     entry.chunks = p.chunks + 1;
                 } else {
                     entry.chunks = p.chunks;
@@ -358,11 +379,10 @@ impl WriteTxn {
                     None => doc.save(),
                 };
                 docs.insert(id, bytes.as_slice())?;
-                self.ops.push(Op::Doc(id.to_string(), bytes.clone()));
+                self.ops.push(LogOp::Changes(id.to_string(), bytes.clone()));
                 if let Some(p) = prev {
                     for n in 0..p.chunks {
                         chunks.remove((id, n))?;
-                        self.ops.push(Op::DelChunk(id.to_string(), n));
                     }
                 }
                 entry.chunks = 0;
@@ -370,34 +390,86 @@ impl WriteTxn {
             }
         }
         let mut index = self.txn.open_table(INDEX)?;
-        let row = encode_entry(&entry);
-        index.insert(id, row.as_slice())?;
-        self.ops.push(Op::Index(id.to_string(), row));
+        index.insert(id, encode_entry(&entry).as_slice())?;
         Ok(full)
     }
 
     pub fn local_put(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.txn.open_table(LOCAL)?.insert(key, value)?;
-        self.ops.push(Op::Local(key.to_string(), value.to_vec()));
+        self.ops.push(LogOp::Local(key.to_string(), value.to_vec()));
         Ok(())
     }
 
     /// Commits durably before returning: appends the transaction's record to the log, then
     /// commits redb without fsync. A record that does not fit makes this a checkpoint instead.
     /// Readers see the commit only once it is durable.
-    pub fn commit(mut self) -> Result<(), StoreError> {
-        let mut wal = self.wal.lock().map_err(|_| poisoned())?;
+    ///
+    /// `prelogged`: the batch's record was handed to the log thread ahead ([`Store::prelog`]) and
+    /// covers every change of the transaction; then only its answer is awaited.
+    pub fn commit(mut self, prelogged: Option<Prelogged>) -> Result<(), StoreError> {
+        if let Some(Prelogged(answer)) = prelogged {
+            match answer.recv() {
+                Ok(Ok(true)) => {
+                    self.txn.set_durability(redb::Durability::None)?;
+                    self.txn.commit()?;
+                    return Ok(());
+                }
+                Ok(Ok(false)) => return self.checkpoint(),
+                Ok(Err(e)) => return Err(StoreError::Redb(format!("write-ahead log: {e}"))),
+                Err(_) => return Err(StoreError::Redb("the log thread has stopped".into())),
+            }
+        }
         let record = crate::core::wire::encode(&self.ops);
+        let mut wal = self.wal.lock().map_err(|_| poisoned())?;
         if wal.fits(record.len()) {
             wal.append(&record)?;
             self.txn.set_durability(redb::Durability::None)?;
             self.txn.commit()?;
+            Ok(())
         } else {
-            self.txn.open_table(META)?.insert(WAL_SEQ, wal.seq())?;
-            self.txn.commit()?;
-            wal.reset();
+            drop(wal);
+            self.checkpoint()
         }
+    }
+
+    /// Commits durably in redb itself, recording that every log record so far is covered, and
+    /// starts the log over.
+    fn checkpoint(self) -> Result<(), StoreError> {
+        let mut wal = self.wal.lock().map_err(|_| poisoned())?;
+        self.txn.open_table(META)?.insert(WAL_SEQ, wal.seq())?;
+        self.txn.commit()?;
+        wal.reset();
         Ok(())
+    }
+
+    /// Applies one logged entry during recovery. Bytes that do not merge, and documents whose
+    /// index row cannot be derived, were never committed (their batch failed): they are skipped.
+    fn replay(&mut self, op: LogOp) -> Result<(), StoreError> {
+        match op {
+            LogOp::Local(k, v) => self.local_put(&k, &v),
+            LogOp::Changes(id, bytes) => {
+                let mut doc = match self.load_doc(&id) {
+                    Ok(Some(d)) => d,
+                    Ok(None) => AutoCommit::new(),
+                    Err(e) => return Err(e),
+                };
+                let before = doc.get_heads();
+                if let Err(e) = doc.load_incremental(&bytes) {
+                    tracing::warn!(doc = %id, error = %e, "a logged change does not merge; skipped");
+                    return Ok(());
+                }
+                if doc.get_heads() == before {
+                    return Ok(());
+                }
+                match crate::driver::entry_for(&id, &mut doc) {
+                    Ok(entry) => self.put_doc(&id, &mut doc, entry, None, &before).map(|_| ()),
+                    Err(e) => {
+                        tracing::warn!(doc = %id, error = %e, "a logged document has no index row; skipped");
+                        Ok(())
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -441,7 +513,7 @@ mod tests {
         }
         let mut txn = store.write().expect("txn");
         txn.put_doc(id, &mut d, entry(), None, &[]).expect("put");
-        txn.commit().expect("commit");
+        txn.commit(None).expect("commit");
         let full = stored_len(&store, id);
 
         let mut d = store.load_doc(id).expect("load").expect("present");
@@ -452,7 +524,7 @@ mod tests {
         let mut e = entry();
         e.chunks = 0;
         txn.put_doc(id, &mut d, e, None, &before).expect("put");
-        txn.commit().expect("commit");
+        txn.commit(None).expect("commit");
         let grown = stored_len(&store, id) - full;
         assert!(
             grown < 300,
@@ -470,7 +542,7 @@ mod tests {
         txn.put_doc(id, &mut d, entry(), None, &[]).expect("put");
         txn.local_put(&format!("local-{id}"), text.as_bytes())
             .expect("local");
-        txn.commit().expect("commit");
+        txn.commit(None).expect("commit");
         d
     }
 

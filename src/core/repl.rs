@@ -42,6 +42,9 @@ pub trait Docs {
     }
     /// The document changed.
     fn changed(&mut self, id: &str);
+    /// Changes were applied that the message did not carry (the document held changes queued
+    /// for missing dependencies, and this message released them).
+    fn unlogged(&mut self) {}
     /// Its saved bytes, for a peer that lacks it.
     fn saved(&mut self, id: &str) -> Result<Option<Vec<u8>>, String>;
 }
@@ -193,6 +196,7 @@ impl Sessions {
                 }
             };
             let before = doc.get_heads();
+            let queued = !doc.get_missing_deps(&[]).is_empty();
             let st = self
                 .map
                 .get_or_insert_mut((peer.to_string(), dir, id.clone()), sync::State::new);
@@ -201,6 +205,9 @@ impl Sessions {
                 Ok(()) => {
                     if doc.get_heads() != before {
                         docs.changed(&id);
+                        if queued {
+                            docs.unlogged();
+                        }
                     }
                 }
                 Err(e) => {
