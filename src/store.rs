@@ -462,7 +462,9 @@ impl WriteTxn {
                     return Ok(());
                 }
                 match crate::driver::entry_for(&id, &mut doc) {
-                    Ok(entry) => self.put_doc(&id, &mut doc, entry, None, &before).map(|_| ()),
+                    Ok(entry) => self
+                        .put_doc(&id, &mut doc, entry, None, &before)
+                        .map(|_| ()),
                     Err(e) => {
                         tracing::warn!(doc = %id, error = %e, "a logged document has no index row; skipped");
                         Ok(())
