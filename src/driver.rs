@@ -366,9 +366,9 @@ impl Driver {
     }
 
     fn run_batch(&mut self, cmds: Vec<Cmd>) {
-        // Changes received from peers go to the log at once, on the log thread, while the batch
-        // applies them: the disk write overlaps the work instead of following it.
-        let prelogged = received_changes(&cmds).map(|ops| self.store.prelog(&ops));
+        // Changes received from peers start going to the log before the batch runs (io_uring), so
+        // the disk write overlaps applying them instead of following it.
+        let prelogged = received_changes(&cmds).and_then(|ops| self.store.prelog(&ops));
         let txn = match self.store.write() {
             Ok(t) => t,
             Err(e) => {

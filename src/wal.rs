@@ -40,6 +40,25 @@ pub struct Wal {
     seq: u64,
     /// Set by a failed write: the file's state is unknown, so nothing more is appended.
     broken: Option<String>,
+    /// For writes that proceed while the caller works on ([`Wal::submit`]); None where the
+    /// kernel refuses io_uring (then every write is synchronous).
+    ring: Option<io_uring::IoUring>,
+    /// The one write submitted and not yet reaped. Owns the buffer the kernel reads from.
+    inflight: Option<Inflight>,
+}
+
+struct Inflight {
+    raw: Vec<u8>,
+    start: usize,
+    size: usize,
+    offset: u64,
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        // The kernel may still read the in-flight buffer: wait for it before freeing it.
+        let _ = self.finish();
+    }
 }
 
 fn crc(seq: u64, payload: &[u8]) -> u32 {
@@ -125,6 +144,8 @@ impl Wal {
             offset,
             seq,
             broken: None,
+            ring: io_uring::IoUring::new(4).ok(),
+            inflight: None,
         };
         Ok((wal, records))
     }
@@ -139,17 +160,21 @@ impl Wal {
         len <= RECORD_MAX && self.offset + padded(len) <= WAL_BYTES
     }
 
-    /// Appends one record and returns once it is on stable storage. Precondition: `fits`.
-    pub fn append(&mut self, payload: &[u8]) -> io::Result<()> {
-        if let Some(e) = &self.broken {
-            return Err(io::Error::other(format!(
+    fn refuse_if_broken(&self) -> io::Result<()> {
+        match &self.broken {
+            Some(e) => Err(io::Error::other(format!(
                 "an earlier write to {} failed ({e}); restart the node",
                 self.path.display()
-            )));
+            ))),
+            None => Ok(()),
         }
+    }
+
+    /// Lays out the next record in a page-aligned buffer (as O_DIRECT requires) and reserves its
+    /// number and place: (buffer, start of the aligned part, size).
+    fn layout(&mut self, payload: &[u8]) -> (Vec<u8>, usize, usize, u64) {
         let n = self.seq + 1;
         let size = padded(payload.len()) as usize;
-        // A page-aligned buffer, as O_DIRECT requires.
         let mut raw = vec![0u8; size + PAGE as usize];
         let start = raw.as_ptr().align_offset(PAGE as usize);
         let buf = &mut raw[start..start + size];
@@ -158,8 +183,15 @@ impl Wal {
         buf[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         buf[16..20].copy_from_slice(&crc(n, payload).to_le_bytes());
         buf[HEADER..HEADER + payload.len()].copy_from_slice(payload);
-        // O_DSYNC: the write returns once the data is on stable storage.
-        let mut written = self.file.write_all_at(buf, self.offset);
+        let offset = self.offset;
+        self.offset += size as u64;
+        self.seq = n;
+        (raw, start, size, offset)
+    }
+
+    /// Writes synchronously; O_DSYNC makes the write return once the data is on stable storage.
+    fn write_sync(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut written = self.file.write_all_at(buf, offset);
         if self.direct && matches!(&written, Err(e) if e.raw_os_error() == Some(libc::EINVAL)) {
             // A file system that accepts O_DIRECT at open but not for this write wrote nothing:
             // go on with buffered O_DSYNC writes.
@@ -168,20 +200,94 @@ impl Wal {
                 .custom_flags(libc::O_DSYNC)
                 .open(&self.path)?;
             self.direct = false;
-            written = self.file.write_all_at(buf, self.offset);
+            written = self.file.write_all_at(buf, offset);
         }
-        if let Err(e) = written {
+        if let Err(e) = &written {
+            self.broken = Some(e.to_string());
+        }
+        written
+    }
+
+    /// Appends one record and returns once it is on stable storage. Precondition: `fits`.
+    pub fn append(&mut self, payload: &[u8]) -> io::Result<()> {
+        self.finish()?;
+        self.refuse_if_broken()?;
+        let (raw, start, size, offset) = self.layout(payload);
+        self.write_sync(&raw[start..start + size], offset)
+    }
+
+    /// Starts appending one record and returns at once; [`Wal::finish`] waits until it is on
+    /// stable storage. Ok(false): no io_uring here, nothing was started (append instead).
+    /// Precondition: `fits`.
+    pub fn submit(&mut self, payload: &[u8]) -> io::Result<bool> {
+        self.finish()?;
+        self.refuse_if_broken()?;
+        if self.ring.is_none() {
+            return Ok(false);
+        }
+        let (raw, start, size, offset) = self.layout(payload);
+        let fd = io_uring::types::Fd(std::os::fd::AsRawFd::as_raw_fd(&self.file));
+        let sqe = io_uring::opcode::Write::new(fd, raw[start..].as_ptr(), size as u32)
+            .offset(offset)
+            .build();
+        let ring = self.ring.as_mut().expect("checked above");
+        // SAFETY: the buffer is kept in `inflight` (a Vec's heap memory does not move) and the
+        // file stays open until the completion is reaped in `finish` (also on drop).
+        let pushed = unsafe { ring.submission().push(&sqe).is_ok() };
+        let submitted = pushed && ring.submit().is_ok();
+        self.inflight = Some(Inflight {
+            raw,
+            start,
+            size,
+            offset,
+        });
+        if !submitted {
+            // Nothing reached the kernel: write it now instead.
+            let f = self.inflight.take().expect("just set");
+            self.write_sync(&f.raw[f.start..f.start + f.size], f.offset)?;
+        }
+        Ok(true)
+    }
+
+    /// Waits for the submitted record, if any, to be on stable storage.
+    pub fn finish(&mut self) -> io::Result<()> {
+        let Some(f) = self.inflight.take() else {
+            return Ok(());
+        };
+        let ring = self.ring.as_mut().expect("a write in flight has a ring");
+        let result = loop {
+            if let Some(cqe) = ring.completion().next() {
+                break cqe.result();
+            }
+            match ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // The kernel may still hold the buffer: keep it (leak) rather than free it.
+                    std::mem::forget(f);
+                    self.broken = Some(e.to_string());
+                    return Err(e);
+                }
+            }
+        };
+        let buf = &f.raw[f.start..f.start + f.size];
+        if result == f.size as i32 {
+            return Ok(());
+        }
+        // A short or refused write: do it again synchronously (which also falls back from
+        // O_DIRECT where the file system refuses it).
+        if result < 0 && -result != libc::EINVAL {
+            let e = io::Error::from_raw_os_error(-result);
             self.broken = Some(e.to_string());
             return Err(e);
         }
-        self.offset += size as u64;
-        self.seq = n;
-        Ok(())
+        self.write_sync(buf, f.offset)
     }
 
     /// Called after a durable redb commit that stored [`Wal::seq`]: every record is now covered,
     /// so the log is written again from the start.
     pub fn reset(&mut self) {
+        debug_assert!(self.inflight.is_none(), "reset with a write in flight");
         self.offset = 0;
     }
 
@@ -264,5 +370,32 @@ mod tests {
         assert!(w.offset + padded(big.len()) > WAL_BYTES);
         w.reset();
         assert!(w.fits(big.len()));
+    }
+
+    #[test]
+    fn records_started_ahead_come_back_in_order_with_appended_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wal");
+        let (mut w, _) = Wal::open(&path, 0).expect("open");
+        let ahead = w.submit(&[1; 10]).expect("submit");
+        // An append waits for the record in flight, then follows it.
+        w.append(&[2; 5000]).expect("append");
+        if ahead {
+            assert!(w.submit(&[3; 10]).expect("submit"));
+            w.finish().expect("finish");
+        } else {
+            // No io_uring on this kernel: submit started nothing.
+            w.append(&[1; 10]).expect("append");
+            w.append(&[3; 10]).expect("append");
+        }
+        drop(w);
+        let (w, recs) = Wal::open(&path, 0).expect("reopen");
+        assert_eq!(recs.len(), 3);
+        assert_eq!(recs[1], vec![2u8; 5000]);
+        if ahead {
+            assert_eq!(recs[0], vec![1u8; 10]);
+            assert_eq!(recs[2], vec![3u8; 10]);
+        }
+        assert_eq!(w.seq(), 3);
     }
 }
