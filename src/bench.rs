@@ -376,8 +376,8 @@ pub async fn cluster(
     let idle_1k = idle_bytes_per_s(window, 3).await;
     eprintln!("idle at 1,000 entities: {idle_1k:.0} B/s per pair");
 
-    // Latency, one writer and 64.
-    let (lat1, _) = visibility(&nodes, 1, 300, "lat1-").await?;
+    // Latency, one writer (2,000 writes, each after the last is visible everywhere) and 64.
+    let (lat1, _) = visibility(&nodes, 1, 2000, "lat1-").await?;
     let (lat64, rate64) = visibility(&nodes, 64, 3000, "lat64-").await?;
     eprintln!("latency measured");
 

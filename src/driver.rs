@@ -369,6 +369,9 @@ impl Driver {
         // Changes received from peers start going to the log before the batch runs (io_uring), so
         // the disk write overlaps applying them instead of following it.
         let prelogged = received_changes(&cmds).and_then(|ops| self.store.prelog(&ops));
+        // Bulk ingestion (a new node seeded with whole documents) commits straight to redb: its
+        // records would fill the log at once, and every byte would be written twice.
+        let bulk = cmds.iter().any(|c| matches!(c, Cmd::Ingest { .. }));
         let txn = match self.store.write() {
             Ok(t) => t,
             Err(e) => {
@@ -413,6 +416,7 @@ impl Driver {
             Some(e) => Err(e),
             // A batch that changed nothing does not pay for an fsync.
             None if !dirty && !self.wrote_local => Ok(()),
+            None if bulk => txn.commit_to_redb().map_err(|e| e.to_string()),
             None => txn.commit(prelogged).map_err(|e| e.to_string()),
         };
         self.wrote_local = false;

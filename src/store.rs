@@ -421,6 +421,12 @@ impl WriteTxn {
         }
     }
 
+    /// Commits durably in redb itself (fsync), without a log record: for bulk batches, whose
+    /// records would fill the log at once. This is a checkpoint too.
+    pub fn commit_to_redb(self) -> Result<(), StoreError> {
+        self.checkpoint()
+    }
+
     /// Commits durably in redb itself, recording that every log record so far is covered, and
     /// starts the log over.
     fn checkpoint(self) -> Result<(), StoreError> {
