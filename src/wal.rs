@@ -398,4 +398,23 @@ mod tests {
         }
         assert_eq!(w.seq(), 3);
     }
+
+    /// Where the kernel refuses io_uring, nothing is started ahead and appends are synchronous.
+    #[test]
+    fn without_io_uring_records_are_appended_synchronously() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wal");
+        let (mut w, _) = Wal::open(&path, 0).expect("open");
+        w.ring = None;
+        assert!(
+            !w.submit(&[1; 10]).expect("submit"),
+            "nothing can start ahead"
+        );
+        assert_eq!(w.seq(), 0, "a submit that started nothing reserves nothing");
+        w.append(&[1; 10]).expect("append");
+        w.finish().expect("nothing in flight");
+        drop(w);
+        let (_, recs) = Wal::open(&path, 0).expect("reopen");
+        assert_eq!(recs, vec![vec![1u8; 10]]);
+    }
 }
