@@ -827,7 +827,6 @@ impl Driver {
     ) -> Result<EntityState, Error> {
         crdt_schema::validate_name(kind, name)?;
         let id = doc_id(kind, name);
-        let mut is_new = false;
         let mut d = match b.touched.remove(&id).or_else(|| self.cache.pop(&id)) {
             Some(d) => d,
             None => match b.txn.load_doc(&id)? {
@@ -838,7 +837,6 @@ impl Driver {
                 None => {
                     let mut d = doc::genesis(kind);
                     d.set_actor(self.actor.clone());
-                    is_new = true;
                     d
                 }
             },
@@ -861,8 +859,10 @@ impl Driver {
         };
         if outcome.changed {
             let entry = index_entry(&mut d, &outcome.state);
-            let full = match b.txn.put_doc(&id, &mut d, entry.clone(), None, &before) {
-                Ok(full) => full,
+            // What the peers need comes back: a document new here whole (the full save just
+            // stored, which loads fastest), otherwise the changes this write made.
+            let changes = match b.txn.put_doc(&id, &mut d, entry.clone(), None, &before) {
+                Ok(c) => c,
                 Err(e) => {
                     // The document holds a change the transaction may not: never reuse it, and
                     // commit nothing of this batch.
@@ -870,16 +870,10 @@ impl Driver {
                     return Err(e.into());
                 }
             };
-            // What the peers need: a document new here goes whole (the full save just stored,
-            // which loads fastest); otherwise the changes this write made.
             let heads = d.get_heads();
             b.stored.insert(id.clone(), heads.clone());
             // A node with no peers makes no pushes.
             if b.has_peers {
-                let changes = match full {
-                    Some(bytes) if is_new => bytes,
-                    _ => d.save_after(&before),
-                };
                 b.pushes.push((id.clone(), heads, changes));
             }
             b.entries.insert(id.clone(), entry);

@@ -11,8 +11,9 @@
 //!   committed it with fsync together with every earlier non-durable commit.
 //! - `META[WAL_SEQ]` is the number of the last log record a durable redb commit covers. Opening
 //!   the store replays the records after it, then checkpoints.
-//! - A log record holds the blind writes of one transaction (puts and removes of whole values),
-//!   so replaying records redb already has changes nothing.
+//! - A log record holds what one transaction stored, logically: the Automerge bytes each document
+//!   gained, and node-local rows. Replay merges the bytes and derives index rows again; merging is
+//!   idempotent, so replaying records redb already has changes nothing.
 
 use automerge::AutoCommit;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -193,8 +194,9 @@ impl Store {
         })
     }
 
-    /// Makes every commit so far durable in redb itself, so the log can start over. Done when
-    /// the log is full and when the store closes; never needed for correctness.
+    /// Makes every commit so far durable in redb itself, so the log can start over. Done when the
+    /// store closes (a full log is checkpointed by the commit that finds it full); never needed
+    /// for correctness.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         // A transaction before the log's lock, as everywhere: the driver locks the log while it
         // holds its transaction.
@@ -329,11 +331,13 @@ impl WriteTxn {
         Ok(v)
     }
 
-    /// Stores the changes of `doc` made since it was loaded or last stored, and its index row.
-    /// `entry.chunks` is set here.
-    /// Stores the document's changes since `stored` (the heads of what is stored now), or the
-    /// whole document (new, or time to compact); returns the bytes of a whole save. `saved`: bytes
-    /// the document was just loaded from, stored as they are if a whole save is due.
+    /// Stores what `doc` gained since `stored` (the heads of what is stored now) and its index
+    /// row; `entry.chunks` is set here. The gain goes in as one chunk, or, for a new document or
+    /// when it is time to compact, as one whole save that replaces the chunks. `saved`: bytes the
+    /// document was just loaded from, stored as they are when a whole save is due.
+    ///
+    /// Returns the bytes gained (the whole save for a document new here): the transaction's log
+    /// entry, and what a push of a local write carries.
     ///
     /// The heads are passed in rather than left to `save_incremental`, whose cursor a document
     /// loaded from bytes does not have: its first incremental save would repeat the whole history.
@@ -344,21 +348,20 @@ impl WriteTxn {
         mut entry: IndexEntry,
         saved: Option<Vec<u8>>,
         stored: &[automerge::ChangeHash],
-    ) -> Result<Option<Vec<u8>>, StoreError> {
+    ) -> Result<Vec<u8>, StoreError> {
         let prev = self.index_get(id)?;
         let mut docs = self.txn.open_table(DOCS)?;
         let mut chunks = self.txn.open_table(CHUNKS)?;
-        let mut full = None;
-        match prev {
+        let gained = match prev {
             Some(p) if p.chunks < CHUNKS_MAX => {
                 let inc = doc.save_after(stored);
                 if !inc.is_empty() {
                     chunks.insert((id, p.chunks), inc.as_slice())?;
-                    self.ops.push(LogOp::Changes(id.to_string(), inc));
                     entry.chunks = p.chunks + 1;
                 } else {
                     entry.chunks = p.chunks;
                 }
+                inc
             }
             prev => {
                 // New document, or time to compact: one full save replaces every chunk.
@@ -367,19 +370,25 @@ impl WriteTxn {
                     None => doc.save(),
                 };
                 docs.insert(id, bytes.as_slice())?;
-                self.ops.push(LogOp::Changes(id.to_string(), bytes.clone()));
-                if let Some(p) = prev {
-                    for n in 0..p.chunks {
-                        chunks.remove((id, n))?;
+                entry.chunks = 0;
+                match prev {
+                    None => bytes,
+                    Some(p) => {
+                        for n in 0..p.chunks {
+                            chunks.remove((id, n))?;
+                        }
+                        doc.save_after(stored)
                     }
                 }
-                entry.chunks = 0;
-                full = Some(bytes);
             }
+        };
+        if !gained.is_empty() {
+            self.ops
+                .push(LogOp::Changes(id.to_string(), gained.clone()));
         }
         let mut index = self.txn.open_table(INDEX)?;
         index.insert(id, encode_entry(&entry).as_slice())?;
-        Ok(full)
+        Ok(gained)
     }
 
     pub fn local_put(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
@@ -639,5 +648,34 @@ mod tests {
             .expect("index row derived");
         assert!(row.alive);
         assert!(String::from_utf8_lossy(&row.json).contains("from a peer"));
+    }
+
+    /// Edits past the chunk limit (one of them compacts) are logged as the changes they made,
+    /// and replay rebuilds the same document.
+    #[test]
+    fn edits_through_a_compaction_survive_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("db");
+        let store = Store::open(&db).expect("open");
+        let id = "user/edited";
+        let mut d = put(&store, id, "v0");
+        for i in 1..=(CHUNKS_MAX + 5) {
+            let before = d.get_heads();
+            d.put(ROOT, "text", format!("v{i}")).expect("put");
+            d.commit();
+            let mut txn = store.write().expect("txn");
+            let gained = txn
+                .put_doc(id, &mut d, entry(), None, &before)
+                .expect("put");
+            assert!(gained.len() < 200, "edit {i} logged {} bytes", gained.len());
+            txn.commit(None).expect("commit");
+        }
+        let crashed = dir.path().join("crashed");
+        std::fs::copy(&db, &crashed).expect("copy db");
+        std::fs::copy(wal_path(&db), wal_path(&crashed)).expect("copy wal");
+        drop(store);
+        let back = Store::open(&crashed).expect("reopen");
+        let mut got = back.load_doc(id).expect("load").expect("replayed");
+        assert_eq!(got.get_heads(), d.get_heads());
     }
 }
