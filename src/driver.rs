@@ -1,7 +1,9 @@
 //! The driver: the one thread that owns the write side of the store, the document cache and the
 //! replication sessions. It takes every command waiting (local writes, peers' sync messages,
-//! fetched documents, joins), runs them in one redb transaction, commits (fsync), and only then
-//! answers each caller, publishes events and wakes the replicators: persist before you speak.
+//! fetched documents, joins), runs them in one redb transaction, commits (durably, through the
+//! log), and only then answers each caller, publishes events and wakes the replicators for what it
+//! received: persist before you answer. Local writes' pushes alone leave before the commit (see
+//! ARCHITECTURE.md, "Push before commit").
 
 use crate::core::clock::Clock;
 use crate::core::digest::Digest;
@@ -412,6 +414,14 @@ impl Driver {
         } = b;
         let prelogged = prelogged.filter(|_| !unlogged);
         let dirty = !entries.is_empty() || !changed.is_empty() || poisoned.is_some();
+        // Local writes go to peers while their own record is being written, so the two disk
+        // writes overlap instead of following each other. A crash (or a failed commit) here can
+        // leave a peer holding a change this node lost: it comes back by sync, and the actor that
+        // made it is never used again (fresh per process start, replaced after a failed commit),
+        // so no other change can take its place. See ARCHITECTURE.md, "Push before commit".
+        if poisoned.is_none() && self.store.writable() {
+            self.push_local(&changed, pushes);
+        }
         let commit = match poisoned {
             Some(e) => Err(e),
             // A batch that changed nothing does not pay for an fsync.
@@ -423,10 +433,13 @@ impl Driver {
         // Peers and callers first: caching the documents (and dropping those it evicts) is not
         // on anyone's path.
         match &commit {
-            Ok(()) => self.after_commit(&changed, &entries, pushes, follow_ups),
+            Ok(()) => self.after_commit(&changed, &entries, follow_ups),
             // The touched documents may hold changes that are not durable: they are dropped, so
             // the next use reloads what is committed.
-            Err(e) => tracing::error!(error = %e, "commit failed; the batch is refused"),
+            Err(e) => {
+                tracing::error!(error = %e, "commit failed; the batch is refused");
+                self.new_actor();
+            }
         }
         for d in deferred {
             d.send(&commit);
@@ -436,6 +449,17 @@ impl Driver {
                 self.cache.put(id, d);
             }
         }
+    }
+
+    /// After a failed commit: the batch's changes may already be at peers (pushed before the
+    /// commit) while this node lost them, so the actor that made them must never make another
+    /// change (the next one would reuse their sequence numbers). Cached documents carry the old
+    /// actor, so the cache goes too.
+    fn new_actor(&mut self) {
+        let mut a = [0u8; 16];
+        self.rng.fill_bytes(&mut a);
+        self.actor = ActorId::from(a.as_slice());
+        self.cache.clear();
     }
 
     /// The answer to a command that could not run because no transaction could start.
@@ -475,7 +499,6 @@ impl Driver {
         &mut self,
         changed: &BTreeMap<String, Origin>,
         entries: &BTreeMap<String, IndexEntry>,
-        pushes: Vec<(String, Vec<automerge::ChangeHash>, Vec<u8>)>,
         follow_ups: Vec<(String, Msgs, usize)>,
     ) {
         if let Ok(mut d) = self.shared.digest.lock() {
@@ -483,10 +506,6 @@ impl Driver {
                 d.set(id, e.heads_hash);
             }
         }
-        // Full mesh: the node that made a change pushes it to every peer itself. Changes received
-        // are not forwarded (that doubled the traffic and the work of every receiver); a peer the
-        // origin could not reach is repaired by the replication cycle.
-        self.push_local(changed, pushes);
         self.queue_follow_ups(follow_ups);
         for (id, origin) in changed {
             if id == MEMBERS_DOC {
@@ -881,5 +900,67 @@ impl Driver {
         }
         b.touched.insert(id, d);
         Ok(outcome.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Kind, Node, NodeOptions};
+    use serde_json::json;
+
+    /// A failed commit's changes may already be at peers (pushed before the commit): the actor
+    /// that made them must never make another change, or the next one would reuse their sequence
+    /// numbers with other contents.
+    #[test]
+    fn a_failed_commit_retires_the_actor_that_made_its_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = |seed| NodeOptions {
+            seed: Some(seed),
+            ..NodeOptions::default()
+        };
+        Node::init(dir.path(), &Default::default(), &opts(1)).expect("init");
+        let node = Node::open(dir.path(), opts(2)).expect("open");
+        let store = node.shared().store.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let site = |dir: &str| json!({"protocols": ["sftp"], "root_dir": dir});
+        rt.block_on(async {
+            node.put(Kind::Site, "s1", site("/a"))
+                .await
+                .expect("first write");
+            store.fail_commits(true);
+            let err = node
+                .put(Kind::Site, "s1", site("/b"))
+                .await
+                .expect_err("the commit fails");
+            assert!(err.to_string().contains("injected"), "{err}");
+            store.fail_commits(false);
+            node.put(Kind::Site, "s1", site("/c"))
+                .await
+                .expect("third write");
+        });
+        let mut d = store
+            .load_doc(&crdt_schema::doc_id(Kind::Site, "s1"))
+            .expect("load")
+            .expect("stored");
+        let changes = d.get_changes(&[]);
+        let first = changes
+            .iter()
+            .find(|c| c.seq() == 1 && c.actor_id() != changes[0].actor_id())
+            .expect("the first write's change");
+        let last = changes.last().expect("changes");
+        assert_eq!(
+            last.seq(),
+            1,
+            "the write after the failed commit starts a new actor (it reused actor {} at seq {})",
+            last.actor_id(),
+            last.seq()
+        );
+        assert_ne!(first.actor_id(), last.actor_id());
+        assert_eq!(changes.len(), 3, "genesis and the two committed writes");
+        let now = node.get(Kind::Site, "s1").expect("read").expect("exists");
+        assert_eq!(now["fields"]["root_dir"], json!("/c"));
     }
 }

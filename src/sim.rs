@@ -23,6 +23,10 @@ pub struct Faults {
     pub delay_ms_max: u64,
     pub partitions: bool,
     pub crashes: bool,
+    /// Chance (percent) that a node crashes during a local write, after the write's push left
+    /// and before its commit: the node loses the change, peers may hold it (as the driver pushes
+    /// before its own commit). Only with `crashes`.
+    pub commit_crash_pct: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -39,17 +43,30 @@ impl Scenario {
     /// A scenario drawn from a seed.
     pub fn from_seed(seed: u64) -> Scenario {
         let mut r = ChaCha8Rng::seed_from_u64(seed);
+        let (nodes, writes, duration_ms) = (
+            r.random_range(2..=4),
+            r.random_range(1..=30),
+            r.random_range(500..=4000),
+        );
+        let (drop_pct, dup_pct, delay_ms_max) = (
+            r.random_range(0..=30),
+            r.random_range(0..=10),
+            r.random_range(1..=80),
+        );
+        let partitions = r.random_bool(0.5);
+        let crashes = r.random_bool(0.5);
         Scenario {
             seed,
-            nodes: r.random_range(2..=4),
-            writes: r.random_range(1..=30),
-            duration_ms: r.random_range(500..=4000),
+            nodes,
+            writes,
+            duration_ms,
             faults: Faults {
-                drop_pct: r.random_range(0..=30),
-                dup_pct: r.random_range(0..=10),
-                delay_ms_max: r.random_range(1..=80),
-                partitions: r.random_bool(0.5),
-                crashes: r.random_bool(0.5),
+                drop_pct,
+                dup_pct,
+                delay_ms_max,
+                partitions,
+                crashes,
+                commit_crash_pct: if crashes { r.random_range(0..=20) } else { 0 },
             },
         }
     }
@@ -62,6 +79,10 @@ pub struct Report {
     pub messages: u64,
     pub dropped: u64,
     pub crashes: u64,
+    /// Local writes lost at their origin by a crash after their push left.
+    pub lost_before_commit: u64,
+    /// Of those, the ones every node holds in the end (a peer had received the push).
+    pub recovered: u64,
     pub acknowledged: usize,
 }
 
@@ -285,6 +306,8 @@ struct Sim {
     calm: bool,
     next_req: u64,
     acknowledged: Vec<(String, ChangeHash)>,
+    /// Writes lost at their origin by a crash before their commit.
+    lost: Vec<(String, ChangeHash)>,
     report: Report,
 }
 
@@ -412,6 +435,10 @@ impl Sim {
                     .unwrap_or_else(|| format!("e{}", self.rng.random_range(0..3)));
                 let id = crdt_schema::doc_id(kind, &name);
                 let now = self.now as i64;
+                let pct = self.sc.faults.commit_crash_pct;
+                let crash = pct > 0 && self.rng.random_range(0..100) < pct;
+                // What the node has durably, to go back to if it crashes before the commit.
+                let before_write = crash.then(|| self.nodes[node].docs.get(&id).cloned());
                 let n = &mut self.nodes[node];
                 let actor = n.actor.clone();
                 let node_id = n.id.clone();
@@ -459,14 +486,32 @@ impl Sim {
                     }
                     h
                 });
-                // Acknowledged: in the simulation a write is durable the moment it is made.
-                if let Some(h) = hash {
-                    self.acknowledged.push((id, h));
-                }
+                // The driver hands the push to the replicators before it commits.
                 for p in 0..self.nodes.len() {
                     if p != node {
                         self.kick(node, p);
                     }
+                }
+                if let (Some(prev), Some(h)) = (before_write, hash) {
+                    self.lost.push((id.clone(), h));
+                    // A crash before the commit: the write is not acknowledged and the node
+                    // restarts without it; whatever push already left may still arrive.
+                    let n = &mut self.nodes[node];
+                    match prev {
+                        Some(d) => n.docs.insert(id, d),
+                        None => n.docs.remove(&id),
+                    };
+                    n.up = false;
+                    self.report.crashes += 1;
+                    self.report.lost_before_commit += 1;
+                    let down = self.rng.random_range(50..=1000);
+                    let t = (self.now + down).min(self.sc.duration_ms);
+                    self.at(t, Event::Restart { node });
+                    return;
+                }
+                // Acknowledged: once committed, which in the simulation is the moment it is made.
+                if let Some(h) = hash {
+                    self.acknowledged.push((id, h));
                 }
             }
             Event::Tick { node } => {
@@ -730,6 +775,7 @@ pub fn run(sc: &Scenario) -> Result<Report, String> {
         calm: false,
         next_req: 0,
         acknowledged: Vec::new(),
+        lost: Vec::new(),
         report: Report::default(),
     };
     let n = sc.nodes;
@@ -808,6 +854,16 @@ pub fn run(sc: &Scenario) -> Result<Report, String> {
                     sc.seed, node.id
                 ));
             }
+        }
+    }
+    // Converged means identical heads, so a lost write is on every node or on none.
+    for (id, h) in &sim.lost {
+        if sim.nodes[0]
+            .docs
+            .get_mut(id)
+            .is_some_and(|d| d.get_change_by_hash(h).is_some())
+        {
+            sim.report.recovered += 1;
         }
     }
     sim.report.virtual_ms_to_converge = t.saturating_sub(sc.duration_ms);

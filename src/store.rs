@@ -115,6 +115,9 @@ fn decode_entry(b: &[u8]) -> Result<IndexEntry, StoreError> {
 pub struct Store {
     db: Database,
     wal: Arc<Mutex<Wal>>,
+    /// Tests: every commit fails while set.
+    #[cfg(test)]
+    fail_commits: std::sync::atomic::AtomicBool,
 }
 
 /// The log's path: beside the database.
@@ -154,6 +157,8 @@ impl Store {
             txn,
             ops: Vec::new(),
             wal: wal.clone(),
+            #[cfg(test)]
+            fail: false,
         };
         for r in &records {
             let ops: Vec<LogOp> = crate::core::wire::decode(r)
@@ -166,7 +171,12 @@ impl Store {
         if !records.is_empty() {
             tracing::info!(records = records.len(), "replayed the write-ahead log");
         }
-        Ok(Store { db, wal })
+        Ok(Store {
+            db,
+            wal,
+            #[cfg(test)]
+            fail_commits: Default::default(),
+        })
     }
 
     /// Starts writing a batch's record before the batch runs, so the disk works while the
@@ -186,12 +196,27 @@ impl Store {
         }
     }
 
+    /// Whether commits can still succeed: false once a write to the log failed (until the node
+    /// restarts).
+    pub fn writable(&self) -> bool {
+        self.wal.lock().map(|w| !w.broken()).unwrap_or(false)
+    }
+
     pub fn write(&self) -> Result<WriteTxn, StoreError> {
         Ok(WriteTxn {
             txn: self.db.begin_write()?,
             ops: Vec::new(),
             wal: self.wal.clone(),
+            #[cfg(test)]
+            fail: self.fail_commits.load(std::sync::atomic::Ordering::SeqCst),
         })
+    }
+
+    /// Tests: makes every commit fail (before anything is written) until called with false.
+    #[cfg(test)]
+    pub(crate) fn fail_commits(&self, fail: bool) {
+        self.fail_commits
+            .store(fail, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Makes every commit so far durable in redb itself, so the log can start over. Done when the
@@ -304,6 +329,8 @@ pub struct WriteTxn {
     /// The transaction's changes, for its log record.
     ops: Vec<LogOp>,
     wal: Arc<Mutex<Wal>>,
+    #[cfg(test)]
+    fail: bool,
 }
 
 impl WriteTxn {
@@ -404,6 +431,13 @@ impl WriteTxn {
     /// `prelogged`: the batch's record was handed to the log thread ahead ([`Store::prelog`]) and
     /// covers every change of the transaction; then only its answer is awaited.
     pub fn commit(mut self, prelogged: Option<Prelogged>) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self.fail {
+            if let Some(Prelogged::Submitted) = prelogged {
+                let _ = self.wal.lock().map_err(|_| poisoned())?.finish();
+            }
+            return Err(StoreError::Redb("injected commit failure".into()));
+        }
         match prelogged {
             Some(Prelogged::Submitted) => {
                 self.wal.lock().map_err(|_| poisoned())?.finish()?;

@@ -160,6 +160,11 @@ impl Wal {
         len <= RECORD_MAX && self.offset + padded(len) <= WAL_BYTES
     }
 
+    /// Whether a failed write has stopped the log (every later commit is refused).
+    pub fn broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
     fn refuse_if_broken(&self) -> io::Result<()> {
         match &self.broken {
             Some(e) => Err(io::Error::other(format!(
