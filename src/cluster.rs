@@ -612,8 +612,11 @@ async fn fetch_docs(
     client: &mut PeerClient,
     fetch: &[String],
 ) -> Result<(), String> {
-    // Pipelined: the next batch is on its way while the driver stores the last one.
-    let mut storing: Option<tokio::task::JoinHandle<Result<usize, crate::node::Error>>> = None;
+    // Pipelined: the next batch is on its way, and is loaded, while the driver stores the last
+    // one (at most two batches are taken in at once).
+    let mut storing: std::collections::VecDeque<
+        tokio::task::JoinHandle<Result<usize, crate::node::Error>>,
+    > = Default::default();
     for batch in fetch.chunks(FETCH_DOCS_MAX) {
         let mut want: Vec<String> = batch.to_vec();
         while !want.is_empty() {
@@ -625,13 +628,15 @@ async fn fetch_docs(
                     }
                     let got: std::collections::HashSet<String> =
                         docs.iter().map(|(id, _)| id.clone()).collect();
-                    if let Some(h) = storing.take() {
-                        h.await
-                            .map_err(|e| e.to_string())?
-                            .map_err(|e| e.to_string())?;
+                    while storing.len() >= 2 {
+                        if let Some(h) = storing.pop_front() {
+                            h.await
+                                .map_err(|e| e.to_string())?
+                                .map_err(|e| e.to_string())?;
+                        }
                     }
                     let (node, peer) = (node.clone(), peer.to_string());
-                    storing = Some(tokio::spawn(async move { node.ingest(&peer, docs).await }));
+                    storing.push_back(tokio::spawn(async move { node.ingest(&peer, docs).await }));
                     want.retain(|id| !got.contains(id));
                 }
                 Response::Refused { message, .. } => return Err(message),
@@ -639,7 +644,7 @@ async fn fetch_docs(
             }
         }
     }
-    if let Some(h) = storing {
+    for h in storing {
         h.await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;

@@ -79,7 +79,7 @@ pub enum Cmd {
     /// Saved documents fetched from a peer.
     Ingest {
         peer: String,
-        docs: Msgs,
+        docs: Vec<IngestDoc>,
         reply: oneshot::Sender<Result<usize, String>>,
     },
     /// An exchange with the peer failed.
@@ -115,6 +115,41 @@ pub struct Driver {
     pub sessions: Sessions,
     /// Node-local rows were written in this batch (they need a commit too).
     pub wrote_local: bool,
+}
+
+/// A whole saved document fetched from a peer, with what the driver would derive from it
+/// (heads and index row) computed beforehand, off the driver's thread ([`IngestDoc::prepare`]):
+/// storing a document new here is then two inserts.
+pub struct IngestDoc {
+    pub id: String,
+    pub bytes: Vec<u8>,
+    /// None when the bytes do not load (the driver's own path reports why).
+    pub derived: Option<(Vec<automerge::ChangeHash>, IndexEntry)>,
+}
+
+impl IngestDoc {
+    /// Loads the bytes and derives the document's heads and index row. Pure and CPU-bound: run
+    /// it on a blocking thread.
+    pub fn prepare(id: String, bytes: Vec<u8>) -> IngestDoc {
+        let derived = if repl::valid_doc_id(&id) {
+            AutoCommit::load(&bytes).ok().and_then(|mut d| {
+                let entry = entry_for(&id, &mut d).ok()?;
+                Some((d.get_heads(), entry))
+            })
+        } else {
+            None
+        };
+        IngestDoc { id, bytes, derived }
+    }
+}
+
+/// What became of a fetched document offered to [`Driver::store_new`].
+enum StoreNew {
+    Stored,
+    /// Storing failed: the batch is poisoned.
+    Failed,
+    /// Not new here, or not derived: it goes through the merging path.
+    Merge(IngestDoc),
 }
 
 /// One transaction's worth of state.
@@ -637,6 +672,42 @@ impl Driver {
         }
     }
 
+    /// Stores a fetched document that is new to this node as it came, with the heads and index
+    /// row derived ahead: no Automerge work on the driver's thread, and nothing cached (a new
+    /// node takes in every document once). Err gives the document back when it is not new here
+    /// or was not derived.
+    fn store_new(&mut self, b: &mut Batch, doc: IngestDoc, origin: &Origin) -> StoreNew {
+        let Some((heads, entry)) = &doc.derived else {
+            return StoreNew::Merge(doc);
+        };
+        if b.touched.contains_key(&doc.id) || self.cache.contains(&doc.id) {
+            return StoreNew::Merge(doc);
+        }
+        match b.txn.index_get(&doc.id) {
+            Ok(None) => {}
+            Ok(Some(_)) => return StoreNew::Merge(doc),
+            Err(e) => {
+                b.poisoned.get_or_insert(e.to_string());
+                return StoreNew::Failed;
+            }
+        }
+        let IngestDoc { id, bytes, .. } = doc;
+        let (heads, entry) = (heads.clone(), entry.clone());
+        match b.txn.put_new_doc(&id, bytes, entry.clone()) {
+            Ok(()) => {
+                b.stored.insert(id.clone(), heads);
+                b.entries.insert(id.clone(), entry);
+                b.changed.insert(id, origin.clone());
+                StoreNew::Stored
+            }
+            Err(e) => {
+                tracing::warn!(doc = %id, error = %e, "a document from a peer cannot be stored");
+                b.poisoned.get_or_insert(e.to_string());
+                StoreNew::Failed
+            }
+        }
+    }
+
     fn with_docs<T>(
         &mut self,
         b: &mut Batch,
@@ -702,16 +773,23 @@ impl Driver {
             }
             Cmd::Ingest { peer, docs, reply } => {
                 let origin = Origin::Remote { peer };
-                let r = self.with_docs(b, origin, |d, _| {
-                    let mut n = 0;
-                    for (id, bytes) in docs {
-                        if repl::ingest(d, &id, &bytes).is_ok() {
-                            n += 1;
-                        }
+                let mut n = 0;
+                let mut merge = Vec::new();
+                for doc in docs {
+                    match self.store_new(b, doc, &origin) {
+                        StoreNew::Stored => n += 1,
+                        StoreNew::Failed => {}
+                        StoreNew::Merge(doc) => merge.push(doc),
                     }
-                    n
+                }
+                // Documents this node already has (or that did not load ahead) merge as usual.
+                n += self.with_docs(b, origin, |d, _| {
+                    merge
+                        .into_iter()
+                        .filter(|x| repl::ingest(d, &x.id, &x.bytes).is_ok())
+                        .count()
                 });
-                Deferred::Count(reply, Ok(r))
+                Deferred::Count(reply, Ok(n))
             }
             Cmd::ResetPeer { peer } => {
                 self.sessions.reset_peer(&peer);
@@ -962,5 +1040,83 @@ mod tests {
         assert_eq!(changes.len(), 3, "genesis and the two committed writes");
         let now = node.get(Kind::Site, "s1").expect("read").expect("exists");
         assert_eq!(now["fields"]["root_dir"], json!("/c"));
+    }
+
+    /// A new node stores fetched documents as they came, with index rows derived off the
+    /// driver's thread: it must read exactly what the peer reads, a second copy must merge as a
+    /// no-op, and a document that does not load must be refused without losing the others.
+    #[test]
+    fn fetched_documents_read_back_as_on_the_peer() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (da, db) = (
+            tempfile::tempdir().expect("tempdir"),
+            tempfile::tempdir().expect("tempdir"),
+        );
+        let opts = |seed| NodeOptions {
+            seed: Some(seed),
+            ..NodeOptions::default()
+        };
+        Node::init(da.path(), &Default::default(), &opts(1)).expect("init a");
+        Node::init(db.path(), &Default::default(), &opts(3)).expect("init b");
+        let a = Node::open(da.path(), opts(2)).expect("open a");
+        let b = Node::open(db.path(), opts(4)).expect("open b");
+        let site = |dir: &str| json!({"protocols": ["sftp"], "root_dir": dir});
+        let mut ids = Vec::new();
+        rt.block_on(async {
+            for i in 0..20 {
+                let name = format!("s{i}");
+                a.put(Kind::Site, &name, site("/a")).await.expect("put");
+                ids.push(crdt_schema::doc_id(Kind::Site, &name));
+            }
+            a.patch(Kind::Site, "s3", json!({"root_dir": "/b"}))
+                .await
+                .expect("patch");
+            a.delete(Kind::Site, "s4").await.expect("delete");
+        });
+        let mut docs: Vec<(String, Vec<u8>)> = ids
+            .iter()
+            .map(|id| {
+                let mut d = a.shared().store.load_doc(id).expect("load").expect("doc");
+                (id.clone(), d.save())
+            })
+            .collect();
+        docs.push((
+            crdt_schema::doc_id(Kind::Site, "broken"),
+            b"not automerge".to_vec(),
+        ));
+        let n = rt.block_on(b.ingest("peer", docs.clone())).expect("ingest");
+        assert_eq!(n, 20, "every document but the broken one");
+        assert_eq!(b.get(Kind::Site, "broken").expect("read"), None);
+        let entries = |node: &Node| {
+            let mut v = Vec::new();
+            node.shared()
+                .store
+                .index_scan("site/", |id, mut e| {
+                    // How many chunks a document is stored in is this node's business.
+                    e.chunks = 0;
+                    v.push((id.to_string(), e))
+                })
+                .expect("scan");
+            v
+        };
+        let before = entries(&b);
+        assert!(
+            before == entries(&a),
+            "the index rows differ from the peer's"
+        );
+        for i in 0..20 {
+            let name = format!("s{i}");
+            assert_eq!(
+                b.get(Kind::Site, &name).expect("read b"),
+                a.get(Kind::Site, &name).expect("read a"),
+                "{name}"
+            );
+        }
+        assert_eq!(b.get(Kind::Site, "s4").expect("read"), None, "deleted");
+        rt.block_on(b.ingest("peer", docs)).expect("ingest again");
+        assert!(entries(&b) == before, "a second copy changed the index");
     }
 }

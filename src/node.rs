@@ -460,6 +460,16 @@ impl Node {
     }
 
     pub async fn ingest(&self, peer: &str, docs: Msgs) -> Result<usize, Error> {
+        // Loading each document and deriving its index row is most of the work, and needs
+        // nothing from the store: it runs on a blocking thread, in parallel with the driver
+        // storing the previous batch.
+        let docs = tokio::task::spawn_blocking(move || {
+            docs.into_iter()
+                .map(|(id, bytes)| crate::driver::IngestDoc::prepare(id, bytes))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Error::Io(format!("preparing fetched documents: {e}")))?;
         self.ask(|reply| Cmd::Ingest {
             peer: peer.to_string(),
             docs,

@@ -418,6 +418,23 @@ impl WriteTxn {
         Ok(gained)
     }
 
+    /// Stores a document new to this node as the saved bytes it came in, with its index row
+    /// derived by the caller. The caller checked that the document is not stored yet.
+    pub fn put_new_doc(
+        &mut self,
+        id: &str,
+        bytes: Vec<u8>,
+        mut entry: IndexEntry,
+    ) -> Result<(), StoreError> {
+        entry.chunks = 0;
+        self.txn.open_table(DOCS)?.insert(id, bytes.as_slice())?;
+        self.txn
+            .open_table(INDEX)?
+            .insert(id, encode_entry(&entry).as_slice())?;
+        self.ops.push(LogOp::Changes(id.to_string(), bytes));
+        Ok(())
+    }
+
     pub fn local_put(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.txn.open_table(LOCAL)?.insert(key, value)?;
         self.ops.push(LogOp::Local(key.to_string(), value.to_vec()));
