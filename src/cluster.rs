@@ -423,6 +423,9 @@ async fn replicate(
         };
         if crate::monitor::incompatible(&node, &peer.id) {
             // Another major version: neither synced to nor from (its server refuses us too).
+            if matches!(work, Work::Cycle) {
+                last_cycle = Some(tokio::time::Instant::now());
+            }
             continue;
         }
         let r = match work {
@@ -486,7 +489,11 @@ async fn replicate(
                     _ = stop.changed() => return,
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
-                // Retry the push (the documents were put back) by waking ourselves.
+                // Retry at once: the push (the documents were put back) if any, else a cycle.
+                // Waiting for the next cycle instead left a peer that was down when it was
+                // first tried (a node just joining) unreachable for a whole interval, and the
+                // first write after it came back took the slow path.
+                last_cycle = None;
                 queue.notify.notify_one();
             }
         }

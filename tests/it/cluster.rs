@@ -717,3 +717,47 @@ fn concurrent_register_writes_are_reported_as_conflicts_until_resolved() {
         );
     }
 }
+
+/// A peer that was down is tried again after a short backoff, not at the next replication
+/// cycle. n1 starts while n2 is down, so its first cycle with n2 fails, and nothing is written
+/// after that; the interval is a minute, yet n1 completes a cycle with n2 within seconds of n2's
+/// return (before, it waited the whole interval, and the first write after took the slow path).
+#[test]
+fn a_peer_back_from_down_is_reached_without_waiting_for_the_interval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut ns = form_cluster(tmp.path(), 2, r#"{"replication_interval_ms":60000}"#);
+    let all: Vec<&ClusterNode> = ns.iter().collect();
+    put_json(&ns[0], "group", "g", json!({"description": "before"}));
+    converge(
+        "group g (written on n1) on both nodes",
+        &all,
+        |n| field(&n.api, "group", "g", "description"),
+        |seen| seen.iter().all(|v| *v == Some(json!("before"))),
+    );
+    let n1_api = ns[0].api.clone();
+    let last_cycle = || -> Option<i64> {
+        let v = http_json(&n1_api, "/v1/status")?;
+        v["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["name"] == json!("n2"))?["last_replication_cycle"]
+            .as_i64()
+    };
+    ns[1].stop();
+    ns[0].stop();
+    ns[0].restart();
+    // n1's first cycle with n2 (at start) fails.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(last_cycle(), None, "n1 cannot have had a cycle with n2 yet");
+    ns[1].restart();
+    let t = Instant::now();
+    let reached = wait_for(Duration::from_secs(15), last_cycle);
+    assert!(
+        reached.is_some(),
+        "n1 completed no cycle with n2 within 15 s of n2's return (the interval is 60 s)"
+    );
+    eprintln!(
+        "n1 reached n2 again {} ms after n2 restarted",
+        t.elapsed().as_millis()
+    );
+}
