@@ -674,15 +674,9 @@ impl Driver {
 
     /// Stores a fetched document that is new to this node as it came, with the heads and index
     /// row derived ahead: no Automerge work on the driver's thread, and nothing cached (a new
-    /// node takes in every document once). Err gives the document back when it is not new here
-    /// or was not derived.
-    fn store_new(&mut self, b: &mut Batch, doc: IngestDoc, origin: &Origin) -> StoreNew {
-        let Some((heads, entry)) = &doc.derived else {
-            return StoreNew::Merge(doc);
-        };
-        if b.touched.contains_key(&doc.id) || self.cache.contains(&doc.id) {
-            return StoreNew::Merge(doc);
-        }
+    /// node takes in every document once). A document the transaction already holds (stored
+    /// before, or earlier in this batch), or one not derived, is given back to be merged.
+    fn store_new(b: &mut Batch, doc: IngestDoc, origin: &Origin) -> StoreNew {
         match b.txn.index_get(&doc.id) {
             Ok(None) => {}
             Ok(Some(_)) => return StoreNew::Merge(doc),
@@ -691,8 +685,14 @@ impl Driver {
                 return StoreNew::Failed;
             }
         }
-        let IngestDoc { id, bytes, .. } = doc;
-        let (heads, entry) = (heads.clone(), entry.clone());
+        let IngestDoc { id, bytes, derived } = doc;
+        let Some((heads, entry)) = derived else {
+            return StoreNew::Merge(IngestDoc {
+                id,
+                bytes,
+                derived: None,
+            });
+        };
         match b.txn.put_new_doc(&id, bytes, entry.clone()) {
             Ok(()) => {
                 b.stored.insert(id.clone(), heads);
@@ -776,7 +776,7 @@ impl Driver {
                 let mut n = 0;
                 let mut merge = Vec::new();
                 for doc in docs {
-                    match self.store_new(b, doc, &origin) {
+                    match Self::store_new(b, doc, &origin) {
                         StoreNew::Stored => n += 1,
                         StoreNew::Failed => {}
                         StoreNew::Merge(doc) => merge.push(doc),

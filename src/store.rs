@@ -594,6 +594,16 @@ mod tests {
         assert_eq!(back.get_heads(), d.get_heads());
     }
 
+    /// What a crash leaves: a copy of the database and the log taken while the store is open
+    /// (nothing checkpointed at close), opened as a new store.
+    fn crash(store: Store, db: &std::path::Path) -> Store {
+        let crashed = db.with_extension("crashed");
+        std::fs::copy(db, &crashed).expect("copy db");
+        std::fs::copy(wal_path(db), wal_path(&crashed)).expect("copy wal");
+        drop(store);
+        Store::open(&crashed).expect("reopen")
+    }
+
     fn put(store: &Store, id: &str, text: &str) -> AutoCommit {
         let mut d = AutoCommit::new();
         d.put(ROOT, "text", text).expect("put");
@@ -620,12 +630,7 @@ mod tests {
         for i in 0..20 {
             docs.push(put(&store, &format!("user/u{i}"), &format!("value {i}")));
         }
-        let crashed = dir.path().join("crashed");
-        std::fs::copy(&db, &crashed).expect("copy db");
-        std::fs::copy(wal_path(&db), wal_path(&crashed)).expect("copy wal");
-        drop(store);
-
-        let back = Store::open(&crashed).expect("reopen");
+        let back = crash(store, &db);
         assert_eq!(back.doc_count().expect("count"), 21);
         for (i, d) in docs.iter_mut().enumerate() {
             let mut got = back
@@ -653,11 +658,7 @@ mod tests {
         put(&store, "user/big", &big);
         assert!(!store.wal.lock().expect("lock").pending());
         put(&store, "user/after", "logged again");
-        let crashed = dir.path().join("crashed");
-        std::fs::copy(&db, &crashed).expect("copy db");
-        std::fs::copy(wal_path(&db), wal_path(&crashed)).expect("copy wal");
-        drop(store);
-        let back = Store::open(&crashed).expect("reopen");
+        let back = crash(store, &db);
         for id in ["user/small", "user/big", "user/after"] {
             assert!(back.load_doc(id).expect("load").is_some(), "{id} lost");
         }
@@ -685,12 +686,7 @@ mod tests {
         txn.put_doc(id, &mut d, entry, Some(bytes), &[])
             .expect("put");
         txn.commit(prelogged).expect("commit");
-        let crashed = dir.path().join("crashed");
-        std::fs::copy(&db, &crashed).expect("copy db");
-        std::fs::copy(wal_path(&db), wal_path(&crashed)).expect("copy wal");
-        drop(store);
-
-        let back = Store::open(&crashed).expect("reopen");
+        let back = crash(store, &db);
         let mut got = back.load_doc(id).expect("load").expect("replayed");
         assert_eq!(got.get_heads(), sent.get_heads());
         let row = back
@@ -721,11 +717,7 @@ mod tests {
             assert!(gained.len() < 200, "edit {i} logged {} bytes", gained.len());
             txn.commit(None).expect("commit");
         }
-        let crashed = dir.path().join("crashed");
-        std::fs::copy(&db, &crashed).expect("copy db");
-        std::fs::copy(wal_path(&db), wal_path(&crashed)).expect("copy wal");
-        drop(store);
-        let back = Store::open(&crashed).expect("reopen");
+        let back = crash(store, &db);
         let mut got = back.load_doc(id).expect("load").expect("replayed");
         assert_eq!(got.get_heads(), d.get_heads());
     }
