@@ -7,7 +7,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeSet;
 
 /// A typed entity: its kind is known at compile time.
-pub trait Entity: DeserializeOwned + Serialize {
+pub trait Entity: DeserializeOwned + Serialize + Default {
     const KIND: Kind;
 }
 
@@ -130,3 +130,33 @@ entity!(
     priority: i64,
     description: String,
 });
+
+/// The value of a singleton kind (`settings`, `security`) from the `fields` object of its entity
+/// as read. Fields absent (never written, or `None` for the whole entity) take the schema's
+/// defaults; a value that does not fit the typed view falls back to the defaults whole. The
+/// defaults are stated once, in the field table; nothing else restates them.
+pub fn singleton<T: Entity>(fields: Option<&serde_json::Value>) -> T {
+    let mut all = default_fields(T::KIND);
+    if let (Some(serde_json::Value::Object(given)), serde_json::Value::Object(base)) =
+        (fields, &mut all)
+    {
+        for (k, v) in given {
+            base.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::from_value(all).unwrap_or_else(|_| schema_defaults())
+}
+
+/// A kind's value with every field at its schema default (what a never-written singleton reads
+/// as).
+pub fn schema_defaults<T: Entity>() -> T {
+    serde_json::from_value(default_fields(T::KIND)).unwrap_or_default()
+}
+
+fn default_fields(kind: Kind) -> serde_json::Value {
+    let d = crate::doc::genesis(kind);
+    let name = kind.singleton().unwrap_or("defaults");
+    crate::doc::read(&d, kind, name)
+        .map(|s| s.to_json()["fields"].clone())
+        .unwrap_or_default()
+}

@@ -465,3 +465,31 @@ fn typed_views_match_the_schema() {
     check::<Script>();
     check::<Rule>();
 }
+
+/// The typed value of a never-written singleton carries the schema's defaults (the one place
+/// they are stated), and a written one what was written.
+#[test]
+fn singletons_default_to_the_schema() {
+    use crdt_schema::typed::{schema_defaults, singleton, Security, Settings};
+    let s: Settings = schema_defaults();
+    let field_default = |kind: Kind, name: &str| match kind.field(name).unwrap().default {
+        crdt_schema::Default::Int(n) => n,
+        other => panic!("{kind}.{name}: {other:?}"),
+    };
+    assert_eq!(
+        s.heartbeat_interval_ms,
+        field_default(Kind::Settings, "heartbeat_interval_ms")
+    );
+    assert_eq!(
+        s.replication_interval_ms,
+        field_default(Kind::Settings, "replication_interval_ms")
+    );
+    assert!(s.offline_timeout_ms > s.heartbeat_interval_ms);
+    let sec: Security = singleton(None);
+    assert_eq!(
+        sec.password_min_length,
+        field_default(Kind::Security, "password_min_length")
+    );
+    let written: Settings = singleton(Some(&json!({"heartbeat_interval_ms": 250})));
+    assert_eq!(written.heartbeat_interval_ms, 250);
+}

@@ -1,4 +1,6 @@
-//! Peer health, sans-IO: failure detection from heartbeats, clock-offset estimation, version
+//! Layer: core (sans-IO).
+//!
+//! Peer health: failure detection from heartbeats, clock-offset estimation, version
 //! compatibility. Time comes in as arguments: `mono` (milliseconds on a monotonic clock) drives
 //! every timeout; wall-clock readings are used only to estimate clock offsets.
 //!
@@ -20,13 +22,22 @@ pub struct HealthConfig {
     pub clock_drift_warn_ms: u64,
 }
 
-impl Default for HealthConfig {
-    fn default() -> Self {
+impl HealthConfig {
+    /// The health settings of `settings/global` (whose defaults the schema states).
+    pub fn from_settings(s: &crdt_schema::typed::Settings) -> HealthConfig {
+        let ms = |v: i64| v.max(1) as u64;
         HealthConfig {
-            heartbeat_interval_ms: 1000,
-            offline_timeout_ms: 5000,
-            clock_drift_warn_ms: 1000,
+            heartbeat_interval_ms: ms(s.heartbeat_interval_ms),
+            offline_timeout_ms: ms(s.offline_timeout_ms),
+            clock_drift_warn_ms: ms(s.clock_drift_warn_ms),
         }
+    }
+}
+
+impl Default for HealthConfig {
+    /// The schema's defaults.
+    fn default() -> Self {
+        HealthConfig::from_settings(&crdt_schema::typed::schema_defaults())
     }
 }
 
@@ -59,24 +70,6 @@ pub enum Cause {
     Version,
     Refused,
     Other,
-}
-
-impl Cause {
-    /// Classifies a transport error message.
-    pub fn of(msg: &str) -> Cause {
-        let m = msg.to_ascii_lowercase();
-        if m.contains("refused") && (m.contains("connection") || m.contains("os error 111")) {
-            Cause::ConnectionRefused
-        } else if m.contains("timed out") || m.contains("timeout") {
-            Cause::Timeout
-        } else if m.contains("tls") || m.contains("certificate") || m.contains("handshake") {
-            Cause::TlsFailure
-        } else if m.contains("version") {
-            Cause::Version
-        } else {
-            Cause::Other
-        }
-    }
 }
 
 /// One heartbeat exchange: our send and receive wall times (t1, t4), the peer's receive and send
@@ -274,17 +267,28 @@ impl PeerHealth {
 
 /// The clock check of a join: refused when the joiner's clock is further off than the limit.
 /// `offset_ms` is the joiner's clock minus ours.
-pub fn check_join_clock(offset_ms: i64, limit_ms: i64) -> Result<(), String> {
+pub fn check_join_clock(offset_ms: i64, limit_ms: i64) -> Result<(), ClockOffset> {
     if offset_ms.abs() > limit_ms {
-        Err(format!(
-            "the joining node's clock is {:.1} s {} this member's; at most {:.1} s is allowed (settings.join_clock_offset_max_ms): synchronize the clocks (NTP) and retry",
-            offset_ms.abs() as f64 / 1000.0,
-            if offset_ms > 0 { "ahead of" } else { "behind" },
-            limit_ms as f64 / 1000.0
-        ))
+        Err(ClockOffset {
+            offset_ms,
+            limit_ms,
+        })
     } else {
         Ok(())
     }
+}
+
+/// A joiner's clock is too far off.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the joining node's clock is {:.1} s {} this member's; at most {:.1} s is allowed (settings.join_clock_offset_max_ms): synchronize the clocks (NTP) and retry",
+    offset_ms.abs() as f64 / 1000.0,
+    if *offset_ms > 0 { "ahead of" } else { "behind" },
+    *limit_ms as f64 / 1000.0
+)]
+pub struct ClockOffset {
+    pub offset_ms: i64,
+    pub limit_ms: i64,
 }
 
 #[cfg(test)]
@@ -424,7 +428,7 @@ mod tests {
     fn drift_and_version_refusals() {
         assert!(check_join_clock(500, 60_000).is_ok());
         let e = check_join_clock(-90_000, 60_000).unwrap_err();
-        assert!(e.contains("90.0 s behind"), "{e}");
+        assert!(e.to_string().contains("90.0 s behind"), "{e}");
         let mut h = PeerHealth::new(0);
         let ev = h.heard(0, "2.0.0", false, "1.4.0");
         assert!(ev.contains(&Event::Incompatible {

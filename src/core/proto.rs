@@ -1,3 +1,5 @@
+//! Layer: core (sans-IO).
+//!
 //! The IPC protocol: versioned request and response enums inside an envelope. Every request
 //! travels as one HTTPS POST to `/ipc/v1`; the cluster ID and protocol version also travel as
 //! headers, so another cluster's traffic is refused before its body is decoded.
@@ -98,6 +100,23 @@ pub enum Response {
         reason: Refusal,
         message: String,
     },
+}
+
+impl Response {
+    /// The variant's name, for messages about unexpected answers.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Response::Sync { .. } => "Sync",
+            Response::InSync => "InSync",
+            Response::CatchingUp => "CatchingUp",
+            Response::Buckets { .. } => "Buckets",
+            Response::BucketDocs { .. } => "BucketDocs",
+            Response::Docs { .. } => "Docs",
+            Response::Joined(_) => "Joined",
+            Response::HeartbeatAck(_) => "HeartbeatAck",
+            Response::Refused { .. } => "Refused",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

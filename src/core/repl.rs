@@ -1,5 +1,7 @@
-//! Replication, sans-IO: Automerge sync sessions per (peer, direction, document), the responder
-//! side of every replication request, and the initiator's replication cycle.
+//! Layer: core (sans-IO; imports only other core modules and `crdt-schema`).
+//!
+//! Replication: Automerge sync sessions per (peer, direction, document), the responder side of
+//! every replication request, and the initiator's replication cycle.
 //!
 //! Each pair of nodes runs two independent sessions per document: one for exchanges this node
 //! starts (`Dir::Out`) and one for exchanges the peer starts (`Dir::In`), so each session is a
@@ -29,9 +31,9 @@ pub enum Dir {
 /// by [`Docs::changed`] before any answer leaves the node.
 pub trait Docs {
     /// An existing document.
-    fn get(&mut self, id: &str) -> Result<Option<&mut AutoCommit>, String>;
+    fn get(&mut self, id: &str) -> Result<Option<&mut AutoCommit>, DocsError>;
     /// An existing document, or a new empty one (not persisted unless it changes).
-    fn get_or_create(&mut self, id: &str) -> Result<&mut AutoCommit, String>;
+    fn get_or_create(&mut self, id: &str) -> Result<&mut AutoCommit, DocsError>;
     /// Adds a document this node did not have (it is changed, and persisted).
     fn insert(&mut self, id: &str, doc: AutoCommit);
     /// Adds a document this node did not have, loaded from `saved`: those bytes can be stored as
@@ -46,7 +48,48 @@ pub trait Docs {
     /// for missing dependencies, and this message released them).
     fn unlogged(&mut self) {}
     /// Its saved bytes, for a peer that lacks it.
-    fn saved(&mut self, id: &str) -> Result<Option<Vec<u8>>, String>;
+    fn saved(&mut self, id: &str) -> Result<Option<Vec<u8>>, DocsError>;
+}
+
+/// A document access failed below the core (the store); the message says why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct DocsError(pub String);
+
+/// Why a peer's message for one document was not applied.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Reject {
+    #[error("not a document ID")]
+    BadId,
+    #[error("malformed sync message: {0}")]
+    Malformed(String),
+    #[error("does not apply: {0}")]
+    Apply(String),
+    #[error("storage: {0}")]
+    Storage(DocsError),
+}
+
+/// A peer's message for one document that was not applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub id: String,
+    pub reason: Reject,
+}
+
+impl Rejected {
+    fn new(id: &str, reason: Reject) -> Rejected {
+        Rejected {
+            id: id.chars().take(200).collect(),
+            reason,
+        }
+    }
+}
+
+/// What answering a peer's request produced: the answer, and what of the request was refused.
+#[derive(Debug)]
+pub struct Served {
+    pub resp: Response,
+    pub rejected: Vec<Rejected>,
 }
 
 /// Whether a peer may name this document: the member list or a valid `kind/name`.
@@ -155,25 +198,25 @@ impl Sessions {
     }
 
     /// Applies a peer's sync messages. Malformed ones are skipped and their session reset; the
-    /// returned errors name them.
+    /// returned rejections name them (the caller counts and logs them with the peer's ID).
     pub fn receive(
         &mut self,
         docs: &mut dyn Docs,
         peer: &str,
         dir: Dir,
         msgs: Vec<(String, Vec<u8>)>,
-    ) -> Vec<String> {
+    ) -> Vec<Rejected> {
         let mut errors = Vec::new();
         for (id, bytes) in msgs {
             if !valid_doc_id(&id) {
-                errors.push(format!("{id:?}: not a document ID"));
+                errors.push(Rejected::new(&id, Reject::BadId));
                 continue;
             }
             let mut msg = match sync::Message::decode(&bytes) {
                 Ok(m) => m,
                 Err(e) => {
                     self.reset(peer, dir, &id);
-                    errors.push(format!("{id}: bad sync message: {e}"));
+                    errors.push(Rejected::new(&id, Reject::Malformed(e.to_string())));
                     continue;
                 }
             };
@@ -191,7 +234,7 @@ impl Sessions {
             let doc = match docs.get_or_create(&id) {
                 Ok(d) => d,
                 Err(e) => {
-                    errors.push(format!("{id}: {e}"));
+                    errors.push(Rejected::new(&id, Reject::Storage(e)));
                     continue;
                 }
             };
@@ -212,7 +255,7 @@ impl Sessions {
                 }
                 Err(e) => {
                     self.reset(peer, dir, &id);
-                    errors.push(format!("{id}: {e}"));
+                    errors.push(Rejected::new(&id, Reject::Apply(e.to_string())));
                 }
             }
         }
@@ -249,59 +292,62 @@ fn reset_state(st: &sync::State) -> sync::State {
 }
 
 /// Applies saved bytes of a document fetched from a peer (merging with what is here).
-pub fn ingest(docs: &mut dyn Docs, id: &str, bytes: &[u8]) -> Result<(), String> {
+pub fn ingest(docs: &mut dyn Docs, id: &str, bytes: &[u8]) -> Result<(), Rejected> {
     if !valid_doc_id(id) {
-        return Err(format!("{id:?}: not a document ID"));
+        return Err(Rejected::new(id, Reject::BadId));
     }
-    if docs.get(id)?.is_none() {
+    let storage = |e| Rejected::new(id, Reject::Storage(e));
+    if docs.get(id).map_err(storage)?.is_none() {
         // A document new to this node loads whole: several times cheaper than applying the same
         // bytes to an empty document.
-        let doc = AutoCommit::load(bytes).map_err(|e| format!("{id}: {e}"))?;
+        let doc = AutoCommit::load(bytes)
+            .map_err(|e| Rejected::new(id, Reject::Malformed(e.to_string())))?;
         docs.insert_loaded(id, doc, bytes);
         return Ok(());
     }
-    let doc = docs.get_or_create(id)?;
+    let doc = docs.get_or_create(id).map_err(storage)?;
     let before = doc.get_heads();
     doc.load_incremental(bytes)
-        .map_err(|e| format!("{id}: {e}"))?;
+        .map_err(|e| Rejected::new(id, Reject::Apply(e.to_string())))?;
     if doc.get_heads() != before {
         docs.changed(id);
     }
     Ok(())
 }
 
-/// The responder side of every replication request. Join is not replication: the caller handles
-/// it. The caller persists the changed documents before sending the answer.
-pub fn serve(
-    req: Request,
-    peer: &str,
-    digest: &mut Digest,
-    sessions: &mut Sessions,
-    docs: &mut dyn Docs,
-) -> Response {
-    match req {
+/// The answer to a digest request (root, bucket hashes, document heads hashes), from the digest of
+/// what is committed: the one responder for these, used by the IPC server (without the driver)
+/// and by the simulator. None for any other request. `catching_up`: this node is fetching
+/// documents, so comparing digests with it now would only list what it lacks.
+pub fn answer_digest(req: &Request, digest: &mut Digest, catching_up: bool) -> Option<Response> {
+    Some(match req {
+        Request::DigestRoot { root } if *root == digest.root() => Response::InSync,
+        Request::DigestRoot { .. } if catching_up => Response::CatchingUp,
+        Request::DigestRoot { .. } => Response::Buckets {
+            hashes: digest.buckets().to_vec(),
+        },
+        Request::BucketDocs { buckets } => Response::BucketDocs {
+            docs: digest.entries(buckets),
+        },
+        _ => return None,
+    })
+}
+
+/// The responder side of the requests that touch documents (sync, fetch). The caller persists the
+/// changed documents before sending the answer. Digest requests go to [`answer_digest`]; join and
+/// heartbeat are not replication.
+pub fn serve(req: Request, peer: &str, sessions: &mut Sessions, docs: &mut dyn Docs) -> Served {
+    let resp = match req {
         Request::Sync { msgs } => {
             let ids: Vec<String> = msgs.iter().map(|(id, _)| id.clone()).collect();
-            let errors = sessions.receive(docs, peer, Dir::In, msgs);
             // Errors in a peer's messages reset the sessions concerned; the exchange goes on
-            // for the other documents.
-            let _ = errors;
-            Response::Sync {
+            // for the other documents. The caller logs them with the peer's ID.
+            let rejected = sessions.receive(docs, peer, Dir::In, msgs);
+            let resp = Response::Sync {
                 msgs: sessions.generate(docs, peer, Dir::In, &ids),
-            }
+            };
+            return Served { resp, rejected };
         }
-        Request::DigestRoot { root } => {
-            if root == digest.root() {
-                Response::InSync
-            } else {
-                Response::Buckets {
-                    hashes: digest.buckets().to_vec(),
-                }
-            }
-        }
-        Request::BucketDocs { buckets } => Response::BucketDocs {
-            docs: digest.entries(&buckets),
-        },
         Request::Fetch { ids } => {
             let mut out = Vec::new();
             let mut bytes = 0;
@@ -319,14 +365,34 @@ pub fn serve(
             }
             Response::Docs { docs: out }
         }
-        Request::Join(_) | Request::Heartbeat(_) => Response::Refused {
+        Request::DigestRoot { .. }
+        | Request::BucketDocs { .. }
+        | Request::Join(_)
+        | Request::Heartbeat(_) => Response::Refused {
             reason: super::proto::Refusal::BadRequest,
-            message: "not a replication request".into(),
+            message: "not a request for documents".into(),
         },
+    };
+    Served {
+        resp,
+        rejected: Vec::new(),
     }
 }
 
+/// Why a replication cycle stopped.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CycleError {
+    #[error("the peer refused the cycle ({reason:?}): {message}")]
+    Refused {
+        reason: super::proto::Refusal,
+        message: String,
+    },
+    #[error("unexpected answer in a replication cycle: {0}")]
+    Unexpected(&'static str),
+}
+
 /// The initiator's side of a replication cycle: root, then buckets, then document heads.
+#[derive(Debug)]
 pub enum Cycle {
     AwaitRoot,
     AwaitDocs { buckets: Vec<u8> },
@@ -349,7 +415,7 @@ impl Cycle {
         )
     }
 
-    pub fn step(&mut self, digest: &Digest, resp: Response) -> Result<Next, String> {
+    pub fn step(&mut self, digest: &Digest, resp: Response) -> Result<Next, CycleError> {
         match (&*self, resp) {
             (Cycle::AwaitRoot, Response::InSync | Response::CatchingUp) => {
                 Ok(Next::Done(Plan::default()))
@@ -371,10 +437,10 @@ impl Cycle {
                     .collect();
                 Ok(Next::Done(digest::plan(&digest.entries(buckets), &theirs)))
             }
-            (_, Response::Refused { message, .. }) => Err(message),
-            (_, other) => Err(format!(
-                "unexpected answer in a replication cycle: {other:?}"
-            )),
+            (_, Response::Refused { reason, message }) => {
+                Err(CycleError::Refused { reason, message })
+            }
+            (_, other) => Err(CycleError::Unexpected(other.name())),
         }
     }
 }
@@ -390,17 +456,17 @@ mod tests {
     struct Mem(HashMap<String, AutoCommit>);
 
     impl Docs for Mem {
-        fn get(&mut self, id: &str) -> Result<Option<&mut AutoCommit>, String> {
+        fn get(&mut self, id: &str) -> Result<Option<&mut AutoCommit>, DocsError> {
             Ok(self.0.get_mut(id))
         }
-        fn get_or_create(&mut self, id: &str) -> Result<&mut AutoCommit, String> {
+        fn get_or_create(&mut self, id: &str) -> Result<&mut AutoCommit, DocsError> {
             Ok(self.0.entry(id.to_string()).or_default())
         }
         fn insert(&mut self, id: &str, doc: AutoCommit) {
             self.0.insert(id.to_string(), doc);
         }
         fn changed(&mut self, _id: &str) {}
-        fn saved(&mut self, id: &str) -> Result<Option<Vec<u8>>, String> {
+        fn saved(&mut self, id: &str) -> Result<Option<Vec<u8>>, DocsError> {
             Ok(self.0.get_mut(id).map(|d| d.save()))
         }
     }

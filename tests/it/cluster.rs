@@ -5,8 +5,8 @@
 
 use crate::support::*;
 use peerconf::core::proto::{Request, Response};
-use peerconf::ipc::PeerClient;
-use peerconf::tls::{Material, TlsFiles};
+use peerconf::net::ipc::PeerClient;
+use peerconf::net::tls::{Material, TlsFiles};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -579,8 +579,9 @@ fn a_certificate_from_another_ca_is_refused() {
         .to_string();
 
     // B's CA signs a certificate that names a1's node ID.
-    let (forged_key, csr) = peerconf::tls::new_node_key_and_csr(&a_id).unwrap();
-    let forged_cert = peerconf::tls::sign_csr(&b.ca_cert_pem, &b.ca_key_pem, &a_id, &csr).unwrap();
+    let (forged_key, csr) = peerconf::net::tls::new_node_key_and_csr(&a_id).unwrap();
+    let forged_cert =
+        peerconf::net::tls::sign_csr(&b.ca_cert_pem, &b.ca_key_pem, &a_id, &csr).unwrap();
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -592,7 +593,7 @@ fn a_certificate_from_another_ca_is_refused() {
             async move { c.call(Request::DigestRoot { root: [0; 32] }).await }
         };
         // Control: a1's own certificate gets a normal answer, so a refusal below is the CA's doing.
-        let r = ask(peerconf::tls::client_config(&a).unwrap(), &a_id).await;
+        let r = ask(peerconf::net::tls::client_config(&a).unwrap(), &a_id).await;
         assert!(
             matches!(r, Ok(Response::Buckets { .. }) | Ok(Response::InSync)),
             "a1's own certificate was not answered normally: {}",
@@ -629,7 +630,7 @@ fn foreign_client(server: &Material, cert_pem: &str, key_pem: &str) -> Arc<rustl
     roots
         .add(CertificateDer::from_pem_slice(server.ca_cert_pem.as_bytes()).unwrap())
         .unwrap();
-    let mut c = rustls::ClientConfig::builder_with_provider(peerconf::tls::provider())
+    let mut c = rustls::ClientConfig::builder_with_provider(peerconf::net::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)

@@ -21,15 +21,18 @@ fn replay(target: &str, f: fn(&[u8])) {
 
 #[test]
 fn merge_convergence_regressions() {
-    replay("merge_convergence", peerconf::fuzzing::merge_convergence);
+    replay(
+        "merge_convergence",
+        peerconf::sim::fuzzing::merge_convergence,
+    );
 }
 
 #[test]
 fn decode_regressions() {
-    replay("decode", peerconf::fuzzing::decode);
+    replay("decode", peerconf::sim::fuzzing::decode);
 }
 
 #[test]
 fn simulation_regressions() {
-    replay("simulation", peerconf::fuzzing::simulation);
+    replay("simulation", peerconf::sim::fuzzing::simulation);
 }

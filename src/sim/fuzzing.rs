@@ -1,3 +1,5 @@
+//! Layer: sim (feature `sim`).
+//!
 //! The logic of the fuzz targets, kept in the library so `cargo test` replays minimized inputs
 //! (`fuzz/regressions/`) and the fuzz crate stays a thin shell.
 
@@ -6,15 +8,35 @@ use crdt_schema::doc;
 use crdt_schema::testing::{converged, random_write, Source};
 use crdt_schema::{Kind, WriteMode};
 
-/// Fuzzer bytes as a source of choices; once exhausted every choice is 0.
+/// Fuzzer bytes as a source of choices; once exhausted every choice is 0 (or, with
+/// [`ByteSource::then_seeded`], drawn from a generator seeded by the bytes).
 pub struct ByteSource<'a> {
     data: &'a [u8],
     pos: usize,
+    after: Option<rand_chacha::ChaCha8Rng>,
 }
 
 impl<'a> ByteSource<'a> {
     pub fn new(data: &'a [u8]) -> Self {
-        ByteSource { data, pos: 0 }
+        ByteSource {
+            data,
+            pos: 0,
+            after: None,
+        }
+    }
+
+    /// Once the bytes are used up, choices come from a generator seeded by them, so a short
+    /// input still makes a whole, varied scenario while the bytes steer its beginning.
+    pub fn then_seeded(data: &'a [u8]) -> Self {
+        use rand::SeedableRng;
+        let seed = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ *b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        ByteSource {
+            data,
+            pos: 0,
+            after: Some(rand_chacha::ChaCha8Rng::seed_from_u64(seed)),
+        }
     }
     pub fn exhausted(&self) -> bool {
         self.pos >= self.data.len()
@@ -25,6 +47,11 @@ impl Source for ByteSource<'_> {
     fn below(&mut self, n: usize) -> usize {
         if n <= 1 {
             return 0;
+        }
+        if self.exhausted() {
+            if let Some(r) = self.after.as_mut() {
+                return rand::Rng::random_range(r, 0..n);
+            }
         }
         let mut v = 0usize;
         // Two bytes of choice is plenty for every range used.
@@ -89,15 +116,14 @@ pub fn merge_convergence(data: &[u8]) {
     let _ = WriteMode::Put;
 }
 
-/// A simulated cluster scenario chosen by the bytes (loss, duplication, reordering, partitions,
-/// crashes): it must converge with every acknowledged write. Panics otherwise.
+/// A simulated cluster whose whole scenario comes from the bytes: its size and faults, the
+/// schedule of writes, partitions and crashes, the edits, and the network's every drop, copy and
+/// delay (the bytes steer the first choices; a generator seeded by them makes the rest). It must
+/// converge with every acknowledged write. Panics otherwise.
 pub fn simulation(data: &[u8]) {
-    let mut seed = [0u8; 8];
-    for (i, b) in data.iter().take(8).enumerate() {
-        seed[i] = *b;
-    }
-    let sc = crate::sim::Scenario::from_seed(u64::from_le_bytes(seed));
-    if let Err(e) = crate::sim::run(&sc) {
+    let mut src = ByteSource::then_seeded(data);
+    let sc = crate::sim::Scenario::draw(&mut src, 0);
+    if let Err(e) = crate::sim::run_with(&sc, Box::new(src)) {
         panic!("{e}\n{sc:?}");
     }
 }
@@ -111,7 +137,7 @@ pub fn decode(data: &[u8]) {
         let _ = crate::cluster::Token::parse(text);
         let _ = rcgen::CertificateSigningRequestParams::from_pem(text);
     }
-    let _ = crate::tls::node_id_of(data);
+    let _ = crate::net::tls::node_id_of(data);
     let _ = crate::core::wire::decode::<crate::store::IndexEntry>(data);
     if let Ok(mut d) = AutoCommit::load(data) {
         let _ = d.get_heads();

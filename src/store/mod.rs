@@ -1,3 +1,5 @@
+//! Layer: store (imports core only).
+//!
 //! Durable storage in redb: saved documents, their incremental changes, the materialized index
 //! that answers reads and listings without loading documents, and node-local data.
 //!
@@ -21,7 +23,11 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::wal::Wal;
+use wal::Wal;
+
+#[cfg(any(test, feature = "sim"))]
+pub mod simdisk;
+pub mod wal;
 
 const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("docs");
 const CHUNKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("chunks");
@@ -56,28 +62,21 @@ pub const CHUNKS_MAX: u32 = 32;
 /// redb page cache: the store must not grow with the entity count (100k entities in < 250 MB).
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
 
-/// One row of the materialized index.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct IndexEntry {
-    /// False for a tombstone: the document exists, the entity does not.
-    pub alive: bool,
-    /// Whether some field holds unresolved concurrent values.
-    pub conflicts: bool,
-    /// Incremental chunks stored after the full save.
-    pub chunks: u32,
-    /// SHA-256 over the sorted heads of the document (for the replication digest).
-    pub heads_hash: [u8; 32],
-    /// The entity's public JSON (never a secret), as served by reads.
-    pub json: Vec<u8>,
-}
+pub use crate::core::index::IndexEntry;
 
 /// A storage failure. The operation that hit it changed nothing that was acknowledged.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("data directory {0} is already in use by another running peerconf node")]
     InUse(String),
     #[error("storage: {0}")]
     Redb(String),
+    /// Writing the write-ahead log failed; its commit did not happen.
+    #[error("write-ahead log: {0}")]
+    Log(String),
+    /// A test made the commit fail.
+    #[error("injected commit failure")]
+    Injected,
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }
@@ -100,7 +99,7 @@ redb_err!(
 
 impl From<std::io::Error> for StoreError {
     fn from(e: std::io::Error) -> Self {
-        StoreError::Redb(format!("write-ahead log: {e}"))
+        StoreError::Log(e.to_string())
     }
 }
 
@@ -115,6 +114,8 @@ fn decode_entry(b: &[u8]) -> Result<IndexEntry, StoreError> {
 pub struct Store {
     db: Database,
     wal: Arc<Mutex<Wal>>,
+    /// Set by [`Store::crash`]: dropped as a crash leaves it, without a checkpoint.
+    crashed: std::sync::atomic::AtomicBool,
     /// Tests: every commit fails while set.
     #[cfg(test)]
     fail_commits: std::sync::atomic::AtomicBool,
@@ -140,7 +141,25 @@ impl Store {
                 }
                 other => StoreError::Redb(other.to_string()),
             })?;
-        // Recovery: replay what the log holds after the last checkpoint, and checkpoint.
+        let wal_file = wal_path(path);
+        Self::recover(db, |checkpoint| Wal::open(&wal_file, checkpoint))
+    }
+
+    /// A store on a simulated disk (tests and the simulator), with a log of `log_bytes`.
+    #[cfg(any(test, feature = "sim"))]
+    pub fn open_sim(disk: &simdisk::SimDisk, log_bytes: u64) -> Result<Store, StoreError> {
+        let db = redb::Builder::new()
+            .set_cache_size(1 << 20)
+            .create_with_backend(disk.backend())
+            .map_err(|e| StoreError::Redb(e.to_string()))?;
+        Self::recover(db, |checkpoint| Wal::open_sim(disk, log_bytes, checkpoint))
+    }
+
+    /// Recovery: replays what the log holds after the last checkpoint, and checkpoints.
+    fn recover(
+        db: Database,
+        open_wal: impl FnOnce(u64) -> std::io::Result<(Wal, Vec<Vec<u8>>)>,
+    ) -> Result<Store, StoreError> {
         let txn = db.begin_write()?;
         let checkpoint = {
             txn.open_table(DOCS)?;
@@ -151,7 +170,7 @@ impl Store {
             let v = meta.get(WAL_SEQ)?.map(|v| v.value()).unwrap_or(0);
             v
         };
-        let (wal, records) = Wal::open(&wal_path(path), checkpoint)?;
+        let (wal, records) = open_wal(checkpoint)?;
         let wal = Arc::new(Mutex::new(wal));
         let mut replay = WriteTxn {
             txn,
@@ -174,9 +193,17 @@ impl Store {
         Ok(Store {
             db,
             wal,
+            crashed: Default::default(),
             #[cfg(test)]
             fail_commits: Default::default(),
         })
+    }
+
+    /// Marks the store to be dropped as a crash leaves it: no checkpoint. (What reaches the disk is the disk's
+    /// business: a simulated one forgets what was not synced.)
+    pub fn crash(&self) {
+        self.crashed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Starts writing a batch's record before the batch runs, so the disk works while the
@@ -317,6 +344,9 @@ fn poisoned() -> StoreError {
 
 impl Drop for Store {
     fn drop(&mut self) {
+        if self.crashed.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         if let Err(e) = self.checkpoint() {
             tracing::warn!(error = %e, "checkpoint at close failed; the next open replays the log");
         }
@@ -453,7 +483,7 @@ impl WriteTxn {
             if let Some(Prelogged::Submitted) = prelogged {
                 let _ = self.wal.lock().map_err(|_| poisoned())?.finish();
             }
-            return Err(StoreError::Redb("injected commit failure".into()));
+            return Err(StoreError::Injected);
         }
         match prelogged {
             Some(Prelogged::Submitted) => {
@@ -463,9 +493,7 @@ impl WriteTxn {
                 return Ok(());
             }
             Some(Prelogged::Full) => return self.checkpoint(),
-            Some(Prelogged::Failed(e)) => {
-                return Err(StoreError::Redb(format!("write-ahead log: {e}")))
-            }
+            Some(Prelogged::Failed(e)) => return Err(StoreError::Log(e)),
             None => {}
         }
         let record = crate::core::wire::encode(&self.ops);
@@ -519,7 +547,7 @@ impl WriteTxn {
                 if doc.get_heads() == before {
                     return Ok(());
                 }
-                match crate::driver::entry_for(&id, &mut doc) {
+                match crate::core::index::row_for(&id, &mut doc) {
                     Ok(entry) => self
                         .put_doc(&id, &mut doc, entry, None, &before)
                         .map(|_| ()),
@@ -654,7 +682,7 @@ mod tests {
         let db = dir.path().join("db");
         let store = Store::open(&db).expect("open");
         put(&store, "user/small", "logged");
-        let big = "x".repeat(crate::wal::RECORD_MAX + 1);
+        let big = "x".repeat(wal::RECORD_MAX + 1);
         put(&store, "user/big", &big);
         assert!(!store.wal.lock().expect("lock").pending());
         put(&store, "user/after", "logged again");
@@ -681,7 +709,7 @@ mod tests {
         let id = "group/ops";
         let prelogged = store.prelog(&[LogOp::Changes(id.to_string(), bytes.clone())]);
         let mut d = AutoCommit::load(&bytes).expect("load");
-        let entry = crate::driver::entry_for(id, &mut d).expect("entry");
+        let entry = crate::core::index::row_for(id, &mut d).expect("entry");
         let mut txn = store.write().expect("txn");
         txn.put_doc(id, &mut d, entry, Some(bytes), &[])
             .expect("put");

@@ -1,6 +1,6 @@
 //! `peerconf demo`: local nodes on loopback in a temporary directory, until Ctrl-C.
 
-use crate::node::{InitOptions, Node, NodeOptions};
+use peerconf::node::{InitOptions, Node, NodeOptions};
 use std::net::{SocketAddr, TcpListener};
 
 /// The preferred port if free, else any free loopback port.
@@ -56,13 +56,15 @@ pub async fn run(nodes: usize) -> Result<(), String> {
                     .await
                     .map_err(|e| e.0)?;
                 let token = t["token"].as_str().unwrap_or_default().to_string();
-                crate::cluster::join(&dir, &ipc.to_string(), &token, &opts).await?;
+                peerconf::cluster::join::join(&dir, &ipc.to_string(), &token, &opts)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
         }
         apis.push(opts.api_listen);
         let mut rx = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
-            crate::daemon::run(&dir, async move {
+            peerconf::daemon::run(&dir, async move {
                 let _ = rx.wait_for(|s| *s).await;
             })
             .await
@@ -89,7 +91,7 @@ pub async fn run(nodes: usize) -> Result<(), String> {
     println!("  peerconf history user alice");
     println!("  curl -s http://{api}/v1/entities/user/alice");
     println!("\nCtrl-C stops the demo and removes its directory.");
-    crate::daemon::stop_signal().await;
+    peerconf::daemon::stop_signal().await;
     let _ = stop_tx.send(true);
     for t in tasks {
         match t.await {

@@ -1,3 +1,5 @@
+//! Layer: net (imports core only).
+//!
 //! Cluster PKI and TLS configuration: the cluster CA, node certificates, and the rustls configs of
 //! the IPC server and client (ring provider, chosen explicitly).
 //!

@@ -1,10 +1,12 @@
+//! Layer: store (imports core only).
+//!
 //! The write-ahead log that makes a commit durable with one small synchronous write.
 //!
 //! A durable redb commit writes every page the transaction dirtied plus the header, then fsyncs:
 //! about 0.4 ms here, 0.6 ms when two nodes commit at once. A write of one page to a file whose
 //! blocks are already allocated, opened with `O_DSYNC`, costs about 0.2 ms and half the kernel
 //! CPU. So a batch is made durable by appending its record here, and redb then commits it
-//! without fsync (visible at once, durable at the next checkpoint). See [`crate::store`].
+//! without fsync (visible at once, durable at the next checkpoint). See [`super`].
 //!
 //! Layout: a file of [`WAL_BYTES`], zero-filled when created so that no later write changes its
 //! metadata. Records start on page boundaries:
@@ -29,10 +31,23 @@ const PAGE: u64 = 4096;
 const MAGIC: u32 = 0x5043_574c;
 const HEADER: usize = 20;
 
+/// Where the log's bytes go.
+enum Device {
+    /// A file written with `O_DIRECT|O_DSYNC` (or buffered `O_DSYNC` where O_DIRECT is refused).
+    File {
+        file: File,
+        /// Opened with O_DIRECT (else buffered O_DSYNC).
+        direct: bool,
+    },
+    /// A simulated disk (tests and the simulator): writes are durable when they return.
+    #[cfg(any(test, feature = "sim"))]
+    Sim(super::simdisk::SimDisk),
+}
+
 pub struct Wal {
-    file: File,
-    /// Opened with O_DIRECT (else buffered O_DSYNC).
-    direct: bool,
+    dev: Device,
+    /// Size of the log.
+    bytes: u64,
     path: PathBuf,
     /// Where the next record goes.
     offset: u64,
@@ -113,33 +128,14 @@ impl Wal {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(libc::O_DSYNC)?, false),
             Err(e) => return Err(e),
         };
-        let mut records = Vec::new();
-        let mut seq = checkpoint;
-        let mut offset = 0u64;
         // Read through a second, buffered handle: O_DIRECT reads need aligned buffers.
         let reader = File::open(path)?;
-        let mut header = [0u8; HEADER];
-        while offset + HEADER as u64 <= WAL_BYTES {
-            reader.read_exact_at(&mut header, offset)?;
-            let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
-            let n = u64::from_le_bytes(header[4..12].try_into().expect("8 bytes"));
-            let len = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes")) as usize;
-            let sum = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes"));
-            if magic != MAGIC || n != seq + 1 || offset + padded(len) > WAL_BYTES {
-                break;
-            }
-            let mut payload = vec![0u8; len];
-            reader.read_exact_at(&mut payload, offset + HEADER as u64)?;
-            if crc(n, &payload) != sum {
-                break;
-            }
-            records.push(payload);
-            seq = n;
-            offset += padded(len);
-        }
+        let (offset, seq, records) = Self::recover(WAL_BYTES, checkpoint, |buf, at| {
+            reader.read_exact_at(buf, at)
+        })?;
         let wal = Wal {
-            file,
-            direct,
+            dev: Device::File { file, direct },
+            bytes: WAL_BYTES,
             path: path.to_path_buf(),
             offset,
             seq,
@@ -150,6 +146,64 @@ impl Wal {
         Ok((wal, records))
     }
 
+    /// The log of a simulated disk, `bytes` long (the simulator uses a small one, so that full
+    /// logs and checkpoints happen often).
+    #[cfg(any(test, feature = "sim"))]
+    pub fn open_sim(
+        disk: &super::simdisk::SimDisk,
+        bytes: u64,
+        checkpoint: u64,
+    ) -> io::Result<(Wal, Vec<Vec<u8>>)> {
+        let (offset, seq, records) = Self::recover(bytes, checkpoint, |buf, at| {
+            disk.log_read(at, buf);
+            Ok(())
+        })?;
+        let wal = Wal {
+            dev: Device::Sim(disk.clone()),
+            bytes,
+            path: PathBuf::from("simulated.wal"),
+            offset,
+            seq,
+            broken: None,
+            ring: None,
+            inflight: None,
+        };
+        Ok((wal, records))
+    }
+
+    /// The recovery rule: from offset 0, records while each is intact (magic, CRC, fits) and
+    /// numbered exactly one more than the last, starting after the checkpoint. Returns where the
+    /// next record goes, the last number, and the payloads.
+    fn recover(
+        bytes: u64,
+        checkpoint: u64,
+        read: impl Fn(&mut [u8], u64) -> io::Result<()>,
+    ) -> io::Result<(u64, u64, Vec<Vec<u8>>)> {
+        let mut records = Vec::new();
+        let mut seq = checkpoint;
+        let mut offset = 0u64;
+        let mut header = [0u8; HEADER];
+        while offset + HEADER as u64 <= bytes {
+            read(&mut header, offset)?;
+            let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+            let n = u64::from_le_bytes(header[4..12].try_into().expect("8 bytes"));
+            let len = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes")) as usize;
+            let sum = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes"));
+            if magic != MAGIC || n != seq + 1 || offset + padded(len) > bytes {
+                break;
+            }
+            let mut payload = vec![0u8; len];
+            read(&mut payload, offset + HEADER as u64)?;
+            if crc(n, &payload) != sum {
+                break;
+            }
+            records.push(payload);
+            seq = n;
+            offset += padded(len);
+        }
+        Ok((offset, seq, records))
+    }
+
     /// Number of the last record appended or checkpointed.
     pub fn seq(&self) -> u64 {
         self.seq
@@ -157,7 +211,7 @@ impl Wal {
 
     /// Whether a record of `len` payload bytes can be appended now (else the caller checkpoints).
     pub fn fits(&self, len: usize) -> bool {
-        len <= RECORD_MAX && self.offset + padded(len) <= WAL_BYTES
+        len <= RECORD_MAX && self.offset + padded(len) <= self.bytes
     }
 
     /// Whether a failed write has stopped the log (every later commit is refused).
@@ -196,17 +250,24 @@ impl Wal {
 
     /// Writes synchronously; O_DSYNC makes the write return once the data is on stable storage.
     fn write_sync(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        let mut written = self.file.write_all_at(buf, offset);
-        if self.direct && matches!(&written, Err(e) if e.raw_os_error() == Some(libc::EINVAL)) {
-            // A file system that accepts O_DIRECT at open but not for this write wrote nothing:
-            // go on with buffered O_DSYNC writes.
-            self.file = OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_DSYNC)
-                .open(&self.path)?;
-            self.direct = false;
-            written = self.file.write_all_at(buf, offset);
-        }
+        let written = match &mut self.dev {
+            Device::File { file, direct } => {
+                let mut written = file.write_all_at(buf, offset);
+                if *direct && matches!(&written, Err(e) if e.raw_os_error() == Some(libc::EINVAL)) {
+                    // A file system that accepts O_DIRECT at open but not for this write wrote
+                    // nothing: go on with buffered O_DSYNC writes.
+                    *file = OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_DSYNC)
+                        .open(&self.path)?;
+                    *direct = false;
+                    written = file.write_all_at(buf, offset);
+                }
+                written
+            }
+            #[cfg(any(test, feature = "sim"))]
+            Device::Sim(disk) => disk.log_write(offset, buf),
+        };
         if let Err(e) = &written {
             self.broken = Some(e.to_string());
         }
@@ -227,11 +288,14 @@ impl Wal {
     pub fn submit(&mut self, payload: &[u8]) -> io::Result<bool> {
         self.finish()?;
         self.refuse_if_broken()?;
+        let Device::File { file, .. } = &self.dev else {
+            return Ok(false);
+        };
         if self.ring.is_none() {
             return Ok(false);
         }
+        let fd = io_uring::types::Fd(std::os::fd::AsRawFd::as_raw_fd(file));
         let (raw, start, size, offset) = self.layout(payload);
-        let fd = io_uring::types::Fd(std::os::fd::AsRawFd::as_raw_fd(&self.file));
         let sqe = io_uring::opcode::Write::new(fd, raw[start..].as_ptr(), size as u32)
             .offset(offset)
             .build();

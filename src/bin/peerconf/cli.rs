@@ -1,10 +1,12 @@
+//! Layer: binary (the `peerconf` tool; uses the library's public API only).
+//!
 //! The `peerconf` command line: node commands (init, run) and admin commands that talk to a
 //! running node's API. The admin commands never open the database themselves.
 
 use crate::client::{seg, ApiClient, CallError};
-use crate::node::{InitOptions, Node, NodeOptions, DEFAULT_API_LISTEN, DEFAULT_IPC_LISTEN};
 use clap::{Parser, Subcommand};
 use hyper::Method;
+use peerconf::node::{InitOptions, Node, NodeOptions, DEFAULT_API_LISTEN, DEFAULT_IPC_LISTEN};
 use serde_json::Value;
 use std::io::Read;
 use std::net::SocketAddr;
@@ -229,13 +231,13 @@ pub fn main(cli: Cli) -> i32 {
                 .map_err(|e| e.to_string())
         }
         Command::Run { data_dir } => runtime().and_then(|rt| {
-            rt.block_on(crate::daemon::run(&data_dir, crate::daemon::stop_signal()))
+            rt.block_on(peerconf::daemon::run(&data_dir, peerconf::daemon::stop_signal()))
         }),
         Command::Join { peer, token, node } => {
             let data_dir = node.data_dir.clone();
             let opts = node.options();
             runtime().and_then(|rt| {
-                rt.block_on(crate::cluster::join(&data_dir, &peer, &token, &opts))
+                rt.block_on(peerconf::cluster::join::join(&data_dir, &peer, &token, &opts))
                     .map(|cfg| {
                         eprintln!(
                             "node {} ({}) joined cluster {}; start it with: peerconf run --data-dir {}",
@@ -246,6 +248,7 @@ pub fn main(cli: Cli) -> i32 {
                         );
                         println!("{}", cfg.node_id);
                     })
+                    .map_err(|e| e.to_string())
             })
         }
         Command::Token {

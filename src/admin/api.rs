@@ -1,3 +1,5 @@
+//! Layer: admin (imports every layer below: core, store, net, node, cluster).
+//!
 //! The admin HTTP API (JSON). Served on the node's API address, loopback by default.
 //!
 //! Every request passes the `authorize` layer, which attaches the [`Principal`] making it. Until
@@ -5,9 +7,9 @@
 //! accounts will come from this very store (`admin` kind), and handlers already receive the
 //! principal, so authentication slots in at that one layer.
 
+use crate::cluster::ClusterState;
 use crate::core::entity::WriteError;
 use crate::node::{Error, Node};
-use crate::store::StoreError;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, StatusCode};
@@ -17,6 +19,7 @@ use axum::routing::get;
 use axum::{Extension, Json, Router};
 use crdt_schema::{Kind, SchemaError};
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 /// Largest request body: a script of 1 MiB as JSON, escaped, with room to spare.
 pub const BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
@@ -31,9 +34,11 @@ pub enum Principal {
 #[derive(Clone)]
 pub struct ApiState {
     pub node: Node,
+    pub cluster: Arc<ClusterState>,
 }
 
-pub fn router(node: Node) -> Router {
+pub fn router(cluster: Arc<ClusterState>) -> Router {
+    let node = cluster.node.clone();
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -66,7 +71,7 @@ pub fn router(node: Node) -> Router {
         })
         .layer(middleware::from_fn(authorize))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
-        .with_state(ApiState { node })
+        .with_state(ApiState { node, cluster })
 }
 
 async fn authorize(mut req: Request, next: Next) -> Response {
@@ -108,8 +113,13 @@ impl From<SchemaError> for ApiError {
     }
 }
 
+/// Each node error maps to one status and one code.
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
+        let internal = |e: &Error| {
+            tracing::error!(error = %e, "request failed");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        };
         match e {
             Error::Write(WriteError::Schema(s)) => s.into(),
             Error::Write(WriteError::NotFound { kind, name }) => {
@@ -121,30 +131,47 @@ impl From<Error> for ApiError {
                 err.body["error"]["kind"] = json!(kind.as_str());
                 err
             }
-            Error::Write(e @ WriteError::MissingReference { .. }) => {
-                let field = match &e {
-                    WriteError::MissingReference { field, .. } => field.clone(),
-                    _ => unreachable!(),
+            Error::Write(WriteError::MissingReference {
+                kind,
+                field,
+                target_kind,
+                target,
+            }) => {
+                let e = WriteError::MissingReference {
+                    kind,
+                    field: field.clone(),
+                    target_kind,
+                    target,
                 };
                 let mut err =
                     ApiError::new(StatusCode::BAD_REQUEST, "missing_reference", e.to_string());
                 err.body["error"]["field"] = json!(field);
                 err
             }
+            Error::NotMember(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
             Error::ShuttingDown => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",
                 e.to_string(),
             ),
-            Error::Store(StoreError::Corrupt(_)) | Error::Store(_) | Error::Write(_) => {
-                tracing::error!(error = %e, "request failed");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            // Not refused: the write reached peers before its commit failed here. The client
+            // retries (writes are idempotent) or reads to learn the outcome.
+            Error::Unknown(_) => {
+                tracing::error!(error = %e, "a write's outcome is unknown");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "outcome_unknown",
+                    e.to_string(),
+                )
             }
-            other => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                other.to_string(),
-            ),
+            Error::Write(WriteError::Internal(_))
+            | Error::Store(_)
+            | Error::Row(_)
+            | Error::Typed { .. }
+            | Error::Io { .. }
+            | Error::Tls(_)
+            | Error::NotInitialised(_)
+            | Error::AlreadyInitialised { .. } => internal(&e),
         }
     }
 }
@@ -284,10 +311,20 @@ async fn create_token(
     body: Bytes,
 ) -> ApiResult {
     let ttl = optional_duration(&body, "ttl", "1h")?.unwrap_or(crate::cluster::TOKEN_TTL_DEFAULT);
-    let now = st.node.shared().clock.wall_ms();
-    let (token, expires) = crate::cluster::create_token(&st.node, ttl, now)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", e))?;
+    let (token, expires) =
+        crate::cluster::create_token(&st.node, ttl)
+            .await
+            .map_err(|e| match e {
+                crate::cluster::join::TokenError::Ttl(_) => {
+                    ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string())
+                }
+                crate::cluster::join::TokenError::Node(n) => n.into(),
+                other => ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    other.to_string(),
+                ),
+            })?;
     Ok(Json(json!({"token": token.encode(), "expires_wall_ms": expires, "ipc": st.node.config().ipc_advertise})).into_response())
 }
 
@@ -307,10 +344,7 @@ async fn remove_node(
             "a node cannot remove itself: remove it from another member".into(),
         ));
     }
-    st.node
-        .remove_member(&id)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()))?;
+    st.node.remove_member(&id).await?;
     Ok(Json(json!({"removed": id})).into_response())
 }
 
@@ -324,7 +358,7 @@ async fn readyz(State(st): State<ApiState>) -> Response {
 }
 
 async fn status(State(st): State<ApiState>) -> ApiResult {
-    Ok(Json(crate::monitor::status(&st.node)).into_response())
+    Ok(Json(crate::cluster::monitor::status(&st.cluster)).into_response())
 }
 
 async fn drain(
@@ -347,7 +381,7 @@ async fn undrain(State(st): State<ApiState>, Extension(_who): Extension<Principa
 async fn metrics(State(st): State<ApiState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::monitor::metrics(&st.node),
+        crate::cluster::monitor::metrics(&st.cluster),
     )
         .into_response()
 }

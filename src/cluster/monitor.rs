@@ -1,10 +1,15 @@
+//! Layer: cluster (imports core, store, net, node).
+//!
 //! Cluster health, the I/O side: one heartbeater per peer, a ticker that re-evaluates liveness,
 //! and the status report. The decisions are in `core::health`.
 
-use crate::core::health::{Cause, Event, PeerHealth, Sample, Status};
+use super::replicator::Inbox;
+use super::ClusterState;
+use crate::core::health::{Cause, Event, HealthConfig, PeerHealth, Sample, Status};
+use crate::core::link::Failure;
 use crate::core::proto::{Heartbeat, HeartbeatAck, Request, Response};
-use crate::ipc::PeerClient;
-use crate::node::{Node, PeerQueue};
+use crate::net::ipc::PeerClient;
+use crate::node::Node;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,11 +19,15 @@ use tokio::sync::watch;
 const TICK: Duration = Duration::from_millis(25);
 
 fn mono(node: &Node) -> u64 {
-    node.shared().clock.mono_ms()
+    node.clock().mono_ms()
 }
 
 fn our_root(node: &Node) -> [u8; 32] {
-    node.shared().digest.lock().expect("digest lock").root()
+    node.published().digest().root()
+}
+
+fn health_config(node: &Node) -> HealthConfig {
+    HealthConfig::from_settings(&node.settings())
 }
 
 fn log_events(node: &Node, peer: &str, events: Vec<Event>) {
@@ -43,24 +52,25 @@ fn log_events(node: &Node, peer: &str, events: Vec<Event>) {
             }
             Event::DriftEnded => tracing::info!(peer = %name, "clock drift resolved"),
             Event::Incompatible { version } => {
-                tracing::warn!(peer = %name, %version, ours = %crate::node::version(), "peer INCOMPATIBLE: another major version; not syncing with it")
+                tracing::warn!(peer = %name, %version, ours = %crate::net::version(), "peer INCOMPATIBLE: another major version; not syncing with it")
             }
         }
     }
 }
 
-fn with_health<T>(node: &Node, peer: &str, f: impl FnOnce(&mut PeerHealth) -> T) -> T {
-    let now = mono(node);
-    let mut h = node.shared().health.lock().expect("health lock");
+fn with_health<T>(state: &ClusterState, peer: &str, f: impl FnOnce(&mut PeerHealth) -> T) -> T {
+    let now = mono(&state.node);
+    let mut h = state.health();
     f(h.entry(peer.to_string())
         .or_insert_with(|| PeerHealth::new(now)))
 }
 
 /// A peer's heartbeat arrived (server side). Returns the answer, times to be filled in.
-pub fn heard(node: &Node, peer: &str, version: &str, hb: &Heartbeat) -> HeartbeatAck {
+pub fn heard(state: &ClusterState, peer: &str, version: &str, hb: &Heartbeat) -> HeartbeatAck {
+    let node = &state.node;
     let now = mono(node);
-    let ours = crate::node::version();
-    let events = with_health(node, peer, |h| h.heard(now, version, hb.draining, &ours));
+    let ours = crate::net::version();
+    let events = with_health(state, peer, |h| h.heard(now, version, hb.draining, &ours));
     log_events(node, peer, events);
     HeartbeatAck {
         received_wall_ms: 0,
@@ -70,43 +80,36 @@ pub fn heard(node: &Node, peer: &str, version: &str, hb: &Heartbeat) -> Heartbea
     }
 }
 
-pub fn incompatible(node: &Node, peer: &str) -> bool {
-    node.shared()
-        .health
-        .lock()
-        .map(|h| h.get(peer).is_some_and(|p| p.incompatible()))
-        .unwrap_or(false)
-}
-
 /// Records the outcome of a replication cycle with a peer.
-pub fn cycle_done(node: &Node, peer: &str, result: &Result<usize, String>) {
-    let wall = node.shared().clock.wall_ms();
-    with_health(node, peer, |h| match result {
+pub fn cycle_done(state: &ClusterState, peer: &str, result: &Result<usize, Failure>) {
+    let wall = state.node.clock().wall_ms();
+    with_health(state, peer, |h| match result {
         Ok(n) => {
             h.last_cycle_wall_ms = Some(wall);
             h.docs_out_of_sync = Some(*n as u64);
         }
-        Err(e) => h.failed(Cause::of(e), e.clone(), wall),
+        Err(f) => h.failed(f.cause, f.message.clone(), wall),
     });
 }
 
 /// Sends heartbeats to one peer every `heartbeat_interval_ms`, on its own connection so they
 /// are never stuck behind a large sync.
 pub async fn heartbeats(
-    node: Node,
+    state: Arc<ClusterState>,
     peer: crate::core::members::Member,
     tls: Arc<rustls::ClientConfig>,
-    queue: Arc<PeerQueue>,
+    inbox: Arc<Inbox>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let node = state.node.clone();
     let cfg = node.config().clone();
     let mut client = PeerClient::new(&peer.addr, tls, &cfg.cluster_id, &cfg.node_id);
-    let ours = crate::node::version();
+    let ours = crate::net::version();
     let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
         // The interval is re-read at least every 100 ms, so a change of the setting takes effect
         // at once (a shortened offline timeout must not meet heartbeats on the old schedule).
-        let hc = node.health_config();
+        let hc = health_config(&node);
         let interval = Duration::from_millis(hc.heartbeat_interval_ms);
         if let Some(t) = last_sent {
             let due = t + interval;
@@ -120,7 +123,7 @@ pub async fn heartbeats(
             }
         }
         last_sent = Some(tokio::time::Instant::now());
-        let t1 = node.shared().clock.wall_ms();
+        let t1 = node.clock().wall_ms();
         let m1 = mono(&node);
         let hb = Heartbeat {
             wall_ms: t1,
@@ -136,7 +139,7 @@ pub async fn heartbeats(
             r = call => r,
             _ = stop.changed() => return,
         };
-        let wall = node.shared().clock.wall_ms();
+        let wall = node.clock().wall_ms();
         match r {
             Ok(Response::HeartbeatAck(ack)) => {
                 let m4 = mono(&node);
@@ -148,7 +151,7 @@ pub async fn heartbeats(
                     rtt_mono_ms: (m4 - m1) as f64,
                 };
                 let root_differs = ack.root != our_root(&node);
-                let (events, want_cycle) = with_health(&node, &peer.id, |h| {
+                let (events, want_cycle) = with_health(&state, &peer.id, |h| {
                     let v = client
                         .peer_version
                         .clone()
@@ -171,28 +174,35 @@ pub async fn heartbeats(
                     (ev, repair || back)
                 });
                 log_events(&node, &peer.id, events);
-                if want_cycle && !incompatible(&node, &peer.id) {
-                    queue.request_cycle();
+                if want_cycle && !state.incompatible(&peer.id) {
+                    inbox.cycle_now();
                 }
             }
-            Ok(Response::Refused { message, .. }) => {
-                with_health(&node, &peer.id, |h| h.failed(Cause::Refused, message, wall))
-            }
-            Ok(other) => with_health(&node, &peer.id, |h| {
-                h.failed(Cause::Other, format!("unexpected answer {other:?}"), wall)
+            Ok(Response::Refused { message, .. }) => with_health(&state, &peer.id, |h| {
+                h.failed(Cause::Refused, message, wall)
             }),
-            Err(e) => with_health(&node, &peer.id, |h| h.failed(Cause::of(&e), e, wall)),
+            Ok(other) => with_health(&state, &peer.id, |h| {
+                h.failed(
+                    Cause::Other,
+                    format!("unexpected answer {}", other.name()),
+                    wall,
+                )
+            }),
+            Err(e) => with_health(&state, &peer.id, |h| {
+                h.failed(e.cause(), e.to_string(), wall)
+            }),
         }
     }
 }
 
 /// Re-evaluates every peer's liveness every few milliseconds.
-pub async fn ticker(node: Node, mut stop: watch::Receiver<bool>) {
-    let mut seen = node.health_config();
+pub async fn ticker(state: Arc<ClusterState>, mut stop: watch::Receiver<bool>) {
+    let node = state.node.clone();
+    let mut seen = health_config(&node);
     let mut grace_until = 0;
     let mut grace_timeout_ms = 0;
     loop {
-        let mut hc = node.health_config();
+        let mut hc = health_config(&node);
         let now = mono(&node);
         if hc != seen {
             // Heartbeats sent on the old schedule are still on their way: judge silence by the
@@ -212,7 +222,7 @@ pub async fn ticker(node: Node, mut stop: watch::Receiver<bool>) {
             .collect();
         let mut all = Vec::new();
         {
-            let mut h = node.shared().health.lock().expect("health lock");
+            let mut h = state.health();
             h.retain(|id, _| live.contains(id));
             for id in &live {
                 let p = h.entry(id.clone()).or_insert_with(|| PeerHealth::new(now));
@@ -230,12 +240,13 @@ pub async fn ticker(node: Node, mut stop: watch::Receiver<bool>) {
 }
 
 /// The status report: every node, this one included, and the cluster's state.
-pub fn status(node: &Node) -> Value {
+pub fn status(state: &ClusterState) -> Value {
+    let node = &state.node;
     let now = mono(node);
     let cfg = node.config();
     let mut members: Vec<_> = node.members().into_iter().filter(|m| !m.removed).collect();
     members.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-    let health = node.shared().health.lock().expect("health lock").clone();
+    let health = state.health().clone();
     let me_status = if node.drain().is_draining() {
         Status::Draining
     } else {
@@ -246,7 +257,7 @@ pub fn status(node: &Node) -> Value {
     for m in &members {
         if m.id == cfg.node_id {
             nodes.push(json!({
-                "id": m.id, "name": m.name, "address": cfg.ipc_advertise, "version": crate::node::version(),
+                "id": m.id, "name": m.name, "address": cfg.ipc_advertise, "version": crate::net::version(),
                 "status": me_status, "self": true, "last_heartbeat_ms_ago": 0, "rtt_ms": 0.0, "clock_offset_ms": 0.0,
                 "docs_out_of_sync": 0, "last_replication_cycle": Value::Null, "last_error": Value::Null, "flaps": 0,
                 "active_connections": node.drain().active(),
@@ -286,8 +297,9 @@ pub fn status(node: &Node) -> Value {
 
 /// The status report as Prometheus text: one series per peer and state, so alerts can fire on
 /// OFFLINE, CLOCK_DRIFT or INCOMPATIBLE without parsing JSON.
-pub fn metrics(node: &Node) -> String {
-    let st = status(node);
+pub fn metrics(state: &ClusterState) -> String {
+    let node = &state.node;
+    let st = status(state);
     let mut out = String::new();
     out.push_str("# HELP peerconf_peer_status 1 for the status each node is in, as seen from this node.\n# TYPE peerconf_peer_status gauge\n");
     let all = [

@@ -1,7 +1,7 @@
 //! `peerconf bench ...`: measurements on this machine, printed as a table and as JSON.
 
-use crate::node::{InitOptions, Node, NodeOptions};
 use crdt_schema::Kind;
+use peerconf::node::{InitOptions, Node, NodeOptions};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
@@ -77,7 +77,7 @@ pub async fn store(n: usize, writers: usize) -> Result<(), String> {
     if count != n {
         return Err(format!("listed {count} users, wrote {n}"));
     }
-    let db_bytes = std::fs::metadata(dir.path().join(crate::node::DB_FILE))
+    let db_bytes = std::fs::metadata(dir.path().join(peerconf::node::DB_FILE))
         .map(|m| m.len())
         .unwrap_or(0);
     let report = json!({
@@ -115,12 +115,14 @@ pub async fn store(n: usize, writers: usize) -> Result<(), String> {
 /// A node of the benchmark cluster: the node, its replication, and a feed of its changes.
 struct BenchNode {
     node: Node,
-    cluster: crate::cluster::Cluster,
+    cluster: peerconf::cluster::Cluster,
 }
 
 async fn start_bench_node(dir: &std::path::Path) -> Result<BenchNode, String> {
     let node = Node::open(dir, NodeOptions::default()).map_err(|e| e.to_string())?;
-    let cluster = crate::cluster::Cluster::start(node.clone()).await?;
+    let cluster = peerconf::cluster::Cluster::start(node.clone())
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(BenchNode { node, cluster })
 }
 
@@ -131,7 +133,7 @@ fn free_loopback() -> std::net::SocketAddr {
 }
 
 fn root_of(n: &Node) -> [u8; 32] {
-    n.shared().digest.lock().expect("digest lock").root()
+    n.published().digest().root()
 }
 
 /// Waits until every node has the same digest root; returns how long it took.
@@ -300,9 +302,9 @@ async fn visibility(
 
 async fn idle_bytes_per_s(window: std::time::Duration, pairs: usize) -> f64 {
     use std::sync::atomic::Ordering;
-    let b0 = crate::ipc::CLIENT_BYTES.load(Ordering::Relaxed);
+    let b0 = peerconf::net::ipc::CLIENT_BYTES.load(Ordering::Relaxed);
     tokio::time::sleep(window).await;
-    let b1 = crate::ipc::CLIENT_BYTES.load(Ordering::Relaxed);
+    let b1 = peerconf::net::ipc::CLIENT_BYTES.load(Ordering::Relaxed);
     (b1 - b0) as f64 / window.as_secs_f64() / pairs as f64
 }
 
@@ -327,17 +329,18 @@ pub async fn cluster(
     Node::init(&dir(1), &first, &NodeOptions::default()).map_err(|e| e.to_string())?;
     let mut nodes = vec![start_bench_node(&dir(1)).await?];
     for i in 2..=3 {
-        let now = crate::time::SystemClock::shared().wall_ms();
         let (token, _) =
-            crate::cluster::create_token(&nodes[0].node, std::time::Duration::from_secs(600), now)
-                .await?;
-        crate::cluster::join(
+            peerconf::cluster::create_token(&nodes[0].node, std::time::Duration::from_secs(600))
+                .await
+                .map_err(|e| e.to_string())?;
+        peerconf::cluster::join::join(
             &dir(i),
             &first.ipc_listen.to_string(),
             &token.encode(),
             &mk(i),
         )
-        .await?;
+        .await
+        .map_err(|e| e.to_string())?;
         nodes.push(start_bench_node(&dir(i)).await?);
     }
     nodes[0]
@@ -393,25 +396,27 @@ pub async fn cluster(
     let idle_big = idle_bytes_per_s(window, 3).await;
 
     // A new node catches up.
-    let now = crate::time::SystemClock::shared().wall_ms();
     let (token, _) =
-        crate::cluster::create_token(&nodes[0].node, std::time::Duration::from_secs(600), now)
-            .await?;
-    let b0 = crate::ipc::CLIENT_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+        peerconf::cluster::create_token(&nodes[0].node, std::time::Duration::from_secs(600))
+            .await
+            .map_err(|e| e.to_string())?;
+    let b0 = peerconf::net::ipc::CLIENT_BYTES.load(std::sync::atomic::Ordering::Relaxed);
     let t = Instant::now();
-    crate::cluster::join(
+    peerconf::cluster::join::join(
         &dir(4),
         &first.ipc_listen.to_string(),
         &token.encode(),
         &mk(4),
     )
-    .await?;
+    .await
+    .map_err(|e| e.to_string())?;
     nodes.push(start_bench_node(&dir(4)).await?);
     let refs = all(&nodes);
     let r: Vec<&Node> = refs.iter().collect();
     converge(&r, std::time::Duration::from_secs(600)).await?;
     let catch_up_s = t.elapsed().as_secs_f64();
-    let catch_up_bytes = crate::ipc::CLIENT_BYTES.load(std::sync::atomic::Ordering::Relaxed) - b0;
+    let catch_up_bytes =
+        peerconf::net::ipc::CLIENT_BYTES.load(std::sync::atomic::Ordering::Relaxed) - b0;
     let peak = peak_rss_bytes().unwrap_or(0);
 
     let report = json!({

@@ -1,18 +1,22 @@
+//! Layer: net (imports core only).
+//!
 //! The IPC port: HTTPS with mutual TLS, HTTP/2, one POST route (`/ipc/v1`) carrying the versioned
-//! envelopes of `core::proto`. The server admits a client without a certificate only to join;
-//! everything else needs a certificate from the cluster CA that belongs to a current member.
+//! envelopes of `core::proto`. The server refuses, before anything else, what needs no knowledge
+//! of the cluster: another route, another protocol version, another cluster's traffic (by header,
+//! before the body is read), an oversized body, bytes that do not decode. Everything that does
+//! (membership, joins, replication) is the [`Handler`]'s, which the cluster layer provides.
 
+use crate::core::health::Cause;
 use crate::core::proto::{
-    self, Envelope, Refusal, Request, Response, BODY_BYTES_MAX, HEADER_CLUSTER, HEADER_PROTOCOL,
+    Envelope, Refusal, Request, Response, BODY_BYTES_MAX, HEADER_CLUSTER, HEADER_PROTOCOL,
     PROTOCOL_VERSION,
 };
 use crate::core::wire;
-use crate::node::Node;
-use axum::body::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request as HttpRequest, Response as HttpResponse, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,22 +34,52 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// One request/answer; a fetch batch of several MB takes well under this on any LAN.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Concurrent streams a peer may open on one connection: each node sends at most one request in
-/// flight per peer, so a few is plenty.
+/// flight per peer and link, so a few is plenty.
 const STREAMS_MAX: u32 = 16;
 
-/// What the server needs besides the node.
-pub struct ServerContext {
-    pub node: Node,
-    pub material: crate::tls::Material,
+/// Who answers: what the server puts in every answer's envelope.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub cluster_id: String,
+    pub node_id: String,
 }
 
-pub async fn serve(
+/// A request that passed the transport's checks.
+pub struct IpcRequest {
+    /// The node ID of the client's certificate, if it presented one the CA signed.
+    pub peer: Option<String>,
+    pub remote: SocketAddr,
+    pub env: Envelope<Request>,
+}
+
+/// What the cluster layer does with a request.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, req: IpcRequest) -> impl Future<Output = Response> + Send;
+}
+
+/// The HTTP status of an answer: a refusal's reason decides it.
+fn status_of(resp: &Response) -> StatusCode {
+    match resp {
+        Response::Refused { reason, .. } => match reason {
+            Refusal::BadRequest => StatusCode::BAD_REQUEST,
+            Refusal::NotMember => StatusCode::FORBIDDEN,
+            Refusal::Token | Refusal::Clock | Refusal::Cluster => StatusCode::FORBIDDEN,
+            Refusal::Version => StatusCode::CONFLICT,
+            Refusal::Internal => StatusCode::SERVICE_UNAVAILABLE,
+        },
+        _ => StatusCode::OK,
+    }
+}
+
+pub async fn serve<H: Handler>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    ctx: Arc<ServerContext>,
+    id: Identity,
+    handler: Arc<H>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let id = Arc::new(id);
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => Some(r),
@@ -62,7 +96,8 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let ctx = ctx.clone();
+        let handler = handler.clone();
+        let id = id.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -81,11 +116,16 @@ pub async fn serve(
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .and_then(|c| crate::tls::node_id_of(c));
+                .and_then(|c| crate::net::tls::node_id_of(c));
             let svc = hyper::service::service_fn(move |req| {
-                let ctx = ctx.clone();
+                let handler = handler.clone();
                 let peer_id = peer_id.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(ctx, peer_id, remote, req).await) }
+                let id = id.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        handle(&*handler, &id, peer_id, remote, req).await,
+                    )
+                }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
@@ -109,37 +149,35 @@ pub async fn serve(
     }
 }
 
-fn answer(status: StatusCode, env: &Envelope<Response>) -> HttpResponse<Full<Bytes>> {
+fn answer(id: &Identity, body: Response) -> HttpResponse<Full<Bytes>> {
+    let status = status_of(&body);
+    let env = Envelope {
+        protocol: PROTOCOL_VERSION,
+        cluster_id: id.cluster_id.clone(),
+        from: id.node_id.clone(),
+        version: super::version(),
+        body,
+    };
     HttpResponse::builder()
         .status(status)
         .header("content-type", "application/octet-stream")
-        .body(Full::new(Bytes::from(wire::encode(env))))
+        .body(Full::new(Bytes::from(wire::encode(&env))))
         .expect("valid response")
 }
 
-async fn handle(
-    ctx: Arc<ServerContext>,
+async fn handle<H: Handler>(
+    handler: &H,
+    id: &Identity,
     peer_id: Option<String>,
     remote: SocketAddr,
     req: HttpRequest<Incoming>,
 ) -> HttpResponse<Full<Bytes>> {
-    let cfg = ctx.node.config();
-    let me = |body: Response| Envelope {
-        protocol: PROTOCOL_VERSION,
-        cluster_id: cfg.cluster_id.clone(),
-        from: cfg.node_id.clone(),
-        version: crate::node::version(),
-        body,
-    };
-    let refuse = |status: StatusCode, reason: Refusal, message: String| {
-        if reason != Refusal::Token {
-            tracing::warn!(peer = %remote, node = ?peer_id, %message, "IPC request refused");
-        }
-        answer(status, &me(Response::Refused { reason, message }))
+    let refuse = |reason: Refusal, message: String| {
+        tracing::warn!(peer = %remote, node = ?peer_id, %message, "IPC request refused");
+        answer(id, Response::Refused { reason, message })
     };
     if req.method() != Method::POST || req.uri().path() != PATH {
         return refuse(
-            StatusCode::NOT_FOUND,
             Refusal::BadRequest,
             format!("no IPC route {} {}", req.method(), req.uri().path()),
         );
@@ -153,7 +191,6 @@ async fn handle(
     };
     if header(HEADER_PROTOCOL).as_deref() != Some(PROTOCOL_VERSION.to_string().as_str()) {
         return refuse(
-            StatusCode::BAD_REQUEST,
             Refusal::Version,
             format!(
                 "IPC protocol {} is not supported (this node speaks {PROTOCOL_VERSION})",
@@ -162,13 +199,12 @@ async fn handle(
         );
     }
     let cluster = header(HEADER_CLUSTER).unwrap_or_default();
-    if !cluster.is_empty() && cluster != cfg.cluster_id {
+    if !cluster.is_empty() && cluster != id.cluster_id {
         return refuse(
-            StatusCode::FORBIDDEN,
             Refusal::Cluster,
             format!(
                 "this node belongs to cluster {}, not {cluster}",
-                cfg.cluster_id
+                id.cluster_id
             ),
         );
     }
@@ -177,106 +213,56 @@ async fn handle(
         .await
     {
         Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return refuse(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                Refusal::BadRequest,
-                format!("request body: {e}"),
-            )
-        }
+        Err(e) => return refuse(Refusal::BadRequest, format!("request body: {e}")),
     };
     let env: Envelope<Request> = match wire::decode(&body) {
         Ok(e) => e,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, Refusal::BadRequest, e.to_string()),
+        Err(e) => return refuse(Refusal::BadRequest, e.to_string()),
     };
-    if let Request::Join(j) = env.body {
-        return match crate::cluster::admit(&ctx, &env.version, j).await {
-            Ok(resp) => answer(StatusCode::OK, &me(Response::Joined(Box::new(resp)))),
-            Err((reason, message)) => {
-                let status = match reason {
-                    Refusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-                    _ => StatusCode::FORBIDDEN,
-                };
-                tracing::warn!(peer = %remote, %message, "join refused");
-                refuse(status, reason, message)
+    let resp = handler
+        .handle(IpcRequest {
+            peer: peer_id,
+            remote,
+            env,
+        })
+        .await;
+    answer(id, resp)
+}
+
+/// Why a call to a peer failed. The connection is dropped after any of them.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    #[error("cannot reach {addr}: {message}")]
+    Connect {
+        addr: String,
+        kind: std::io::ErrorKind,
+        message: String,
+    },
+    #[error("cannot reach {addr}: connect timed out after {CONNECT_TIMEOUT:?}")]
+    ConnectTimeout { addr: String },
+    #[error("TLS failure with {addr}: {message}")]
+    Tls { addr: String, message: String },
+    #[error("request to {addr} timed out after {after_ms} ms")]
+    Timeout { addr: String, after_ms: u64 },
+    #[error("request to {addr} failed: {message}")]
+    Http { addr: String, message: String },
+    #[error("answer from {addr}: {message}")]
+    Answer { addr: String, message: String },
+}
+
+impl CallError {
+    /// The failure's cause, as health reports it.
+    pub fn cause(&self) -> Cause {
+        match self {
+            CallError::Connect { kind, .. } if *kind == std::io::ErrorKind::ConnectionRefused => {
+                Cause::ConnectionRefused
             }
-        };
-    }
-    // Everything but a join needs a current member's certificate.
-    let Some(peer) = peer_id.clone() else {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            Refusal::NotMember,
-            "a client certificate of the cluster is required".into(),
-        );
-    };
-    if env.cluster_id != cfg.cluster_id || env.from != peer {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            Refusal::Cluster,
-            "the envelope does not match the certificate".into(),
-        );
-    }
-    let members = ctx.node.members();
-    if !members.iter().any(|m| m.id == peer && !m.removed) {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            Refusal::NotMember,
-            format!("node {peer} is not a current member of this cluster"),
-        );
-    }
-    if let Request::Heartbeat(hb) = &env.body {
-        // Answered whatever the sender's version: that is how an incompatible member is seen.
-        let received = ctx.node.shared().clock.wall_ms();
-        let ack = crate::monitor::heard(&ctx.node, &peer, &env.version, hb);
-        let mut ack = ack;
-        ack.received_wall_ms = received;
-        ack.sent_wall_ms = ctx.node.shared().clock.wall_ms();
-        return answer(StatusCode::OK, &me(Response::HeartbeatAck(ack)));
-    }
-    if !proto::compatible(&env.version, &crate::node::version()) {
-        return refuse(
-            StatusCode::CONFLICT,
-            Refusal::Version,
-            format!("version mismatch: node {peer} runs {}, this node runs {}; nodes must share the major version", env.version, crate::node::version()),
-        );
-    }
-    let resp = match env.body {
-        Request::DigestRoot { .. } | Request::BucketDocs { .. } => {
-            // Answered from the digest of what is committed, without the driver.
-            let digest = ctx.node.shared().digest.clone();
-            let mut d = digest.lock().expect("digest lock");
-            let catching_up = !ctx
-                .node
-                .shared()
-                .fetching
-                .lock()
-                .map(|f| f.is_empty())
-                .unwrap_or(true);
-            match env.body {
-                Request::DigestRoot { root } if root == d.root() => Response::InSync,
-                Request::DigestRoot { .. } if catching_up => Response::CatchingUp,
-                Request::DigestRoot { .. } => Response::Buckets {
-                    hashes: d.buckets().to_vec(),
-                },
-                Request::BucketDocs { buckets } => Response::BucketDocs {
-                    docs: d.entries(&buckets),
-                },
-                _ => unreachable!(),
-            }
+            CallError::Connect { .. } => Cause::Other,
+            CallError::ConnectTimeout { .. } | CallError::Timeout { .. } => Cause::Timeout,
+            CallError::Tls { .. } => Cause::TlsFailure,
+            CallError::Http { .. } | CallError::Answer { .. } => Cause::Other,
         }
-        other => match ctx.node.serve(&peer, other).await {
-            Ok(r) => r,
-            Err(e) => {
-                return refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Refusal::Internal,
-                    e.to_string(),
-                )
-            }
-        },
-    };
-    answer(StatusCode::OK, &me(resp))
+    }
 }
 
 /// An HTTP/2 connection to one peer, reopened when it breaks.
@@ -311,32 +297,41 @@ impl PeerClient {
         self.send = None;
     }
 
-    pub async fn connect(&mut self) -> Result<(), String> {
+    pub async fn connect(&mut self) -> Result<(), CallError> {
+        let addr = self.addr.clone();
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
             .await
-            .map_err(|_| {
-                format!(
-                    "cannot reach {}: connect timed out after {CONNECT_TIMEOUT:?}",
-                    self.addr
-                )
-            })?
-            .map_err(|e| format!("cannot reach {}: {e}", self.addr))?;
+            .map_err(|_| CallError::ConnectTimeout { addr: addr.clone() })?
+            .map_err(|e| CallError::Connect {
+                addr: addr.clone(),
+                kind: e.kind(),
+                message: e.to_string(),
+            })?;
         let _ = tcp.set_nodelay(true);
         let tls = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
             tokio_rustls::TlsConnector::from(self.tls.clone())
-                .connect(crate::tls::server_name(), tcp),
+                .connect(crate::net::tls::server_name(), tcp),
         )
         .await
-        .map_err(|_| format!("TLS handshake with {} timed out", self.addr))?
-        .map_err(|e| format!("TLS failure with {}: {e}", self.addr))?;
+        .map_err(|_| CallError::Tls {
+            addr: addr.clone(),
+            message: "handshake timed out".into(),
+        })?
+        .map_err(|e| CallError::Tls {
+            addr: addr.clone(),
+            message: e.to_string(),
+        })?;
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
             .handshake(TokioIo::new(tls))
             .await
-            .map_err(|e| format!("HTTP/2 handshake with {}: {e}", self.addr))?;
+            .map_err(|e| CallError::Tls {
+                addr: addr.clone(),
+                message: format!("HTTP/2 handshake: {e}"),
+            })?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -345,7 +340,7 @@ impl PeerClient {
     }
 
     /// One request and its answer. A refusal comes back as `Ok(Response::Refused)`.
-    pub async fn call(&mut self, body: Request) -> Result<Response, String> {
+    pub async fn call(&mut self, body: Request) -> Result<Response, CallError> {
         self.call_timeout(body, REQUEST_TIMEOUT).await
     }
 
@@ -353,16 +348,17 @@ impl PeerClient {
         &mut self,
         body: Request,
         timeout: Duration,
-    ) -> Result<Response, String> {
+    ) -> Result<Response, CallError> {
         if self.send.is_none() {
             self.connect().await?;
         }
+        let addr = self.addr.clone();
         let send = self.send.as_mut().expect("connected");
         let env = Envelope {
             protocol: PROTOCOL_VERSION,
             cluster_id: self.cluster_id.clone(),
             from: self.from.clone(),
-            version: crate::node::version(),
+            version: super::version(),
             body,
         };
         let body_bytes = wire::encode(&env);
@@ -372,35 +368,45 @@ impl PeerClient {
         );
         let req = HttpRequest::builder()
             .method(Method::POST)
-            .uri(format!("https://{}{PATH}", crate::tls::CLUSTER_DNS_NAME))
+            .uri(format!(
+                "https://{}{PATH}",
+                crate::net::tls::CLUSTER_DNS_NAME
+            ))
             .header(HEADER_PROTOCOL, PROTOCOL_VERSION.to_string())
             .header(HEADER_CLUSTER, self.cluster_id.clone())
             .body(Full::new(Bytes::from(body_bytes)))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| CallError::Http {
+                addr: addr.clone(),
+                message: e.to_string(),
+            })?;
         let result = tokio::time::timeout(timeout, async {
-            send.ready()
-                .await
-                .map_err(|e| format!("connection to {}: {e}", self.addr))?;
+            send.ready().await.map_err(|e| CallError::Http {
+                addr: addr.clone(),
+                message: format!("connection: {e}"),
+            })?;
             let resp = send
                 .send_request(req)
                 .await
-                .map_err(|e| format!("request to {} failed: {}", self.addr, root_cause(&e)))?;
+                .map_err(|e| http_failure(&addr, &e))?;
             let bytes = Limited::new(resp.into_body(), BODY_BYTES_MAX)
                 .collect()
                 .await
-                .map_err(|e| format!("answer from {}: {e}", self.addr))?
+                .map_err(|e| CallError::Answer {
+                    addr: addr.clone(),
+                    message: e.to_string(),
+                })?
                 .to_bytes();
             CLIENT_BYTES.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            let env: Envelope<Response> =
-                wire::decode(&bytes).map_err(|e| format!("answer from {}: {e}", self.addr))?;
-            Ok::<_, String>(env)
+            let env: Envelope<Response> = wire::decode(&bytes).map_err(|e| CallError::Answer {
+                addr: addr.clone(),
+                message: e.to_string(),
+            })?;
+            Ok::<_, CallError>(env)
         })
         .await
-        .map_err(|_| {
-            format!(
-                "request to {} timed out after {REQUEST_TIMEOUT:?}",
-                self.addr
-            )
+        .map_err(|_| CallError::Timeout {
+            addr: addr.clone(),
+            after_ms: timeout.as_millis() as u64,
         })
         .and_then(|r| r);
         match result {
@@ -413,6 +419,29 @@ impl PeerClient {
                 Err(e)
             }
         }
+    }
+}
+
+/// A failed request. A TLS alert from the server (a client certificate it refused) surfaces here,
+/// late, as the source of the HTTP/2 error: found by its type, not its text.
+fn http_failure(addr: &str, e: &hyper::Error) -> CallError {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(x) = cur {
+        let tls = x.downcast_ref::<rustls::Error>().is_some()
+            || x.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
+        if tls {
+            return CallError::Tls {
+                addr: addr.to_string(),
+                message: root_cause(e),
+            };
+        }
+        cur = x.source();
+    }
+    CallError::Http {
+        addr: addr.to_string(),
+        message: root_cause(e),
     }
 }
 

@@ -1,7 +1,16 @@
+//! The `peerconf` binary: the admin CLI (which talks to a node's API, never to its database), the
+//! node commands (`init`, `join`, `run`), `demo` and `bench`. Built on the library's public API
+//! only; none of this ships in an embedder's build.
+
+mod bench;
+mod cli;
+mod client;
+mod demo;
+
 use clap::Parser;
 
 fn main() {
-    let cli = peerconf::cli::Cli::parse();
+    let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -10,5 +19,5 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,peerconf=info")),
         )
         .init();
-    std::process::exit(peerconf::cli::main(cli));
+    std::process::exit(cli::main(cli));
 }

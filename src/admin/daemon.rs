@@ -1,3 +1,5 @@
+//! Layer: admin (imports core, store, net, node, cluster).
+//!
 //! `peerconf run`: a node with its admin API, until SIGINT or SIGTERM.
 
 use crate::node::{Node, NodeOptions};
@@ -49,13 +51,15 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(cfg.api_listen)
         .await
         .map_err(|e| format!("cannot listen on {} for the admin API: {e}", cfg.api_listen))?;
-    let cluster = crate::cluster::Cluster::start(node.clone()).await?;
+    let cluster = crate::cluster::Cluster::start(node.clone())
+        .await
+        .map_err(|e| e.to_string())?;
     tracing::info!(node = %cfg.node_id, name = %cfg.name, api = %cfg.api_listen, "node running");
     eprintln!(
         "peerconf: node {} ({}) of cluster {}: admin API on http://{}, IPC on {}",
         cfg.node_id, cfg.name, cfg.cluster_id, cfg.api_listen, cfg.ipc_listen
     );
-    let served = axum::serve(listener, crate::api::router(node.clone()))
+    let served = axum::serve(listener, super::api::router(cluster.state().clone()))
         .with_graceful_shutdown(stop)
         .await;
     tracing::info!("shutting down");

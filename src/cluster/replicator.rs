@@ -1,0 +1,216 @@
+//! Layer: cluster (imports core, store, net, node).
+//!
+//! One peer's replicator: a thin async loop around the core's [`PeerLink`], which decides
+//! everything. The loop feeds it inputs (work from the driver through [`Inbox`], answers and
+//! failures of its one request in flight, results of driver jobs, ticks) and carries its outputs
+//! out (the request, driver jobs, session resets, health records). It holds no replication logic
+//! of its own: the simulator drives the same `PeerLink`.
+
+use super::{monitor, ClusterState};
+use crate::core::link::{Ctx, Failure, Input, Output, PeerLink, Then, Token};
+use crate::core::members::Member;
+use crate::core::proto::Response;
+use crate::net::ipc::{CallError, PeerClient};
+use crate::node::state::{LinkWork, PeerInbox};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+/// The longest the loop sleeps without a tick, so a changed replication interval takes effect.
+const TICK_MAX: Duration = Duration::from_secs(1);
+
+/// What reaches a replicator from outside its loop.
+pub enum Mail {
+    Work(LinkWork),
+    /// Heartbeats saw the digests differ, or the peer came back.
+    CycleNow,
+}
+
+/// The replicator's mailbox, as the driver (a [`PeerInbox`]) and the heartbeater see it.
+pub struct Inbox {
+    tx: mpsc::UnboundedSender<Mail>,
+    /// The link's [`PeerLink::accepting`], as of its last step.
+    accepting: AtomicBool,
+}
+
+impl Inbox {
+    pub fn new() -> (Arc<Inbox>, mpsc::UnboundedReceiver<Mail>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Arc::new(Inbox {
+                tx,
+                accepting: AtomicBool::new(true),
+            }),
+            rx,
+        )
+    }
+
+    pub fn cycle_now(&self) {
+        let _ = self.tx.send(Mail::CycleNow);
+    }
+}
+
+impl PeerInbox for Inbox {
+    fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::Relaxed)
+    }
+    fn deliver(&self, work: LinkWork) {
+        let _ = self.tx.send(Mail::Work(work));
+    }
+}
+
+type Call = Pin<Box<dyn Future<Output = (PeerClient, Token, Result<Response, CallError>)> + Send>>;
+
+/// Runs the link to `peer` until `stop`.
+pub async fn run(
+    state: Arc<ClusterState>,
+    peer: Member,
+    tls: Arc<rustls::ClientConfig>,
+    inbox: Arc<Inbox>,
+    mut rx: mpsc::UnboundedReceiver<Mail>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let node = state.node.clone();
+    let cfg = node.config().clone();
+    let mut link = PeerLink::new(&peer.id, rand::random());
+    let mut client = Some(PeerClient::new(
+        &peer.addr,
+        tls,
+        &cfg.cluster_id,
+        &cfg.node_id,
+    ));
+    let mut call: Option<Call> = None;
+    let mut jobs: JoinSet<Input> = JoinSet::new();
+    let mut input = Some(Input::Tick);
+    loop {
+        if let Some(i) = input.take() {
+            let outputs = step(&state, &mut link, i);
+            inbox.accepting.store(link.accepting(), Ordering::Relaxed);
+            for o in outputs {
+                carry_out(&state, &peer, o, &mut client, &mut call, &mut jobs).await;
+            }
+        }
+        let now = node.clock().mono_ms();
+        let sleep = link
+            .wake_at()
+            .map_or(TICK_MAX, |t| Duration::from_millis(t.saturating_sub(now)))
+            .min(TICK_MAX);
+        input = tokio::select! {
+            mail = rx.recv() => match mail {
+                Some(Mail::Work(LinkWork::Ready(r))) => Some(Input::Ready(r)),
+                Some(Mail::Work(LinkWork::Dirty(ids))) => Some(Input::Dirty(ids)),
+                Some(Mail::CycleNow) => Some(Input::CycleNow),
+                None => return,
+            },
+            (c, token, r) = async { call.as_mut().expect("guarded").await }, if call.is_some() => {
+                call = None;
+                client = Some(c);
+                Some(match r {
+                    Ok(resp) => Input::Answer { token, resp },
+                    Err(e) => Input::Failed { token, failure: Failure::new(e.cause(), e.to_string()) },
+                })
+            }
+            Some(done) = jobs.join_next(), if !jobs.is_empty() => done.ok(),
+            _ = tokio::time::sleep(sleep) => Some(Input::Tick),
+            _ = stop.changed() => return,
+        };
+    }
+}
+
+/// One step of the link, with the node's digest, the claims and the settings in view.
+fn step(state: &ClusterState, link: &mut PeerLink, input: Input) -> Vec<Output> {
+    let node = &state.node;
+    let interval_ms = node.settings().replication_interval_ms.max(1) as u64;
+    let incompatible = state.incompatible(link.peer());
+    let now_ms = node.clock().mono_ms();
+    let published = node.published().clone();
+    let mut digest = published.digest();
+    let mut claims = state.claims();
+    let mut ctx = Ctx {
+        now_ms,
+        digest: &mut digest,
+        claims: &mut claims,
+        interval_ms,
+        incompatible,
+    };
+    link.handle(&mut ctx, input)
+}
+
+async fn carry_out(
+    state: &ClusterState,
+    peer: &Member,
+    out: Output,
+    client: &mut Option<PeerClient>,
+    call: &mut Option<Call>,
+    jobs: &mut JoinSet<Input>,
+) {
+    let node = state.node.clone();
+    let id = peer.id.clone();
+    match out {
+        Output::Send { token, req } => {
+            let Some(mut c) = client.take() else {
+                // The link sends one request at a time; this cannot happen.
+                tracing::error!(peer = %peer.name, "a second request while one is in flight");
+                return;
+            };
+            *call = Some(Box::pin(async move {
+                let r = c.call(req).await;
+                (c, token, r)
+            }));
+        }
+        Output::Make { token, ids } => {
+            jobs.spawn(async move {
+                let msgs = node.sync_out(&id, ids).await.unwrap_or_default();
+                Input::Made { token, msgs }
+            });
+        }
+        Output::Apply {
+            msgs,
+            ids,
+            then: Then::Queue { round },
+            ..
+        } => node.sync_back_later(&id, msgs, ids, round),
+        Output::Apply {
+            token,
+            msgs,
+            ids,
+            then: Then::Reply,
+        } => {
+            jobs.spawn(async move {
+                match node.sync_back(&id, msgs, ids).await {
+                    Ok(msgs) => Input::Made { token, msgs },
+                    Err(e) => Input::Failed {
+                        token,
+                        failure: Failure::new(
+                            crate::core::health::Cause::Other,
+                            format!("applying the answer: {e}"),
+                        ),
+                    },
+                }
+            });
+        }
+        Output::Ingest { token, docs } => {
+            jobs.spawn(async move {
+                let result = node.ingest(&id, docs).await.map_err(|e| e.to_string());
+                Input::Ingested { token, result }
+            });
+        }
+        Output::ResetSessions => {
+            if let Some(c) = client.as_mut() {
+                c.disconnect();
+            }
+            node.reset_peer(&id).await;
+        }
+        Output::CycleDone(r) => monitor::cycle_done(state, &id, &r),
+        Output::Reach(Some(f)) => {
+            tracing::warn!(peer = %peer.name, addr = %peer.addr, error = %f, "replication to peer failed");
+        }
+        Output::Reach(None) => {
+            tracing::info!(peer = %peer.name, addr = %peer.addr, "peer reachable again");
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Layer: cluster (imports core, store, net, node).
+//!
+//! What the IPC port does with a request that passed the transport's checks (`net::ipc`): a
+//! join is the only thing a client without a certificate may ask; everything else needs a
+//! certificate from the cluster CA naming a current member. Heartbeats are answered whatever the
+//! sender's major version (that is how INCOMPATIBLE is seen); replication is refused across major
+//! versions. Digest requests are answered by the core's responder from the committed digest,
+//! without the driver; requests for documents go to the driver.
+
+use super::{join, monitor, ClusterState};
+use crate::core::proto::{self, Refusal, Request, Response};
+use crate::core::repl;
+use crate::net::ipc::{Handler, IpcRequest};
+use std::sync::Arc;
+
+pub struct IpcHandler {
+    state: Arc<ClusterState>,
+}
+
+impl IpcHandler {
+    pub fn new(state: Arc<ClusterState>) -> IpcHandler {
+        IpcHandler { state }
+    }
+
+    async fn answer(&self, req: IpcRequest) -> Response {
+        let node = &self.state.node;
+        let cfg = node.config();
+        let IpcRequest { peer, remote, env } = req;
+        if let Request::Join(j) = env.body {
+            return match join::admit(&self.state, &env.version, j).await {
+                Ok(resp) => Response::Joined(Box::new(resp)),
+                Err(r) => {
+                    tracing::warn!(peer = %remote, message = %r.message, "join refused");
+                    Response::Refused {
+                        reason: r.reason,
+                        message: r.message,
+                    }
+                }
+            };
+        }
+        let refuse = |reason: Refusal, message: String| {
+            tracing::warn!(peer = %remote, node = ?peer, %message, "IPC request refused");
+            Response::Refused { reason, message }
+        };
+        let Some(peer) = peer.clone() else {
+            return refuse(
+                Refusal::NotMember,
+                "a client certificate of the cluster is required".into(),
+            );
+        };
+        if env.cluster_id != cfg.cluster_id || env.from != peer {
+            return refuse(
+                Refusal::Cluster,
+                "the envelope does not match the certificate".into(),
+            );
+        }
+        if !node.members().iter().any(|m| m.id == peer && !m.removed) {
+            return refuse(
+                Refusal::NotMember,
+                format!("node {peer} is not a current member of this cluster"),
+            );
+        }
+        if let Request::Heartbeat(hb) = &env.body {
+            let received = node.clock().wall_ms();
+            let mut ack = monitor::heard(&self.state, &peer, &env.version, hb);
+            ack.received_wall_ms = received;
+            ack.sent_wall_ms = node.clock().wall_ms();
+            return Response::HeartbeatAck(ack);
+        }
+        let ours = crate::net::version();
+        if !proto::compatible(&env.version, &ours) {
+            return refuse(
+                Refusal::Version,
+                format!(
+                    "version mismatch: node {peer} runs {}, this node runs {ours}; nodes must share the major version",
+                    env.version
+                ),
+            );
+        }
+        let catching_up = self.state.claims().busy();
+        if let Some(resp) =
+            repl::answer_digest(&env.body, &mut node.published().digest(), catching_up)
+        {
+            return resp;
+        }
+        match node.serve(&peer, env.body).await {
+            Ok(r) => r,
+            Err(e) => Response::Refused {
+                reason: Refusal::Internal,
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+impl Handler for IpcHandler {
+    fn handle(&self, req: IpcRequest) -> impl std::future::Future<Output = Response> + Send {
+        self.answer(req)
+    }
+}

@@ -1,0 +1,73 @@
+//! Layer: node (imports core, store, net).
+//!
+//! The errors of the node's operations. Each variant's doc says what the failure did to state.
+
+use crate::core::entity::WriteError;
+use crate::core::index::RowError;
+use crate::store::StoreError;
+use crdt_schema::{Kind, SchemaError};
+
+/// Everything a node operation (open, read, write, replication command) can fail with. A failed
+/// operation changed nothing stored, except where a variant says otherwise.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The write was refused before it touched anything.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// Storage failed; the operation's transaction was not committed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The write was made and pushed to peers, but its local commit failed: it may take effect
+    /// (it comes back from a peer that stored it) or not. Retry it: writes are idempotent.
+    #[error("the outcome of this write is unknown: its commit failed after it was sent to peers ({0}); retry it")]
+    Unknown(StoreError),
+    #[error("{0} is not an initialised peerconf data directory: run `peerconf init --data-dir {0}` first")]
+    NotInitialised(String),
+    #[error("{dir} is already initialised (node {node_id})")]
+    AlreadyInitialised { dir: String, node_id: String },
+    /// A file of the data directory could not be made or read; nothing was initialised.
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS material could not be made or read.
+    #[error("TLS material: {0}")]
+    Tls(String),
+    /// A document received or stored does not read as its kind.
+    #[error(transparent)]
+    Row(#[from] RowError),
+    /// A typed view does not fit the stored entity.
+    #[error("{kind} does not fit its typed view: {reason}")]
+    Typed { kind: Kind, reason: String },
+    /// A node that is not a (current) member was named.
+    #[error("node {0} is not a member of this cluster")]
+    NotMember(String),
+    #[error("the node is shutting down")]
+    ShuttingDown,
+}
+
+impl From<SchemaError> for Error {
+    fn from(e: SchemaError) -> Self {
+        Error::Write(WriteError::Schema(e))
+    }
+}
+
+impl Error {
+    pub fn not_found(kind: Kind, name: &str) -> Error {
+        Error::Write(WriteError::NotFound {
+            kind,
+            name: name.to_string(),
+        })
+    }
+
+    pub(crate) fn io(what: &'static str, path: &std::path::Path, source: std::io::Error) -> Error {
+        Error::Io {
+            what,
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}

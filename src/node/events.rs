@@ -1,0 +1,26 @@
+//! Layer: node (imports core, store, net).
+//!
+//! The change feed: one event per committed change of an entity, published by the driver after
+//! the commit that made it durable.
+
+use crdt_schema::Kind;
+use serde::Serialize;
+
+/// Where a change came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "origin", rename_all = "lowercase")]
+pub enum Origin {
+    Local,
+    Remote { peer: String },
+}
+
+/// One committed change of one entity, published after it is durable.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChangeEvent {
+    pub kind: Kind,
+    pub name: String,
+    /// False when the change deleted the entity (or it is still deleted).
+    pub alive: bool,
+    #[serde(flatten)]
+    pub origin: Origin,
+}

@@ -1,0 +1,477 @@
+//! Layer: node (imports core, store, net; never cluster, admin or sim).
+//!
+//! A peerconf node in-process: the embedding API ([`Node`]), the driver thread that owns the
+//! write side of the store, the data directory, the change feed and the drain switch.
+//!
+//! - `driver`: the one owner of writes, the document cache and the sync sessions (one thread).
+//! - `state`: what the driver publishes after each commit (digest, member list, settings, events),
+//!   and the seam through which it hands pushes to the links to peers.
+//! - `setup`: node-local configuration and data directories.
+//! - `events`, `error`, `drain`, `time`: the change feed, the errors, the drain switch, the
+//!   host's clocks.
+//!
+//! Reads never go through the driver: redb serves them from committed snapshots.
+
+pub mod drain;
+pub mod driver;
+pub mod error;
+pub mod events;
+pub mod setup;
+pub mod state;
+pub mod time;
+
+pub use error::Error;
+pub use events::{ChangeEvent, Origin};
+pub use setup::{InitOptions, NodeConfig, DB_FILE, DEFAULT_API_LISTEN, DEFAULT_IPC_LISTEN};
+
+use crate::core::clock::Clock;
+use crate::core::entity::{self, Op};
+use crate::core::link::Msgs;
+use crate::core::members::Member;
+use crate::core::proto::{Request, Response};
+use crate::store::{Store, StoreError};
+use crdt_schema::doc::{self, EntityState, HistoryEntry};
+use crdt_schema::typed::Entity;
+use crdt_schema::{doc_id, Kind};
+use driver::{AdmitError, Cmd, Driver, IngestDoc, SyncThen, TokenRecord};
+use serde_json::Value;
+use state::Published;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use time::SystemClock;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+/// Writes waiting for the driver before callers are made to wait: bounds memory under overload.
+const WRITE_QUEUE_MAX: usize = 4096;
+
+/// How to open a node. Time and randomness are injected here.
+#[derive(Clone)]
+pub struct NodeOptions {
+    pub clock: Arc<dyn Clock>,
+    /// Seeds the node's random generator (actor ID, salts); None draws one from the OS.
+    pub seed: Option<u64>,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            clock: SystemClock::shared(),
+            seed: None,
+        }
+    }
+}
+
+struct Inner {
+    store: Arc<Store>,
+    config: NodeConfig,
+    data_dir: PathBuf,
+    published: Arc<Published>,
+    drain: drain::Drain,
+    clock: Arc<dyn Clock>,
+}
+
+/// A running node. Cheap to clone; every clone talks to the same driver.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+    tx: mpsc::Sender<Cmd>,
+    driver: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl Node {
+    /// Creates a node in `dir` and a new cluster around it: a cluster ID, the cluster CA, the
+    /// node's certificate, and a member list holding this node. Fails if `dir` is initialised.
+    pub fn init(
+        dir: &Path,
+        opts: &InitOptions,
+        node_opts: &NodeOptions,
+    ) -> Result<NodeConfig, Error> {
+        setup::init(dir, opts, &node_opts.clock, node_opts.seed)
+    }
+
+    /// Opens an initialised data directory and starts the node's driver (its own thread).
+    pub fn open(dir: &Path, opts: NodeOptions) -> Result<Node, Error> {
+        let db_path = dir.join(DB_FILE);
+        if !db_path.exists() {
+            return Err(Error::NotInitialised(dir.display().to_string()));
+        }
+        let store = Arc::new(Store::open(&db_path)?);
+        let config = setup::read_config(&store)?
+            .ok_or_else(|| Error::NotInitialised(dir.display().to_string()))?;
+        let published = Arc::new(Driver::load_published(&store)?);
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
+        let driver = Driver::new(
+            store.clone(),
+            published.clone(),
+            &config.node_id,
+            opts.clock.clone(),
+            setup::seeded(opts.seed),
+        );
+        let handle = std::thread::Builder::new()
+            .name("peerconf-driver".into())
+            .spawn(move || driver.run(rx))
+            .map_err(|e| Error::io("cannot start the driver thread for", dir, e))?;
+        Ok(Node {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                data_dir: dir.to_path_buf(),
+                published,
+                drain: Default::default(),
+                clock: opts.clock,
+            }),
+            tx,
+            driver: Arc::new(std::sync::Mutex::new(Some(handle))),
+        })
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.config
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.data_dir
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    /// What the driver published after its last commit: digest, members, settings, the feed.
+    pub fn published(&self) -> &Arc<Published> {
+        &self.inner.published
+    }
+
+    /// The store, for read paths and tests; writes go through the driver.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.inner.store
+    }
+
+    async fn ask<T>(&self, f: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(f(reply))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Answers a peer's request for documents (after committing what it changed).
+    pub async fn serve(&self, peer: &str, req: Request) -> Result<Response, Error> {
+        self.ask(|reply| Cmd::Serve {
+            peer: peer.to_string(),
+            req,
+            reply,
+        })
+        .await
+    }
+
+    /// This node's sync messages for these documents, to `peer`.
+    pub async fn sync_out(&self, peer: &str, ids: Vec<String>) -> Result<Msgs, Error> {
+        self.ask(|reply| Cmd::SyncOut {
+            peer: peer.to_string(),
+            ids,
+            reply,
+        })
+        .await
+    }
+
+    /// Applies a peer's answer and returns what follows.
+    pub async fn sync_back(&self, peer: &str, msgs: Msgs, ids: Vec<String>) -> Result<Msgs, Error> {
+        self.ask(|reply| Cmd::SyncBack {
+            peer: peer.to_string(),
+            msgs,
+            ids,
+            then: SyncThen::Reply(reply),
+        })
+        .await?
+    }
+
+    /// Hands a peer's answer to pushed messages to the driver without waiting for it: whatever
+    /// the answer calls for is queued for that peer's link, as round `round + 1`.
+    pub fn sync_back_later(&self, peer: &str, msgs: Msgs, ids: Vec<String>, round: usize) {
+        let cmd = Cmd::SyncBack {
+            peer: peer.to_string(),
+            msgs,
+            ids,
+            then: SyncThen::Queue { round },
+        };
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.tx.try_send(cmd) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(cmd).await;
+            });
+        }
+    }
+
+    /// Stores documents fetched from a peer; returns how many were taken.
+    pub async fn ingest(&self, peer: &str, docs: Msgs) -> Result<usize, Error> {
+        // Loading each document and deriving its index row is most of the work, and needs
+        // nothing from the store: it runs on a blocking thread, in parallel with the driver
+        // storing the previous batch.
+        let docs = tokio::task::spawn_blocking(move || {
+            docs.into_iter()
+                .map(|(id, bytes)| IngestDoc::prepare(id, bytes))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|_| Error::ShuttingDown)?;
+        self.ask(|reply| Cmd::Ingest {
+            peer: peer.to_string(),
+            docs,
+            reply,
+        })
+        .await?
+    }
+
+    /// An exchange with `peer` failed: its sync sessions forget what was in flight.
+    pub async fn reset_peer(&self, peer: &str) {
+        let _ = self
+            .tx
+            .send(Cmd::ResetPeer {
+                peer: peer.to_string(),
+            })
+            .await;
+    }
+
+    /// Stores a join token (node-local).
+    pub async fn put_token(&self, secret_hash: String, record: TokenRecord) -> Result<(), Error> {
+        self.ask(|reply| Cmd::PutToken {
+            secret_hash,
+            record,
+            reply,
+        })
+        .await?
+    }
+
+    /// Consumes a join token and adds the member, atomically; answers the saved member list.
+    pub async fn admit(
+        &self,
+        secret_hash: String,
+        member: Member,
+    ) -> Result<Result<Vec<u8>, AdmitError>, Error> {
+        self.ask(|reply| Cmd::Admit {
+            secret_hash,
+            member,
+            reply,
+        })
+        .await
+    }
+
+    /// Removes a member: from then on every node refuses its certificate.
+    pub async fn remove_member(&self, id: &str) -> Result<(), Error> {
+        self.ask(|reply| Cmd::RemoveMember {
+            id: id.to_string(),
+            reply,
+        })
+        .await?
+    }
+
+    /// The member list as committed, removed members included.
+    pub fn members(&self) -> Vec<Member> {
+        self.inner.published.members()
+    }
+
+    /// The drain switch of the client-facing service, for the embedding server.
+    pub fn drain(&self) -> &drain::Drain {
+        &self.inner.drain
+    }
+
+    /// The global settings as committed (schema defaults where never written).
+    pub fn settings(&self) -> Arc<crdt_schema::typed::Settings> {
+        self.inner.published.settings()
+    }
+
+    /// A feed of committed changes, local and remote.
+    pub fn subscribe(&self) -> broadcast::Receiver<ChangeEvent> {
+        self.inner.published.events.subscribe()
+    }
+
+    async fn write(&self, kind: Kind, name: &str, op: Op) -> Result<EntityState, Error> {
+        self.ask(|reply| Cmd::Write {
+            kind,
+            name: name.to_string(),
+            op,
+            reply,
+        })
+        .await?
+    }
+
+    /// Creates or replaces an entity. Returns it as it now reads, once durable.
+    pub async fn put(&self, kind: Kind, name: &str, fields: Value) -> Result<Value, Error> {
+        Ok(self.write(kind, name, Op::Put(fields)).await?.to_json())
+    }
+
+    /// Applies a JSON merge patch to an existing entity's fields.
+    pub async fn patch(&self, kind: Kind, name: &str, patch: Value) -> Result<Value, Error> {
+        Ok(self.write(kind, name, Op::Patch(patch)).await?.to_json())
+    }
+
+    /// Deletes an entity (a tombstone that replicates; the name can be created again).
+    pub async fn delete(&self, kind: Kind, name: &str) -> Result<(), Error> {
+        self.write(kind, name, Op::Delete).await.map(|_| ())
+    }
+
+    /// Writes a typed entity (secrets are not part of typed values and are left as they are).
+    pub async fn put_typed<T: Entity>(&self, name: &str, value: &T) -> Result<(), Error> {
+        let fields = serde_json::to_value(value).map_err(|e| Error::Typed {
+            kind: T::KIND,
+            reason: e.to_string(),
+        })?;
+        self.put(T::KIND, name, fields).await.map(|_| ())
+    }
+
+    /// An entity as JSON (`{"kind", "name", "fields", ...}`), or None if it does not exist.
+    pub fn get(&self, kind: Kind, name: &str) -> Result<Option<Value>, Error> {
+        crdt_schema::validate_name(kind, name)?;
+        match self.inner.store.index_get(&doc_id(kind, name))? {
+            Some(e) if e.alive => Ok(Some(parse_json(&e.json)?)),
+            // A singleton never written reads as its defaults.
+            _ if kind.singleton().is_some() => {
+                let d = doc::genesis(kind);
+                let mut state = doc::read(&d, kind, name)
+                    .map_err(|e| Error::Store(StoreError::Corrupt(e.to_string())))?;
+                state.alive = true;
+                Ok(Some(state.to_json()))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// An entity as a typed value.
+    pub fn get_typed<T: Entity>(&self, name: &str) -> Result<Option<T>, Error> {
+        match self.get(T::KIND, name)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_value(v["fields"].clone())
+                .map(Some)
+                .map_err(|e| Error::Typed {
+                    kind: T::KIND,
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Every entity of a kind, by name.
+    pub fn list(&self, kind: Kind) -> Result<Vec<Value>, Error> {
+        let mut out = Vec::new();
+        let mut err = None;
+        self.inner.store.index_scan(&prefix(kind), |_, e| {
+            if e.alive {
+                match parse_json(&e.json) {
+                    Ok(v) => out.push(v),
+                    Err(x) => err = Some(x),
+                }
+            }
+        })?;
+        err.map_or(Ok(out), Err)
+    }
+
+    /// Every entity of a kind as typed values, with their names.
+    pub fn list_typed<T: Entity>(&self) -> Result<Vec<(String, T)>, Error> {
+        self.list(T::KIND)?
+            .into_iter()
+            .map(|v| {
+                let name = v["name"].as_str().unwrap_or_default().to_string();
+                serde_json::from_value(v["fields"].clone())
+                    .map(|t| (name, t))
+                    .map_err(|e| Error::Typed {
+                        kind: T::KIND,
+                        reason: e.to_string(),
+                    })
+            })
+            .collect()
+    }
+
+    /// A JSON array of every entity of a kind, built from the index without parsing it: the
+    /// listing path of the admin API.
+    pub fn list_json(&self, kind: Kind) -> Result<Vec<u8>, Error> {
+        let mut out = Vec::with_capacity(4096);
+        out.push(b'[');
+        self.inner.store.index_scan(&prefix(kind), |_, e| {
+            if e.alive {
+                if out.len() > 1 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(&e.json);
+            }
+        })?;
+        out.push(b']');
+        Ok(out)
+    }
+
+    /// The changes of an entity, oldest first (deleted entities keep their history).
+    pub fn history(&self, kind: Kind, name: &str) -> Result<Vec<HistoryEntry>, Error> {
+        crdt_schema::validate_name(kind, name)?;
+        let mut d = self
+            .inner
+            .store
+            .load_doc(&doc_id(kind, name))?
+            .ok_or_else(|| Error::not_found(kind, name))?;
+        Ok(doc::history(&mut d))
+    }
+
+    /// Every entity with fields holding unresolved concurrent values.
+    pub fn conflicts(&self) -> Result<Vec<Value>, Error> {
+        let mut out = Vec::new();
+        let mut err = None;
+        self.inner.store.index_scan("", |_, e| {
+            if e.conflicts && e.alive {
+                match parse_json(&e.json) {
+                    Ok(v) => out.push(v),
+                    Err(x) => err = Some(x),
+                }
+            }
+        })?;
+        err.map_or(Ok(out), Err)
+    }
+
+    /// The stored value of a secret field (a password hash, a private key), for the embedding
+    /// server's own use: checking a login, loading a key. No admin read path calls this.
+    pub fn secret(&self, kind: Kind, name: &str, field: &str) -> Result<Option<String>, Error> {
+        crdt_schema::validate_name(kind, name)?;
+        if !kind.field(field).is_some_and(|f| f.secret) {
+            return Ok(None);
+        }
+        match self.inner.store.index_get(&doc_id(kind, name))? {
+            Some(e) if e.alive => {}
+            _ => return Ok(None),
+        }
+        Ok(self
+            .inner
+            .store
+            .load_doc(&doc_id(kind, name))?
+            .and_then(|d| doc::read_secret(&d, field)))
+    }
+
+    /// Checks a user's or admin's password against its stored hash.
+    pub fn verify_password(&self, kind: Kind, name: &str, clear: &str) -> Result<bool, Error> {
+        Ok(self
+            .secret(kind, name, "password")?
+            .is_some_and(|h| entity::verify_password(clear, &h)))
+    }
+
+    /// Number of documents stored (entities and tombstones).
+    pub fn doc_count(&self) -> Result<u64, Error> {
+        Ok(self.inner.store.doc_count()?)
+    }
+
+    /// Stops the driver after the writes already queued, and waits for it. Other clones of this
+    /// node get `ShuttingDown` from then on.
+    pub fn shutdown(self) {
+        let Node { tx, driver, .. } = self;
+        let _ = tx.blocking_send(Cmd::Shutdown);
+        drop(tx);
+        if let Some(h) = driver.lock().ok().and_then(|mut g| g.take()) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn prefix(kind: Kind) -> String {
+    format!("{}/", kind.as_str())
+}
+
+fn parse_json(b: &[u8]) -> Result<Value, Error> {
+    serde_json::from_slice(b)
+        .map_err(|e| Error::Store(StoreError::Corrupt(format!("index json: {e}"))))
+}

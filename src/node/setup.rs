@@ -1,0 +1,214 @@
+//! Layer: node (imports core, store, net).
+//!
+//! Data directories: the node-local configuration (never replicated), creating a directory for a
+//! new cluster or for a node that joined one, and reading it back.
+//!
+//! A data directory holds `peerconf.redb` (and its log), `tls/` (the cluster CA, the node's
+//! certificate and keys). The directory is 0700 and every file in it 0600: it holds password
+//! hashes and private keys.
+
+use super::error::Error;
+use crate::core::clock::Clock;
+use crate::core::index::row_for;
+use crate::core::members::{self, Member, MEMBERS_DOC};
+use crate::net::tls::{Material, TlsFiles};
+use crate::store::Store;
+use automerge::{ActorId, AutoCommit};
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+pub const DB_FILE: &str = "peerconf.redb";
+const CONFIG_KEY: &str = "config";
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:7700";
+pub const DEFAULT_IPC_LISTEN: &str = "127.0.0.1:7701";
+
+/// Node-local settings: stored beside the data, never replicated.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeConfig {
+    pub node_id: String,
+    pub name: String,
+    pub cluster_id: String,
+    pub api_listen: SocketAddr,
+    pub ipc_listen: SocketAddr,
+    /// Where the other members reach this node's IPC port.
+    pub ipc_advertise: String,
+    pub created_wall_ms: i64,
+    pub schema_version: u32,
+}
+
+/// Options of `peerconf init` and `peerconf join`.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub name: Option<String>,
+    pub api_listen: SocketAddr,
+    pub ipc_listen: SocketAddr,
+    /// Defaults to `ipc_listen`.
+    pub ipc_advertise: Option<String>,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            name: None,
+            api_listen: DEFAULT_API_LISTEN.parse().expect("valid default"),
+            ipc_listen: DEFAULT_IPC_LISTEN.parse().expect("valid default"),
+            ipc_advertise: None,
+        }
+    }
+}
+
+/// A seeded generator: from `seed`, or from the OS when None.
+pub fn seeded(seed: Option<u64>) -> ChaCha8Rng {
+    match seed {
+        Some(s) => ChaCha8Rng::seed_from_u64(s),
+        None => ChaCha8Rng::seed_from_u64(rand::rng().random()),
+    }
+}
+
+pub fn random_hex(rng: &mut ChaCha8Rng) -> String {
+    let mut b = [0u8; 16];
+    rng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+pub fn new_config(
+    node_id: String,
+    cluster_id: String,
+    opts: &InitOptions,
+    clock: &dyn Clock,
+) -> NodeConfig {
+    let name = opts
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("node-{}", &node_id[..8]));
+    NodeConfig {
+        ipc_advertise: opts
+            .ipc_advertise
+            .clone()
+            .unwrap_or_else(|| opts.ipc_listen.to_string()),
+        node_id,
+        name,
+        cluster_id,
+        api_listen: opts.api_listen,
+        ipc_listen: opts.ipc_listen,
+        created_wall_ms: clock.wall_ms(),
+        schema_version: crdt_schema::SCHEMA_VERSION,
+    }
+}
+
+/// Creates a node in `dir` and a new cluster around it: a cluster ID, the cluster CA, the node's
+/// certificate, and a member list holding this node. Fails if `dir` is initialised.
+pub fn init(
+    dir: &Path,
+    opts: &InitOptions,
+    clock: &Arc<dyn Clock>,
+    seed: Option<u64>,
+) -> Result<NodeConfig, Error> {
+    let mut rng = seeded(seed);
+    let node_id = random_hex(&mut rng);
+    let cluster_id = random_hex(&mut rng);
+    let material =
+        Material::new_cluster(&cluster_id, &node_id).map_err(|e| Error::Tls(e.to_string()))?;
+    let cfg = new_config(node_id, cluster_id, opts, clock.as_ref());
+    create_dir(dir, &cfg, &material, None, clock.as_ref(), &mut rng)?;
+    Ok(cfg)
+}
+
+fn make_private_dir(dir: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io("cannot restrict", dir, e))?;
+    }
+    Ok(())
+}
+
+fn restrict_file(path: &Path) -> Result<(), Error> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io("cannot restrict", path, e))?;
+    }
+    Ok(())
+}
+
+/// Creates a data directory: the database with the node-local settings and the member list, and
+/// the TLS files. `members_doc` is the saved member list a joiner received; None starts a new one
+/// holding this node.
+pub fn create_dir(
+    dir: &Path,
+    cfg: &NodeConfig,
+    material: &Material,
+    members_doc: Option<&[u8]>,
+    clock: &dyn Clock,
+    rng: &mut ChaCha8Rng,
+) -> Result<(), Error> {
+    make_private_dir(dir)?;
+    let db_path = dir.join(DB_FILE);
+    let store = Store::open(&db_path)?;
+    restrict_file(&db_path)?;
+    if let Some(existing) = read_config(&store)? {
+        return Err(Error::AlreadyInitialised {
+            dir: dir.display().to_string(),
+            node_id: existing.node_id,
+        });
+    }
+    TlsFiles::new(dir)
+        .write(material)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    let mut members = match members_doc {
+        Some(b) => AutoCommit::load(b).map_err(|e| {
+            Error::Row(crate::core::index::RowError::Unreadable {
+                id: MEMBERS_DOC.into(),
+                reason: format!("the member list received does not load: {e}"),
+            })
+        })?,
+        None => {
+            let mut d = members::genesis();
+            let mut actor = [0u8; 16];
+            rng.fill_bytes(&mut actor);
+            d.set_actor(ActorId::from(actor.as_slice()));
+            let me = Member {
+                id: cfg.node_id.clone(),
+                name: cfg.name.clone(),
+                addr: cfg.ipc_advertise.clone(),
+                version: crate::net::version(),
+                removed: false,
+            };
+            members::upsert(&mut d, &me, clock.wall_ms()).map_err(|e| {
+                Error::Row(crate::core::index::RowError::Unreadable {
+                    id: MEMBERS_DOC.into(),
+                    reason: e.to_string(),
+                })
+            })?;
+            d
+        }
+    };
+    let entry = row_for(MEMBERS_DOC, &mut members)?;
+    let mut txn = store.write()?;
+    txn.put_doc(MEMBERS_DOC, &mut members, entry, None, &[])?;
+    txn.local_put(
+        CONFIG_KEY,
+        &serde_json::to_vec(cfg).expect("config serializes"),
+    )?;
+    txn.commit(None)?;
+    Ok(())
+}
+
+pub fn read_config(store: &Store) -> Result<Option<NodeConfig>, Error> {
+    match store.local_get(CONFIG_KEY)? {
+        None => Ok(None),
+        Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            Error::Store(crate::store::StoreError::Corrupt(format!(
+                "node config: {e}"
+            )))
+        }),
+    }
+}
