@@ -27,17 +27,34 @@ pub async fn stop_signal() {
     }
 }
 
+/// Why a node could not be served. Nothing stored was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Open(#[from] crate::node::Error),
+    #[error("cannot listen on {addr} for the admin API: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::StartError),
+    #[error("admin API failed: {0}")]
+    Api(#[source] std::io::Error),
+}
+
 /// Runs the node in `dir` until `stop` resolves, then shuts down cleanly: the API stops taking
 /// requests, replication stops, queued writes are committed, and the database is closed.
 pub async fn run(
     dir: &Path,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
-    let node = Node::open(dir, NodeOptions::default()).map_err(|e| e.to_string())?;
+) -> Result<(), ServeError> {
+    let node = Node::open(dir, NodeOptions::default())?;
     let served = serve(node.clone(), stop).await;
-    tokio::task::spawn_blocking(move || node.shutdown())
-        .await
-        .map_err(|e| e.to_string())?;
+    // The driver thread commits what is queued and closes the store; a panic there is already
+    // reported on stderr.
+    let _ = tokio::task::spawn_blocking(move || node.shutdown()).await;
     served
 }
 
@@ -46,14 +63,15 @@ pub async fn run(
 pub async fn serve(
     node: Node,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), String> {
+) -> Result<(), ServeError> {
     let cfg = node.config().clone();
     let listener = tokio::net::TcpListener::bind(cfg.api_listen)
         .await
-        .map_err(|e| format!("cannot listen on {} for the admin API: {e}", cfg.api_listen))?;
-    let cluster = crate::cluster::Cluster::start(node.clone())
-        .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| ServeError::Listen {
+            addr: cfg.api_listen,
+            source,
+        })?;
+    let cluster = crate::cluster::Cluster::start(node.clone()).await?;
     tracing::info!(node = %cfg.node_id, name = %cfg.name, api = %cfg.api_listen, "node running");
     eprintln!(
         "peerconf: node {} ({}) of cluster {}: admin API on http://{}, IPC on {}",
@@ -64,5 +82,5 @@ pub async fn serve(
         .await;
     tracing::info!("shutting down");
     cluster.stop().await;
-    served.map_err(|e| format!("admin API failed: {e}"))
+    served.map_err(ServeError::Api)
 }

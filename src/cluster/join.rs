@@ -4,7 +4,7 @@
 //! (stored hashed, node-local); the joiner proves it over the IPC port, and the member adds it to
 //! the member list durably and signs its certificate in return.
 
-use super::ClusterState;
+use super::state::ClusterState;
 use crate::core::health;
 use crate::core::members::Member;
 use crate::core::proto::{self, JoinRequest, JoinResponse, Refusal, Request, Response};
@@ -133,7 +133,7 @@ pub async fn admit(
     j: JoinRequest,
 ) -> Result<JoinResponse, Refused> {
     let node = &state.node;
-    let ours = crate::net::version();
+    let ours = crate::net::ipc::version();
     if !proto::compatible(joiner_version, &ours) {
         return Err(Refused::new(
             Refusal::Version,
@@ -289,7 +289,7 @@ pub async fn join(
             })
         }
     };
-    let ours = crate::net::version();
+    let ours = crate::net::ipc::version();
     if let Some(m) = joined
         .members
         .iter()

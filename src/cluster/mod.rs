@@ -6,6 +6,7 @@
 //!   documents);
 //! - `replicator`: one task per peer, a thin loop around the core's `PeerLink`;
 //! - `monitor`: heartbeats, liveness, the status report;
+//! - `state`: what these tasks share (peer health, fetch claims);
 //! - this module: [`Cluster`], which starts them and keeps one replicator and one heartbeater per
 //!   current member (full mesh), following the member list.
 
@@ -13,44 +14,18 @@ pub mod join;
 pub mod monitor;
 pub mod replicator;
 pub mod server;
+pub mod state;
 
 pub use join::{create_token, Token, TOKEN_TTL_DEFAULT, TOKEN_TTL_MAX};
+pub use state::ClusterState;
 
-use crate::core::health::PeerHealth;
-use crate::core::link::Claims;
 use crate::core::members::Member;
-use crate::net::tls::{Material, TlsFiles};
+use crate::net::tls::TlsFiles;
 use crate::node::Node;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-
-/// What the cluster side of a node shares between its tasks.
-pub struct ClusterState {
-    pub node: Node,
-    /// The cluster CA and this node's certificate.
-    pub material: Material,
-    /// What this node knows of each peer's health.
-    health: Mutex<BTreeMap<String, PeerHealth>>,
-    /// Documents some replicator is fetching now.
-    claims: Mutex<Claims>,
-}
-
-impl ClusterState {
-    pub fn health(&self) -> MutexGuard<'_, BTreeMap<String, PeerHealth>> {
-        self.health.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn claims(&self) -> MutexGuard<'_, Claims> {
-        self.claims.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The peer runs another major version: neither synced to nor from.
-    pub fn incompatible(&self, peer: &str) -> bool {
-        self.health().get(peer).is_some_and(|p| p.incompatible())
-    }
-}
 
 /// Why the cluster side could not start.
 #[derive(Debug, thiserror::Error)]
@@ -89,12 +64,7 @@ impl Cluster {
                 source,
             })?;
         let (stop, stop_rx) = watch::channel(false);
-        let state = Arc::new(ClusterState {
-            node: node.clone(),
-            material,
-            health: Default::default(),
-            claims: Default::default(),
-        });
+        let state = Arc::new(ClusterState::new(node.clone(), material));
         let id = crate::net::ipc::Identity {
             cluster_id: cfg.cluster_id.clone(),
             node_id: cfg.node_id.clone(),

@@ -4,9 +4,8 @@
 //! and the status report. The decisions are in `core::health`.
 
 use super::replicator::Inbox;
-use super::ClusterState;
+use super::state::ClusterState;
 use crate::core::health::{Cause, Event, HealthConfig, PeerHealth, Sample, Status};
-use crate::core::link::Failure;
 use crate::core::proto::{Heartbeat, HeartbeatAck, Request, Response};
 use crate::net::ipc::PeerClient;
 use crate::node::Node;
@@ -52,7 +51,7 @@ fn log_events(node: &Node, peer: &str, events: Vec<Event>) {
             }
             Event::DriftEnded => tracing::info!(peer = %name, "clock drift resolved"),
             Event::Incompatible { version } => {
-                tracing::warn!(peer = %name, %version, ours = %crate::net::version(), "peer INCOMPATIBLE: another major version; not syncing with it")
+                tracing::warn!(peer = %name, %version, ours = %crate::net::ipc::version(), "peer INCOMPATIBLE: another major version; not syncing with it")
             }
         }
     }
@@ -69,7 +68,7 @@ fn with_health<T>(state: &ClusterState, peer: &str, f: impl FnOnce(&mut PeerHeal
 pub fn heard(state: &ClusterState, peer: &str, version: &str, hb: &Heartbeat) -> HeartbeatAck {
     let node = &state.node;
     let now = mono(node);
-    let ours = crate::net::version();
+    let ours = crate::net::ipc::version();
     let events = with_health(state, peer, |h| h.heard(now, version, hb.draining, &ours));
     log_events(node, peer, events);
     HeartbeatAck {
@@ -78,18 +77,6 @@ pub fn heard(state: &ClusterState, peer: &str, version: &str, hb: &Heartbeat) ->
         draining: node.drain().is_draining(),
         root: our_root(node),
     }
-}
-
-/// Records the outcome of a replication cycle with a peer.
-pub fn cycle_done(state: &ClusterState, peer: &str, result: &Result<usize, Failure>) {
-    let wall = state.node.clock().wall_ms();
-    with_health(state, peer, |h| match result {
-        Ok(n) => {
-            h.last_cycle_wall_ms = Some(wall);
-            h.docs_out_of_sync = Some(*n as u64);
-        }
-        Err(f) => h.failed(f.cause, f.message.clone(), wall),
-    });
 }
 
 /// Sends heartbeats to one peer every `heartbeat_interval_ms`, on its own connection so they
@@ -104,7 +91,7 @@ pub async fn heartbeats(
     let node = state.node.clone();
     let cfg = node.config().clone();
     let mut client = PeerClient::new(&peer.addr, tls, &cfg.cluster_id, &cfg.node_id);
-    let ours = crate::net::version();
+    let ours = crate::net::ipc::version();
     let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
         // The interval is re-read at least every 100 ms, so a change of the setting takes effect
@@ -257,7 +244,7 @@ pub fn status(state: &ClusterState) -> Value {
     for m in &members {
         if m.id == cfg.node_id {
             nodes.push(json!({
-                "id": m.id, "name": m.name, "address": cfg.ipc_advertise, "version": crate::net::version(),
+                "id": m.id, "name": m.name, "address": cfg.ipc_advertise, "version": crate::net::ipc::version(),
                 "status": me_status, "self": true, "last_heartbeat_ms_ago": 0, "rtt_ms": 0.0, "clock_offset_ms": 0.0,
                 "docs_out_of_sync": 0, "last_replication_cycle": Value::Null, "last_error": Value::Null, "flaps": 0,
                 "active_connections": node.drain().active(),

@@ -6,7 +6,7 @@
 //! out (the request, driver jobs, session resets, health records). It holds no replication logic
 //! of its own: the simulator drives the same `PeerLink`.
 
-use super::{monitor, ClusterState};
+use super::state::ClusterState;
 use crate::core::link::{Ctx, Failure, Input, Output, PeerLink, Then, Token};
 use crate::core::members::Member;
 use crate::core::proto::Response;
@@ -195,7 +195,10 @@ async fn carry_out(
         }
         Output::Ingest { token, docs } => {
             jobs.spawn(async move {
-                let result = node.ingest(&id, docs).await.map_err(|e| e.to_string());
+                let result = node
+                    .ingest(&id, docs)
+                    .await
+                    .map_err(|e| Failure::new(crate::core::health::Cause::Other, e.to_string()));
                 Input::Ingested { token, result }
             });
         }
@@ -205,7 +208,7 @@ async fn carry_out(
             }
             node.reset_peer(&id).await;
         }
-        Output::CycleDone(r) => monitor::cycle_done(state, &id, &r),
+        Output::CycleDone(r) => state.cycle_done(&id, &r),
         Output::Reach(Some(f)) => {
             tracing::warn!(peer = %peer.name, addr = %peer.addr, error = %f, "replication to peer failed");
         }

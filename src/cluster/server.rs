@@ -7,7 +7,8 @@
 //! versions. Digest requests are answered by the core's responder from the committed digest,
 //! without the driver; requests for documents go to the driver.
 
-use super::{join, monitor, ClusterState};
+use super::state::ClusterState;
+use super::{join, monitor};
 use crate::core::proto::{self, Refusal, Request, Response};
 use crate::core::repl;
 use crate::net::ipc::{Handler, IpcRequest};
@@ -67,7 +68,7 @@ impl IpcHandler {
             ack.sent_wall_ms = node.clock().wall_ms();
             return Response::HeartbeatAck(ack);
         }
-        let ours = crate::net::version();
+        let ours = crate::net::ipc::version();
         if !proto::compatible(&env.version, &ours) {
             return refuse(
                 Refusal::Version,

@@ -1,3 +1,5 @@
+//! Layer: core (sans-IO; imports only other core modules and `crdt-schema`).
+//!
 //! Time, injected. The core reads no clock: the driver passes `now` in. Wall time is used only for
 //! display metadata (change timestamps), clock-offset estimation and certificate validity;
 //! merges never depend on it.

@@ -1,3 +1,5 @@
+//! Layer: core (sans-IO; imports only other core modules and `crdt-schema`).
+//!
 //! The replication digest: a summary of `{document -> hash(heads)}` two nodes compare before
 //! syncing anything, so an in-sync pair exchanges a constant number of bytes whatever the number
 //! of documents.

@@ -1,3 +1,5 @@
+//! Layer: core (sans-IO; imports only other core modules and `crdt-schema`).
+//!
 //! Executing one write against one entity document: validation, references, secrets, the edit
 //! itself. Pure: what it needs from the world (does a referenced entity exist, what is the password
 //! policy) comes through [`World`], and time and salt come as arguments.

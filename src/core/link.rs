@@ -109,7 +109,7 @@ pub enum Input {
     /// The driver stored (or failed to store) the fetched batch of job `token`.
     Ingested {
         token: Token,
-        result: Result<usize, String>,
+        result: Result<usize, Failure>,
     },
 }
 
@@ -659,7 +659,7 @@ impl PeerLink {
         &mut self,
         ctx: &mut Ctx<'_>,
         t: Token,
-        result: Result<usize, String>,
+        result: Result<usize, Failure>,
         out: &mut Vec<Output>,
     ) {
         let Job::Fetch(f) = &mut self.job else {
@@ -672,7 +672,7 @@ impl PeerLink {
             Ok(_) => self.fetch_next(ctx, out),
             Err(e) => self.fail(
                 ctx,
-                Failure::new(Cause::Other, format!("storing fetched documents: {e}")),
+                Failure::new(e.cause, format!("storing fetched documents: {e}")),
                 out,
             ),
         }

@@ -1,3 +1,5 @@
+//! Layer: core (sans-IO; imports only other core modules and `crdt-schema`).
+//!
 //! The member list, itself a replicated Automerge document (`_cluster/members`).
 //!
 //! Layout: flat registers `"<node id>/<field>"` at the root, never nested objects (two nodes adding

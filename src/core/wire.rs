@@ -1,3 +1,5 @@
+//! Layer: core (sans-IO; imports only other core modules and `crdt-schema`).
+//!
 //! The one place that knows the binary format (bincode 2, standard config). Every decode has a
 //! size limit, so a hostile peer or a corrupt row cannot make a node allocate without bound.
 

@@ -24,6 +24,15 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const PATH: &str = "/ipc/v1";
 
+/// The software version this node advertises to peers. `PEERCONF_TEST_ADVERTISE_VERSION`
+/// overrides it, for compatibility tests.
+pub fn version() -> String {
+    std::env::var("PEERCONF_TEST_ADVERTISE_VERSION")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
+}
+
 /// IPC bytes sent and received by every client of this process (request and answer bodies), for
 /// benchmarks.
 pub static CLIENT_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -155,7 +164,7 @@ fn answer(id: &Identity, body: Response) -> HttpResponse<Full<Bytes>> {
         protocol: PROTOCOL_VERSION,
         cluster_id: id.cluster_id.clone(),
         from: id.node_id.clone(),
-        version: super::version(),
+        version: version(),
         body,
     };
     HttpResponse::builder()
@@ -358,7 +367,7 @@ impl PeerClient {
             protocol: PROTOCOL_VERSION,
             cluster_id: self.cluster_id.clone(),
             from: self.from.clone(),
-            version: super::version(),
+            version: version(),
             body,
         };
         let body_bytes = wire::encode(&env);

@@ -7,12 +7,3 @@
 
 pub mod ipc;
 pub mod tls;
-
-/// The software version this node advertises to peers. `PEERCONF_TEST_ADVERTISE_VERSION`
-/// overrides it, for compatibility tests.
-pub fn version() -> String {
-    std::env::var("PEERCONF_TEST_ADVERTISE_VERSION")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
-}

@@ -1,3 +1,5 @@
+//! Layer: node (imports core, store, net).
+//!
 //! Draining a node's client-facing service (the embedding server's SFTP, FTPS... listeners): no
 //! new connections, existing ones finish, and after an optional deadline the ones still open are
 //! told to close. Replication, the admin API and IPC are not affected, so a draining node can be

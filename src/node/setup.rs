@@ -179,7 +179,7 @@ pub fn create_dir(
                 id: cfg.node_id.clone(),
                 name: cfg.name.clone(),
                 addr: cfg.ipc_advertise.clone(),
-                version: crate::net::version(),
+                version: crate::net::ipc::version(),
                 removed: false,
             };
             members::upsert(&mut d, &me, clock.wall_ms()).map_err(|e| {

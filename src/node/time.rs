@@ -1,3 +1,5 @@
+//! Layer: node (imports core, store, net).
+//!
 //! The host's clocks, behind the core's [`Clock`] trait.
 
 use crate::core::clock::Clock;

@@ -122,8 +122,8 @@ pub fn merge_convergence(data: &[u8]) {
 /// converge with every acknowledged write. Panics otherwise.
 pub fn simulation(data: &[u8]) {
     let mut src = ByteSource::then_seeded(data);
-    let sc = crate::sim::Scenario::draw(&mut src, 0);
-    if let Err(e) = crate::sim::run_with(&sc, Box::new(src)) {
+    let sc = super::simulator::Scenario::draw(&mut src, 0);
+    if let Err(e) = super::simulator::run_with(&sc, Box::new(src)) {
         panic!("{e}\n{sc:?}");
     }
 }

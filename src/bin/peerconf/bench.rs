@@ -1,3 +1,5 @@
+//! Layer: binary (the `peerconf` tool; uses the library's public API only).
+//!
 //! `peerconf bench ...`: measurements on this machine, printed as a table and as JSON.
 
 use crdt_schema::Kind;

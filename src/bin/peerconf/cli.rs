@@ -232,6 +232,7 @@ pub fn main(cli: Cli) -> i32 {
         }
         Command::Run { data_dir } => runtime().and_then(|rt| {
             rt.block_on(peerconf::daemon::run(&data_dir, peerconf::daemon::stop_signal()))
+                .map_err(|e| e.to_string())
         }),
         Command::Join { peer, token, node } => {
             let data_dir = node.data_dir.clone();

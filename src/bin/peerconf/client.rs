@@ -1,3 +1,5 @@
+//! Layer: binary (the `peerconf` tool; uses the library's public API only).
+//!
 //! A small HTTP client for the admin API, used by the CLI.
 
 use axum::body::Bytes;

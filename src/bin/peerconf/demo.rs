@@ -1,3 +1,5 @@
+//! Layer: binary (the `peerconf` tool; uses the library's public API only).
+//!
 //! `peerconf demo`: local nodes on loopback in a temporary directory, until Ctrl-C.
 
 use peerconf::node::{InitOptions, Node, NodeOptions};
@@ -68,6 +70,7 @@ pub async fn run(nodes: usize) -> Result<(), String> {
                 let _ = rx.wait_for(|s| *s).await;
             })
             .await
+            .map_err(|e| e.to_string())
         }));
         wait_up(opts.api_listen).await;
     }
