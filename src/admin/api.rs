@@ -380,8 +380,8 @@ async fn undrain(State(st): State<ApiState>, Extension(_who): Extension<Principa
 
 async fn metrics(State(st): State<ApiState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::cluster::monitor::metrics(&st.cluster),
+        [(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)],
+        super::metrics::encode(&st.cluster),
     )
         .into_response()
 }

@@ -9,7 +9,7 @@ use crate::core::health::{Cause, Event, HealthConfig, PeerHealth, Sample, Status
 use crate::core::proto::{Heartbeat, HeartbeatAck, Request, Response};
 use crate::net::ipc::PeerClient;
 use crate::node::Node;
-use serde_json::{json, Value};
+use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -226,8 +226,49 @@ pub async fn ticker(state: Arc<ClusterState>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// The last failed exchange with a peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastError {
+    pub cause: Cause,
+    pub message: String,
+    pub at_wall_ms: i64,
+}
+
+/// One node as this node sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    pub version: String,
+    pub status: Status,
+    #[serde(rename = "self")]
+    pub is_self: bool,
+    pub last_heartbeat_ms_ago: Option<u64>,
+    pub rtt_ms: Option<f64>,
+    pub clock_offset_ms: Option<f64>,
+    pub docs_out_of_sync: Option<u64>,
+    /// Wall-clock ms of the last completed replication cycle.
+    pub last_replication_cycle: Option<i64>,
+    pub last_error: Option<LastError>,
+    pub flaps: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active_connections: Option<usize>,
+}
+
+/// The cluster as this node sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusReport {
+    pub id: String,
+    pub name: String,
+    pub cluster_id: String,
+    /// ACTIVE, DEGRADED (a peer offline, suspect or incompatible) or STANDALONE.
+    pub state: &'static str,
+    pub nodes: Vec<NodeStatus>,
+}
+
 /// The status report: every node, this one included, and the cluster's state.
-pub fn status(state: &ClusterState) -> Value {
+pub fn status(state: &ClusterState) -> StatusReport {
     let node = &state.node;
     let now = mono(node);
     let cfg = node.config();
@@ -243,12 +284,22 @@ pub fn status(state: &ClusterState) -> Value {
     let mut degraded = false;
     for m in &members {
         if m.id == cfg.node_id {
-            nodes.push(json!({
-                "id": m.id, "name": m.name, "address": cfg.ipc_advertise, "version": crate::net::ipc::version(),
-                "status": me_status, "self": true, "last_heartbeat_ms_ago": 0, "rtt_ms": 0.0, "clock_offset_ms": 0.0,
-                "docs_out_of_sync": 0, "last_replication_cycle": Value::Null, "last_error": Value::Null, "flaps": 0,
-                "active_connections": node.drain().active(),
-            }));
+            nodes.push(NodeStatus {
+                id: m.id.clone(),
+                name: m.name.clone(),
+                address: cfg.ipc_advertise.clone(),
+                version: crate::net::ipc::version(),
+                status: me_status,
+                is_self: true,
+                last_heartbeat_ms_ago: Some(0),
+                rtt_ms: Some(0.0),
+                clock_offset_ms: Some(0.0),
+                docs_out_of_sync: Some(0),
+                last_replication_cycle: None,
+                last_error: None,
+                flaps: 0,
+                active_connections: Some(node.drain().active()),
+            });
             continue;
         }
         let h = health
@@ -259,99 +310,39 @@ pub fn status(state: &ClusterState) -> Value {
         if matches!(st, Status::Offline | Status::Suspect | Status::Incompatible) {
             degraded = true;
         }
-        nodes.push(json!({
-            "id": m.id, "name": m.name, "address": m.addr,
-            "version": h.version.clone().unwrap_or_else(|| m.version.clone()),
-            "status": st, "self": false,
-            "last_heartbeat_ms_ago": h.silent_ms(now),
-            "rtt_ms": h.rtt_ms(),
-            "clock_offset_ms": h.offset_ms(),
-            "docs_out_of_sync": h.docs_out_of_sync,
-            "last_replication_cycle": h.last_cycle_wall_ms,
-            "last_error": h.last_error.as_ref().map(|(cause, msg, at)| json!({"cause": cause, "message": msg, "at_wall_ms": at})),
-            "flaps": h.flaps,
-        }));
+        nodes.push(NodeStatus {
+            id: m.id.clone(),
+            name: m.name.clone(),
+            address: m.addr.clone(),
+            version: h.version.clone().unwrap_or_else(|| m.version.clone()),
+            status: st,
+            is_self: false,
+            last_heartbeat_ms_ago: h.silent_ms(now),
+            rtt_ms: h.rtt_ms(),
+            clock_offset_ms: h.offset_ms(),
+            docs_out_of_sync: h.docs_out_of_sync,
+            last_replication_cycle: h.last_cycle_wall_ms,
+            last_error: h.last_error.as_ref().map(|(cause, msg, at)| LastError {
+                cause: *cause,
+                message: msg.clone(),
+                at_wall_ms: *at,
+            }),
+            flaps: h.flaps,
+            active_connections: None,
+        });
     }
-    let state = if members.len() <= 1 {
+    let cluster = if members.len() <= 1 {
         "STANDALONE"
     } else if degraded {
         "DEGRADED"
     } else {
         "ACTIVE"
     };
-    json!({"id": cfg.node_id, "name": cfg.name, "cluster_id": cfg.cluster_id, "state": state, "nodes": nodes})
-}
-
-/// The status report as Prometheus text: one series per peer and state, so alerts can fire on
-/// OFFLINE, CLOCK_DRIFT or INCOMPATIBLE without parsing JSON.
-pub fn metrics(state: &ClusterState) -> String {
-    let node = &state.node;
-    let st = status(state);
-    let mut out = String::new();
-    out.push_str("# HELP peerconf_peer_status 1 for the status each node is in, as seen from this node.\n# TYPE peerconf_peer_status gauge\n");
-    let all = [
-        "ONLINE",
-        "SUSPECT",
-        "OFFLINE",
-        "DRAINING",
-        "CLOCK_DRIFT",
-        "INCOMPATIBLE",
-    ];
-    let nodes = st["nodes"].as_array().cloned().unwrap_or_default();
-    for n in &nodes {
-        let name = n["name"].as_str().unwrap_or("?");
-        for s in all {
-            let v = u8::from(n["status"].as_str() == Some(s));
-            out.push_str(&format!(
-                "peerconf_peer_status{{peer=\"{name}\",status=\"{s}\"}} {v}\n"
-            ));
-        }
+    StatusReport {
+        id: cfg.node_id.clone(),
+        name: cfg.name.clone(),
+        cluster_id: cfg.cluster_id.clone(),
+        state: cluster,
+        nodes,
     }
-    let gauges = [
-        (
-            "peerconf_peer_clock_offset_ms",
-            "clock_offset_ms",
-            "Estimated clock offset of the peer (its clock minus ours).",
-        ),
-        (
-            "peerconf_peer_rtt_ms",
-            "rtt_ms",
-            "Round trip of the last heartbeat.",
-        ),
-        (
-            "peerconf_peer_last_heartbeat_ms_ago",
-            "last_heartbeat_ms_ago",
-            "Time since the peer was last heard from.",
-        ),
-        (
-            "peerconf_peer_docs_out_of_sync",
-            "docs_out_of_sync",
-            "Documents that differed at the last replication cycle.",
-        ),
-        (
-            "peerconf_peer_flaps_total",
-            "flaps",
-            "Returns of the peer from OFFLINE.",
-        ),
-    ];
-    for (metric, field, help) in gauges {
-        out.push_str(&format!("# HELP {metric} {help}\n# TYPE {metric} gauge\n"));
-        for n in &nodes {
-            if let Some(v) = n[field].as_f64() {
-                out.push_str(&format!(
-                    "{metric}{{peer=\"{}\"}} {v}\n",
-                    n["name"].as_str().unwrap_or("?")
-                ));
-            }
-        }
-    }
-    out.push_str(&format!(
-        "# HELP peerconf_documents Documents stored on this node.\n# TYPE peerconf_documents gauge\npeerconf_documents {}\n",
-        node.doc_count().unwrap_or(0)
-    ));
-    out.push_str(&format!(
-        "# HELP peerconf_draining 1 while this node drains.\n# TYPE peerconf_draining gauge\npeerconf_draining {}\n",
-        u8::from(node.drain().is_draining())
-    ));
-    out
 }

@@ -6,10 +6,10 @@
 //! out (the request, driver jobs, session resets, health records). It holds no replication logic
 //! of its own: the simulator drives the same `PeerLink`.
 
-use super::state::ClusterState;
+use super::state::{ClusterState, KindLabel, RequestLabels};
 use crate::core::link::{Ctx, Failure, Input, Output, PeerLink, Then, Token};
 use crate::core::members::Member;
-use crate::core::proto::Response;
+use crate::core::proto::{Request, Response};
 use crate::net::ipc::{CallError, PeerClient};
 use crate::node::state::{LinkWork, PeerInbox};
 use std::future::Future;
@@ -63,6 +63,7 @@ impl PeerInbox for Inbox {
     }
 }
 
+/// A request on the wire: it gives back the client, the link's token, and the outcome.
 type Call = Pin<Box<dyn Future<Output = (PeerClient, Token, Result<Response, CallError>)> + Send>>;
 
 /// Runs the link to `peer` until `stop`.
@@ -141,7 +142,7 @@ fn step(state: &ClusterState, link: &mut PeerLink, input: Input) -> Vec<Output> 
 }
 
 async fn carry_out(
-    state: &ClusterState,
+    state: &Arc<ClusterState>,
     peer: &Member,
     out: Output,
     client: &mut Option<PeerClient>,
@@ -157,8 +158,34 @@ async fn carry_out(
                 tracing::error!(peer = %peer.name, "a second request while one is in flight");
                 return;
             };
+            let kind = match &req {
+                Request::Sync { msgs } => {
+                    state.metrics.documents_sent.inc_by(msgs.len() as u64);
+                    "sync"
+                }
+                Request::Fetch { .. } => "fetch",
+                _ => "digest",
+            };
+            let (metrics_state, name) = (state.clone(), peer.name.clone());
             *call = Some(Box::pin(async move {
+                let started = std::time::Instant::now();
                 let r = c.call(req).await;
+                let m = &metrics_state.metrics;
+                m.request_seconds
+                    .get_or_create(&KindLabel { kind: kind.into() })
+                    .observe(started.elapsed().as_secs_f64());
+                let outcome = match &r {
+                    Ok(Response::Refused { .. }) => "refused",
+                    Ok(_) => "ok",
+                    Err(_) => "failed",
+                };
+                m.requests
+                    .get_or_create(&RequestLabels {
+                        peer: name,
+                        kind: kind.into(),
+                        outcome: outcome.into(),
+                    })
+                    .inc();
                 (c, token, r)
             }));
         }

@@ -7,8 +7,81 @@ use crate::core::health::PeerHealth;
 use crate::core::link::{Claims, Failure};
 use crate::net::tls::Material;
 use crate::node::Node;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub peer: String,
+    /// `sync`, `digest`, `fetch`.
+    pub kind: String,
+    /// `ok`, `refused`, `failed`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CycleLabels {
+    pub peer: String,
+    pub outcome: String,
+}
+
+/// What the replicators count.
+#[derive(Debug)]
+pub struct ClusterMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_seconds: Family<KindLabel, Histogram>,
+    pub cycles: Family<CycleLabels, Counter>,
+    pub documents_sent: Counter,
+}
+
+impl Default for ClusterMetrics {
+    fn default() -> Self {
+        ClusterMetrics {
+            requests: Family::default(),
+            // 50 us to about 3 s.
+            request_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(50e-6, 2.0, 17))
+            }),
+            cycles: Family::default(),
+            documents_sent: Counter::default(),
+        }
+    }
+}
+
+impl ClusterMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "peerconf_replication_requests",
+            "Replication requests this node sent, by peer, kind and outcome",
+            self.requests.clone(),
+        );
+        r.register(
+            "peerconf_replication_request_seconds",
+            "Seconds from sending a replication request to its answer",
+            self.request_seconds.clone(),
+        );
+        r.register(
+            "peerconf_replication_cycles",
+            "Replication cycles with each peer, by outcome",
+            self.cycles.clone(),
+        );
+        r.register(
+            "peerconf_replication_documents_sent",
+            "Documents carried by the sync requests this node sent",
+            self.documents_sent.clone(),
+        );
+    }
+}
 
 /// What the cluster side of a node shares between its tasks.
 pub struct ClusterState {
@@ -19,6 +92,7 @@ pub struct ClusterState {
     health: Mutex<BTreeMap<String, PeerHealth>>,
     /// Documents some replicator is fetching now.
     claims: Mutex<Claims>,
+    pub metrics: ClusterMetrics,
 }
 
 impl ClusterState {
@@ -28,6 +102,7 @@ impl ClusterState {
             material,
             health: Default::default(),
             claims: Default::default(),
+            metrics: Default::default(),
         }
     }
 
@@ -37,6 +112,16 @@ impl ClusterState {
 
     pub fn claims(&self) -> MutexGuard<'_, Claims> {
         self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A member's name (its ID if it is not a member).
+    pub fn name_of(&self, id: &str) -> String {
+        self.node
+            .members()
+            .into_iter()
+            .find(|m| m.id == id)
+            .map(|m| m.name)
+            .unwrap_or_else(|| id.to_string())
     }
 
     /// The peer runs another major version: neither synced to nor from.
@@ -50,6 +135,14 @@ impl ClusterState {
     pub fn cycle_done(&self, peer: &str, result: &Result<usize, Failure>) {
         let wall = self.node.clock().wall_ms();
         let now = self.node.clock().mono_ms();
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        self.metrics
+            .cycles
+            .get_or_create(&CycleLabels {
+                peer: self.name_of(peer),
+                outcome: outcome.into(),
+            })
+            .inc();
         let mut h = self.health();
         let h = h
             .entry(peer.to_string())

@@ -264,7 +264,8 @@ impl PeerLink {
             // Catch up at once on start.
             last_cycle: None,
             jitter_pct: 100,
-            interval_ms: 10_000,
+            // Set from the context at every step.
+            interval_ms: 0,
             next_token: 0,
             rng: ChaCha8Rng::seed_from_u64(seed),
         }

@@ -21,6 +21,7 @@
 
 use super::error::Error;
 use super::events::{ChangeEvent, Origin};
+use super::metrics::{NodeMetrics, PeerLabel};
 use super::state::{LinkWork, PeerInbox, Published};
 use crate::core::clock::Clock;
 use crate::core::digest::Digest;
@@ -261,15 +262,24 @@ enum Deferred {
 }
 
 impl Deferred {
-    fn send(self, commit: &Result<(), StoreError>) {
+    fn send(self, commit: &Result<(), StoreError>, metrics: &NodeMetrics) {
         match (self, commit) {
             (Deferred::Nothing, _) => {}
-            (Deferred::Write(r, v, _), Ok(())) => drop(r.send(v)),
-            (Deferred::Write(r, v, pushed), Err(e)) => drop(r.send(match v {
-                Ok(_) if pushed => Err(Error::Unknown(e.clone())),
-                Ok(_) => Err(Error::Store(e.clone())),
-                Err(x) => Err(x),
-            })),
+            (Deferred::Write(r, v, pushed), commit) => {
+                let answer = match (v, commit) {
+                    (Ok(v), Ok(())) => Ok(v),
+                    (Ok(_), Err(e)) if pushed => Err(Error::Unknown(e.clone())),
+                    (Ok(_), Err(e)) => Err(Error::Store(e.clone())),
+                    (Err(x), _) => Err(x),
+                };
+                metrics.write(match &answer {
+                    Ok(_) => "ok",
+                    Err(Error::Unknown(_)) => "unknown",
+                    Err(Error::Write(WriteError::Internal(_)) | Error::Store(_)) => "failed",
+                    Err(_) => "refused",
+                });
+                drop(r.send(answer))
+            }
             (Deferred::Resp(r, v), Ok(())) => drop(r.send(v)),
             (Deferred::Resp(r, _), Err(e)) => drop(r.send(Response::Refused {
                 reason: Refusal::Internal,
@@ -519,13 +529,34 @@ impl Driver {
 
     /// One batch, start to finish: execute, push, commit, answer. Returns the commit's outcome.
     pub fn step(&mut self, cmds: Vec<Cmd>) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let m = &self.published.metrics;
+        m.batches.inc();
+        m.batch_commands.observe(cmds.len() as f64);
         let Staged { pushes, pending } = self.execute(cmds);
         // Push before commit: the peers' log writes overlap ours (see ARCHITECTURE.md).
         for (inbox, work) in pushes {
             inbox.deliver(work);
         }
         let committed = pending.commit(self);
-        committed.finish(self)
+        let r = committed.finish(self);
+        self.published
+            .metrics
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
+        r
+    }
+
+    /// A peer's message or document refused: counted, and logged with the peer's ID.
+    fn rejected(&self, peer: &str, r: &repl::Rejected, what: &str) {
+        tracing::warn!(peer = %peer, doc = %r.id, reason = %r.reason, "{what} was refused");
+        self.published
+            .metrics
+            .rejected
+            .get_or_create(&PeerLabel {
+                peer: peer.to_string(),
+            })
+            .inc();
     }
 
     /// Runs the commands in one transaction. Returns what may leave before the commit (local
@@ -543,7 +574,7 @@ impl Driver {
             Err(e) => {
                 let err = Err(e.clone());
                 for c in cmds {
-                    Self::refuse(c, &e).send(&err);
+                    Self::refuse(c, &e).send(&err, &self.published.metrics);
                 }
                 return Staged {
                     pushes: Vec::new(),
@@ -760,6 +791,13 @@ impl Driver {
                     // A document that does not read as its kind is never stored; the rest of
                     // the batch goes on.
                     tracing::warn!(doc = %id, ?origin, error = %e, "a document from a peer is refused");
+                    if let Origin::Remote { peer } = origin {
+                        self.published
+                            .metrics
+                            .rejected
+                            .get_or_create(&PeerLabel { peer: peer.clone() })
+                            .inc();
+                    }
                     b.touched.remove(&id);
                 }
                 Err(PersistError::Store(e)) => {
@@ -840,7 +878,7 @@ impl Driver {
                     repl::serve(req, &peer, sessions, docs)
                 });
                 for r in &served.rejected {
-                    tracing::warn!(peer = %peer, doc = %r.id, reason = %r.reason, "a peer's sync message was refused");
+                    self.rejected(&peer, r, "a peer's sync message");
                 }
                 Deferred::Resp(reply, served.resp)
             }
@@ -857,13 +895,13 @@ impl Driver {
                 then,
             } => {
                 let origin = Origin::Remote { peer: peer.clone() };
-                let next = self.with_docs(b, origin, |docs, sessions| {
+                let (next, rejected) = self.with_docs(b, origin, |docs, sessions| {
                     let rejected = sessions.receive(docs, &peer, Dir::Out, msgs);
-                    for r in &rejected {
-                        tracing::warn!(peer = %peer, doc = %r.id, reason = %r.reason, "a peer's sync message was refused");
-                    }
-                    sessions.generate(docs, &peer, Dir::Out, &ids)
+                    (sessions.generate(docs, &peer, Dir::Out, &ids), rejected)
                 });
+                for r in &rejected {
+                    self.rejected(&peer, r, "a peer's sync message");
+                }
                 match then {
                     SyncThen::Reply(reply) => Deferred::MsgsR(reply, Ok(next)),
                     SyncThen::Queue { round } => {
@@ -885,19 +923,18 @@ impl Driver {
                         StoreNew::Merge(doc) => merge.push(doc),
                     }
                 }
+                let merge_count = merge.len();
                 // Documents this node already has (or that did not load ahead) merge as usual.
-                n += self.with_docs(b, origin, |d, _| {
+                let rejected = self.with_docs(b, origin, |d, _| {
                     merge
                         .into_iter()
-                        .filter(|x| match repl::ingest(d, &x.id, &x.bytes) {
-                            Ok(()) => true,
-                            Err(r) => {
-                                tracing::warn!(peer = %peer, doc = %r.id, reason = %r.reason, "a fetched document was refused");
-                                false
-                            }
-                        })
-                        .count()
+                        .filter_map(|x| repl::ingest(d, &x.id, &x.bytes).err())
+                        .collect::<Vec<_>>()
                 });
+                n += merge_count - rejected.len();
+                for r in &rejected {
+                    self.rejected(&peer, r, "a fetched document");
+                }
                 Deferred::Count(reply, Ok(n))
             }
             Cmd::ResetPeer { peer } => {
@@ -1140,6 +1177,12 @@ impl Pending {
                 }
                 for (id, origin) in &changed {
                     let Some(e) = entries.get(id) else { continue };
+                    if let Origin::Remote { peer } = origin {
+                        p.metrics
+                            .remote_changes
+                            .get_or_create(&PeerLabel { peer: peer.clone() })
+                            .inc();
+                    }
                     if id == MEMBERS_DOC {
                         if let Ok(list) = serde_json::from_slice::<Vec<Member>>(&e.json) {
                             p.members.send_replace(list);
@@ -1202,7 +1245,7 @@ impl Committed {
             }
         }
         for x in deferred {
-            x.send(&result);
+            x.send(&result, &d.published.metrics);
         }
         for e in events {
             let _ = d.published.events.send(e);

@@ -16,6 +16,7 @@ pub mod drain;
 pub mod driver;
 pub mod error;
 pub mod events;
+pub mod metrics;
 pub mod setup;
 pub mod state;
 pub mod time;

@@ -69,6 +69,7 @@ pub struct Published {
     pub security: watch::Sender<Arc<Security>>,
     pub events: broadcast::Sender<ChangeEvent>,
     pub peers: Peers,
+    pub metrics: super::metrics::NodeMetrics,
 }
 
 impl Published {
@@ -85,6 +86,7 @@ impl Published {
             security: watch::Sender::new(Arc::new(security)),
             events: broadcast::channel(EVENTS_MAX).0,
             peers: Peers::default(),
+            metrics: Default::default(),
         }
     }
 

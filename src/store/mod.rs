@@ -25,9 +25,12 @@ use std::sync::{Arc, Mutex};
 
 use wal::Wal;
 
+pub mod metrics;
 #[cfg(any(test, feature = "sim"))]
 pub mod simdisk;
 pub mod wal;
+
+use metrics::StoreMetrics;
 
 const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("docs");
 const CHUNKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("chunks");
@@ -114,6 +117,7 @@ fn decode_entry(b: &[u8]) -> Result<IndexEntry, StoreError> {
 pub struct Store {
     db: Database,
     wal: Arc<Mutex<Wal>>,
+    metrics: Arc<StoreMetrics>,
     /// Set by [`Store::crash`]: dropped as a crash leaves it, without a checkpoint.
     crashed: std::sync::atomic::AtomicBool,
     /// Tests: every commit fails while set.
@@ -172,10 +176,12 @@ impl Store {
         };
         let (wal, records) = open_wal(checkpoint)?;
         let wal = Arc::new(Mutex::new(wal));
+        let metrics = Arc::new(StoreMetrics::default());
         let mut replay = WriteTxn {
             txn,
             ops: Vec::new(),
             wal: wal.clone(),
+            metrics: metrics.clone(),
             #[cfg(test)]
             fail: false,
         };
@@ -190,9 +196,11 @@ impl Store {
         if !records.is_empty() {
             tracing::info!(records = records.len(), "replayed the write-ahead log");
         }
+        metrics.replayed_records.inc_by(records.len() as u64);
         Ok(Store {
             db,
             wal,
+            metrics,
             crashed: Default::default(),
             #[cfg(test)]
             fail_commits: Default::default(),
@@ -229,11 +237,17 @@ impl Store {
         self.wal.lock().map(|w| !w.broken()).unwrap_or(false)
     }
 
+    /// What the store counted.
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.metrics
+    }
+
     pub fn write(&self) -> Result<WriteTxn, StoreError> {
         Ok(WriteTxn {
             txn: self.db.begin_write()?,
             ops: Vec::new(),
             wal: self.wal.clone(),
+            metrics: self.metrics.clone(),
             #[cfg(test)]
             fail: self.fail_commits.load(std::sync::atomic::Ordering::SeqCst),
         })
@@ -261,6 +275,7 @@ impl Store {
         txn.open_table(META)?.insert(WAL_SEQ, wal.seq())?;
         txn.commit()?;
         wal.reset();
+        self.metrics.checkpoints.inc();
         Ok(())
     }
 
@@ -359,6 +374,7 @@ pub struct WriteTxn {
     /// The transaction's changes, for its log record.
     ops: Vec<LogOp>,
     wal: Arc<Mutex<Wal>>,
+    metrics: Arc<StoreMetrics>,
     #[cfg(test)]
     fail: bool,
 }
@@ -477,7 +493,16 @@ impl WriteTxn {
     ///
     /// `prelogged`: the batch's record was handed to the log thread ahead ([`Store::prelog`]) and
     /// covers every change of the transaction; then only its answer is awaited.
-    pub fn commit(mut self, prelogged: Option<Prelogged>) -> Result<(), StoreError> {
+    pub fn commit(self, prelogged: Option<Prelogged>) -> Result<(), StoreError> {
+        let metrics = self.metrics.clone();
+        let r = self.commit_inner(prelogged);
+        if r.is_err() {
+            metrics.commit_failures.inc();
+        }
+        r
+    }
+
+    fn commit_inner(mut self, prelogged: Option<Prelogged>) -> Result<(), StoreError> {
         #[cfg(test)]
         if self.fail {
             if let Some(Prelogged::Submitted) = prelogged {
@@ -487,7 +512,12 @@ impl WriteTxn {
         }
         match prelogged {
             Some(Prelogged::Submitted) => {
+                let t = std::time::Instant::now();
                 self.wal.lock().map_err(|_| poisoned())?.finish()?;
+                self.metrics
+                    .log_write_seconds
+                    .observe(t.elapsed().as_secs_f64());
+                self.metrics.log_appends.inc();
                 self.txn.set_durability(redb::Durability::None)?;
                 self.txn.commit()?;
                 return Ok(());
@@ -499,7 +529,13 @@ impl WriteTxn {
         let record = crate::core::wire::encode(&self.ops);
         let mut wal = self.wal.lock().map_err(|_| poisoned())?;
         if wal.fits(record.len()) {
+            let t = std::time::Instant::now();
             wal.append(&record)?;
+            self.metrics
+                .log_write_seconds
+                .observe(t.elapsed().as_secs_f64());
+            self.metrics.log_appends.inc();
+            self.metrics.log_bytes.inc_by(wal::padded(record.len()));
             self.txn.set_durability(redb::Durability::None)?;
             self.txn.commit()?;
             Ok(())
@@ -525,6 +561,7 @@ impl WriteTxn {
         self.txn.open_table(META)?.insert(WAL_SEQ, wal.seq())?;
         self.txn.commit()?;
         wal.reset();
+        self.metrics.checkpoints.inc();
         Ok(())
     }
 

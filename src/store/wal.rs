@@ -83,7 +83,8 @@ fn crc(seq: u64, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-fn padded(len: usize) -> u64 {
+/// Bytes a record of `len` payload bytes takes in the log (header, padding to whole pages).
+pub fn padded(len: usize) -> u64 {
     ((HEADER + len) as u64).div_ceil(PAGE) * PAGE
 }
 
@@ -288,8 +289,11 @@ impl Wal {
     pub fn submit(&mut self, payload: &[u8]) -> io::Result<bool> {
         self.finish()?;
         self.refuse_if_broken()?;
-        let Device::File { file, .. } = &self.dev else {
-            return Ok(false);
+        let file = match &self.dev {
+            Device::File { file, .. } => file,
+            // Simulated writes are synchronous.
+            #[cfg(any(test, feature = "sim"))]
+            Device::Sim(_) => return Ok(false),
         };
         if self.ring.is_none() {
             return Ok(false);

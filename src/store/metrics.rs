@@ -1,0 +1,68 @@
+//! Layer: store (imports core only).
+//!
+//! What the store counts: log records written (and how long the synchronous write took),
+//! checkpoints, records replayed at open.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug)]
+pub struct StoreMetrics {
+    pub log_appends: Counter,
+    pub log_bytes: Counter,
+    /// Seconds a commit waited for its log record to be on stable storage.
+    pub log_write_seconds: Histogram,
+    pub checkpoints: Counter,
+    pub replayed_records: Counter,
+    pub commit_failures: Counter,
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        StoreMetrics {
+            log_appends: Counter::default(),
+            log_bytes: Counter::default(),
+            // 25 us to about 0.8 s.
+            log_write_seconds: Histogram::new(exponential_buckets(25e-6, 2.0, 16)),
+            checkpoints: Counter::default(),
+            replayed_records: Counter::default(),
+            commit_failures: Counter::default(),
+        }
+    }
+}
+
+impl StoreMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "peerconf_log_appends",
+            "Write-ahead log records made durable",
+            self.log_appends.clone(),
+        );
+        r.register(
+            "peerconf_log_bytes",
+            "Bytes of write-ahead log records (padded to pages)",
+            self.log_bytes.clone(),
+        );
+        r.register(
+            "peerconf_log_write_seconds",
+            "How long a commit waited for its log record to be on stable storage",
+            self.log_write_seconds.clone(),
+        );
+        r.register(
+            "peerconf_checkpoints",
+            "Durable redb commits that cover the log (full log, big or bulk batch, close)",
+            self.checkpoints.clone(),
+        );
+        r.register(
+            "peerconf_log_replayed_records",
+            "Log records replayed when the store was opened",
+            self.replayed_records.clone(),
+        );
+        r.register(
+            "peerconf_commit_failures",
+            "Commits that failed (their batch was refused)",
+            self.commit_failures.clone(),
+        );
+    }
+}
