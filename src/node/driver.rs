@@ -864,6 +864,7 @@ impl Driver {
         out
     }
 
+    /// Runs one command inside the batch; its answer waits for the commit.
     fn exec(&mut self, b: &mut Batch, c: Cmd) -> Deferred {
         match c {
             Cmd::Write {
@@ -872,16 +873,7 @@ impl Driver {
                 op,
                 reply,
             } => Deferred::Write(reply, self.write(b, kind, &name, &op), false),
-            Cmd::Serve { peer, req, reply } => {
-                let origin = Origin::Remote { peer: peer.clone() };
-                let served = self.with_docs(b, origin, |docs, sessions| {
-                    repl::serve(req, &peer, sessions, docs)
-                });
-                for r in &served.rejected {
-                    self.rejected(&peer, r, "a peer's sync message");
-                }
-                Deferred::Resp(reply, served.resp)
-            }
+            Cmd::Serve { peer, req, reply } => Deferred::Resp(reply, self.serve(b, &peer, req)),
             Cmd::SyncOut { peer, ids, reply } => {
                 let msgs = self.with_docs(b, Origin::Local, |docs, sessions| {
                     sessions.generate(docs, &peer, Dir::Out, &ids)
@@ -894,14 +886,7 @@ impl Driver {
                 ids,
                 then,
             } => {
-                let origin = Origin::Remote { peer: peer.clone() };
-                let (next, rejected) = self.with_docs(b, origin, |docs, sessions| {
-                    let rejected = sessions.receive(docs, &peer, Dir::Out, msgs);
-                    (sessions.generate(docs, &peer, Dir::Out, &ids), rejected)
-                });
-                for r in &rejected {
-                    self.rejected(&peer, r, "a peer's sync message");
-                }
+                let next = self.sync_back(b, &peer, msgs, &ids);
                 match then {
                     SyncThen::Reply(reply) => Deferred::MsgsR(reply, Ok(next)),
                     SyncThen::Queue { round } => {
@@ -913,29 +898,7 @@ impl Driver {
                 }
             }
             Cmd::Ingest { peer, docs, reply } => {
-                let origin = Origin::Remote { peer: peer.clone() };
-                let mut n = 0;
-                let mut merge = Vec::new();
-                for doc in docs {
-                    match Self::store_new(b, doc, &origin) {
-                        StoreNew::Stored => n += 1,
-                        StoreNew::Failed => {}
-                        StoreNew::Merge(doc) => merge.push(doc),
-                    }
-                }
-                let merge_count = merge.len();
-                // Documents this node already has (or that did not load ahead) merge as usual.
-                let rejected = self.with_docs(b, origin, |d, _| {
-                    merge
-                        .into_iter()
-                        .filter_map(|x| repl::ingest(d, &x.id, &x.bytes).err())
-                        .collect::<Vec<_>>()
-                });
-                n += merge_count - rejected.len();
-                for r in &rejected {
-                    self.rejected(&peer, r, "a fetched document");
-                }
-                Deferred::Count(reply, Ok(n))
+                Deferred::Count(reply, Ok(self.ingest(b, &peer, docs)))
             }
             Cmd::ResetPeer { peer } => {
                 self.sessions.reset_peer(&peer);
@@ -961,10 +924,7 @@ impl Driver {
                 secret_hash,
                 member,
                 reply,
-            } => {
-                let r = self.admit(b, &secret_hash, &member);
-                Deferred::Admit(reply, r)
-            }
+            } => Deferred::Admit(reply, self.admit(b, &secret_hash, &member)),
             Cmd::RemoveMember { id, reply } => {
                 let r = self.update_members(b, |list| {
                     let mut m = list
@@ -978,6 +938,64 @@ impl Driver {
                 Deferred::Unit(reply, r.map(|_| ()))
             }
         }
+    }
+
+    /// A peer's request for documents: its messages applied (and refusals counted).
+    fn serve(&mut self, b: &mut Batch, peer: &str, req: Request) -> Response {
+        let origin = Origin::Remote {
+            peer: peer.to_string(),
+        };
+        let served = self.with_docs(b, origin, |docs, sessions| {
+            repl::serve(req, peer, sessions, docs)
+        });
+        for r in &served.rejected {
+            self.rejected(peer, r, "a peer's sync message");
+        }
+        served.resp
+    }
+
+    /// A peer's answer to our messages applied; returns what follows for `ids`.
+    fn sync_back(&mut self, b: &mut Batch, peer: &str, msgs: Msgs, ids: &[String]) -> Msgs {
+        let origin = Origin::Remote {
+            peer: peer.to_string(),
+        };
+        let (next, rejected) = self.with_docs(b, origin, |docs, sessions| {
+            let rejected = sessions.receive(docs, peer, Dir::Out, msgs);
+            (sessions.generate(docs, peer, Dir::Out, ids), rejected)
+        });
+        for r in &rejected {
+            self.rejected(peer, r, "a peer's sync message");
+        }
+        next
+    }
+
+    /// Fetched documents stored: those new here as they came, the rest merged. Returns how many
+    /// were taken.
+    fn ingest(&mut self, b: &mut Batch, peer: &str, docs: Vec<IngestDoc>) -> usize {
+        let origin = Origin::Remote {
+            peer: peer.to_string(),
+        };
+        let mut n = 0;
+        let mut merge = Vec::new();
+        for doc in docs {
+            match Self::store_new(b, doc, &origin) {
+                StoreNew::Stored => n += 1,
+                StoreNew::Failed => {}
+                StoreNew::Merge(doc) => merge.push(doc),
+            }
+        }
+        let merge_count = merge.len();
+        // Documents this node already has (or that did not load ahead) merge as usual.
+        let rejected = self.with_docs(b, origin, |d, _| {
+            merge
+                .into_iter()
+                .filter_map(|x| repl::ingest(d, &x.id, &x.bytes).err())
+                .collect::<Vec<_>>()
+        });
+        for r in &rejected {
+            self.rejected(peer, r, "a fetched document");
+        }
+        n + merge_count - rejected.len()
     }
 
     fn admit(
