@@ -74,6 +74,46 @@ pub fn router(cluster: Arc<ClusterState>) -> Router {
         .with_state(ApiState { node, cluster })
 }
 
+/// The API before and after the node is ready: until [`Gate::open`], `/livez` answers 200 and
+/// every other route 503 (`recovering`), so supervisors see the process alive while its store
+/// recovers and load balancers keep traffic away.
+#[derive(Clone, Default)]
+pub struct Gate {
+    ready: Arc<std::sync::OnceLock<Router>>,
+}
+
+impl Gate {
+    pub fn open(&self, router: Router) {
+        let _ = self.ready.set(router);
+    }
+
+    pub fn router(&self) -> Router {
+        let ready = self.ready.clone();
+        Router::new().fallback(move |req: Request| {
+            let ready = ready.clone();
+            async move {
+                match ready.get() {
+                    Some(r) => {
+                        use tower::ServiceExt;
+                        match r.clone().oneshot(req).await {
+                            Ok(resp) => resp,
+                            Err(never) => match never {},
+                        }
+                    }
+                    None if req.uri().path() == "/livez" => "ok (recovering)\n".into_response(),
+                    None => ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "recovering",
+                        "the node is recovering its store after an unclean stop; try again shortly"
+                            .into(),
+                    )
+                    .into_response(),
+                }
+            }
+        })
+    }
+}
+
 async fn authorize(mut req: Request, next: Next) -> Response {
     req.extensions_mut().insert(Principal::LocalOperator);
     next.run(req).await
@@ -384,4 +424,41 @@ async fn metrics(State(st): State<ApiState>) -> Response {
         super::metrics::encode(&st.cluster),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    async fn status_of(app: &Router, path: &str) -> StatusCode {
+        let req = axum::http::Request::builder()
+            .uri(path)
+            .body(axum::body::Body::empty())
+            .expect("request");
+        app.clone().oneshot(req).await.expect("infallible").status()
+    }
+
+    /// While the store recovers the process is alive but not ready; once the gate opens every
+    /// route is the node's.
+    #[tokio::test]
+    async fn the_gate_answers_livez_while_recovering_and_503_otherwise() {
+        let gate = Gate::default();
+        let app = gate.router();
+        assert_eq!(status_of(&app, "/livez").await, StatusCode::OK);
+        assert_eq!(
+            status_of(&app, "/readyz").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status_of(&app, "/v1/entities/user").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        gate.open(Router::new().route("/readyz", get_route()));
+        assert_eq!(status_of(&app, "/readyz").await, StatusCode::IM_A_TEAPOT);
+    }
+
+    fn get_route() -> axum::routing::MethodRouter {
+        axum::routing::get(|| async { StatusCode::IM_A_TEAPOT })
+    }
 }

@@ -92,13 +92,44 @@ impl Node {
 
     /// Opens an initialised data directory and starts the node's driver (its own thread).
     pub fn open(dir: &Path, opts: NodeOptions) -> Result<Node, Error> {
+        Node::opening(dir)?.start(opts)
+    }
+
+    /// The first half of [`Node::open`]: the database is open and the node's configuration
+    /// known, the write-ahead log not replayed yet (which may take a while after a crash).
+    pub fn opening(dir: &Path) -> Result<Opening, Error> {
         let db_path = dir.join(DB_FILE);
         if !db_path.exists() {
             return Err(Error::NotInitialised(dir.display().to_string()));
         }
-        let store = Arc::new(Store::open(&db_path)?);
-        let config = setup::read_config(&store)?
+        let store = Store::opening(&db_path)?;
+        let config = setup::read_config_opening(&store)?
             .ok_or_else(|| Error::NotInitialised(dir.display().to_string()))?;
+        Ok(Opening {
+            dir: dir.to_path_buf(),
+            config,
+            store,
+        })
+    }
+}
+
+/// A node being opened: configuration known, store not recovered yet ([`Node::opening`]).
+pub struct Opening {
+    dir: PathBuf,
+    config: NodeConfig,
+    store: crate::store::Opening,
+}
+
+impl Opening {
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// Replays the log and starts the driver.
+    pub fn start(self, opts: NodeOptions) -> Result<Node, Error> {
+        let Opening { dir, config, store } = self;
+        let dir = dir.as_path();
+        let store = Arc::new(store.recover()?);
         let published = Arc::new(Driver::load_published(&store)?);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
         let driver = Driver::new(
@@ -125,7 +156,9 @@ impl Node {
             driver: Arc::new(std::sync::Mutex::new(Some(handle))),
         })
     }
+}
 
+impl Node {
     pub fn config(&self) -> &NodeConfig {
         &self.inner.config
     }

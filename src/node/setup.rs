@@ -203,7 +203,16 @@ pub fn create_dir(
 }
 
 pub fn read_config(store: &Store) -> Result<Option<NodeConfig>, Error> {
-    match store.local_get(CONFIG_KEY)? {
+    parse_config(store.local_get(CONFIG_KEY)?)
+}
+
+/// The node-local configuration of a store being opened (written at setup, checkpointed).
+pub fn read_config_opening(store: &crate::store::Opening) -> Result<Option<NodeConfig>, Error> {
+    parse_config(store.local_get(CONFIG_KEY)?)
+}
+
+fn parse_config(row: Option<Vec<u8>>) -> Result<Option<NodeConfig>, Error> {
+    match row {
         None => Ok(None),
         Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
             Error::Store(crate::store::StoreError::Corrupt(format!(
