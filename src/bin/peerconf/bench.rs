@@ -24,6 +24,118 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Log records (one per batch of sequential single writes, a page each) that fill most of the
+/// 8 MiB log without making it checkpoint.
+const RECORDS_IN_A_FULL_LOG: usize = 1900;
+
+/// Copies a node's database and log while it is open: what `kill -9` leaves (redb's last commits
+/// non-durable, the log holding them).
+fn copy_as_crashed(from: &std::path::Path, to: &std::path::Path) -> Result<(), String> {
+    std::fs::create_dir_all(to).map_err(|e| e.to_string())?;
+    for f in std::fs::read_dir(from).map_err(|e| e.to_string())? {
+        let f = f.map_err(|e| e.to_string())?;
+        if f.path().is_file() {
+            std::fs::copy(f.path(), to.join(f.file_name())).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+/// Crash recovery in bounded time: how long a node takes from `open` to serving after a crash
+/// with a full log, whatever the edit pattern.
+pub async fn recovery(entities: usize) -> Result<(), String> {
+    let mut rows = Vec::new();
+    for pattern in ["hot", "many"] {
+        let tmp = tempfile::Builder::new()
+            .prefix("peerconf-bench-")
+            .tempdir()
+            .map_err(|e| format!("cannot make a temporary directory: {e}"))?;
+        let live = tmp.path().join("live");
+        let opts = NodeOptions::default();
+        Node::init(&live, &InitOptions::default(), &opts).map_err(|e| e.to_string())?;
+        let node = Node::open(&live, opts.clone()).map_err(|e| e.to_string())?;
+        // The stored entities, written concurrently, then checkpointed: the log then holds only
+        // what follows.
+        let writers = 64;
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let node = node.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in (w..entities).step_by(writers) {
+                    let body = json!({"home_dir": format!("/home/u{i}"), "quota_bytes": i as i64});
+                    node.put(Kind::User, &format!("u{i}"), body).await?;
+                }
+                Ok::<_, peerconf::Error>(())
+            }));
+        }
+        for t in tasks {
+            t.await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        node.store().checkpoint().map_err(|e| e.to_string())?;
+        let checkpoints = node.store().metrics().checkpoints.get();
+        for i in 0..RECORDS_IN_A_FULL_LOG {
+            let (name, body) = match pattern {
+                "hot" => (
+                    "hot".to_string(),
+                    json!({"home_dir": "/home/hot", "quota_bytes": i as i64}),
+                ),
+                _ => (format!("m{i}"), json!({"home_dir": format!("/home/m{i}")})),
+            };
+            node.put(Kind::User, &name, body)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        if node.store().metrics().checkpoints.get() != checkpoints {
+            return Err(
+                "the log checkpointed while being filled: the bench needs fewer records".into(),
+            );
+        }
+        let crashed = tmp.path().join("crashed");
+        copy_as_crashed(&live, &crashed)?;
+        let expected = node.doc_count().map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        let opening = Node::opening(&crashed).map_err(|e| e.to_string())?;
+        let opened_ms = t.elapsed().as_secs_f64() * 1e3;
+        let back = opening.start(opts).map_err(|e| e.to_string())?;
+        let total_ms = t.elapsed().as_secs_f64() * 1e3;
+        let replayed = back.store().metrics().replayed_records.get();
+        let count = back.doc_count().map_err(|e| e.to_string())?;
+        if count != expected {
+            return Err(format!(
+                "{pattern}: {count} documents after recovery, {expected} before"
+            ));
+        }
+        if pattern == "hot" {
+            let q = back
+                .get(Kind::User, "hot")
+                .map_err(|e| e.to_string())?
+                .and_then(|v| v["fields"]["quota_bytes"].as_i64());
+            if q != Some(RECORDS_IN_A_FULL_LOG as i64 - 1) {
+                return Err(format!(
+                    "hot: the last patch is missing after recovery ({q:?})"
+                ));
+            }
+        }
+        eprintln!("{pattern}: {replayed} records replayed, {count} documents, open {opened_ms:.0} ms, serving after {total_ms:.0} ms");
+        rows.push(
+            json!({"pattern": pattern, "stored_entities": entities, "records_replayed": replayed,
+            "redb_open_ms": opened_ms, "recovered_ms": total_ms}),
+        );
+        let _ = tokio::task::spawn_blocking(move || {
+            back.shutdown();
+            node.shutdown();
+        })
+        .await;
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({"recovery": rows})).expect("json")
+    );
+    Ok(())
+}
+
 /// Loads `n` users into a fresh node with `writers` concurrent writers.
 pub async fn store(n: usize, writers: usize) -> Result<(), String> {
     let writers = writers.max(1);

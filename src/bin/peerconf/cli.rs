@@ -188,6 +188,13 @@ pub enum BenchCommand {
         #[arg(long)]
         latency_only: Option<usize>,
     },
+    /// Crash recovery: a node's log filled by one hot document, then by many documents (on top
+    /// of ENTITIES stored ones), copied as a crash leaves it, and reopened: how long until it
+    /// serves.
+    Recovery {
+        #[arg(long, default_value_t = 10_000)]
+        entities: usize,
+    },
 }
 
 fn body_arg(json: Option<String>) -> Result<Vec<u8>, CallError> {
@@ -288,6 +295,9 @@ pub fn main(cli: Cli) -> i32 {
             } => runtime().and_then(|rt| {
                 rt.block_on(crate::bench::cluster(entities, interval_ms, latency_only))
             }),
+            BenchCommand::Recovery { entities } => {
+                runtime().and_then(|rt| rt.block_on(crate::bench::recovery(entities)))
+            }
         },
         admin => runtime().and_then(|rt| {
             rt.block_on(admin_command(&cli.api, admin))
