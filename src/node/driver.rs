@@ -268,7 +268,9 @@ impl Deferred {
             (Deferred::Write(r, v, pushed), commit) => {
                 let answer = match (v, commit) {
                     (Ok(v), Ok(())) => Ok(v),
-                    (Ok(_), Err(e)) if pushed => Err(Error::Unknown(e.clone())),
+                    (Ok(_), Err(e)) if pushed || matches!(e, StoreError::Unsettled(_)) => {
+                        Err(Error::Unknown(e.clone()))
+                    }
                     (Ok(_), Err(e)) => Err(Error::Store(e.clone())),
                     (Err(x), _) => Err(x),
                 };

@@ -17,9 +17,10 @@ pub enum Error {
     /// Storage failed; the operation's transaction was not committed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The write was made and pushed to peers, but its local commit failed: it may take effect
-    /// (it comes back from a peer that stored it) or not. Retry it: writes are idempotent.
-    #[error("the outcome of this write is unknown: its commit failed after it was sent to peers ({0}); retry it")]
+    /// The write's commit failed after it left this node's hands (pushed to peers, or its log
+    /// record durable): it may take effect (from a peer that stored it, or when the log is
+    /// replayed) or not. Retry it: writes are idempotent.
+    #[error("the outcome of this write is unknown: its commit failed after the write was sent to peers or logged ({0}); retry it, or read it back")]
     Unknown(StoreError),
     #[error("{0} is not an initialised peerconf data directory: run `peerconf init --data-dir {0}` first")]
     NotInitialised(String),

@@ -81,6 +81,10 @@ pub enum StoreError {
     /// A test made the commit fail.
     #[error("injected commit failure")]
     Injected,
+    /// The commit's log record is durable but redb's commit after it failed: the batch is not
+    /// visible now and comes back when the store is next opened (the log is replayed).
+    #[error("storage: the commit is in the write-ahead log but redb failed after it ({0}); it takes effect when the node restarts")]
+    Unsettled(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 }
@@ -579,9 +583,7 @@ impl WriteTxn {
                     .log_write_seconds
                     .observe(t.elapsed().as_secs_f64());
                 self.metrics.log_appends.inc();
-                self.txn.set_durability(redb::Durability::None)?;
-                self.txn.commit()?;
-                return Ok(());
+                return self.commit_after_log();
             }
             Some(Prelogged::Full) => return self.checkpoint(),
             Some(Prelogged::Failed(e)) => return Err(StoreError::Log(e)),
@@ -604,6 +606,16 @@ impl WriteTxn {
             drop(wal);
             self.checkpoint()
         }
+    }
+
+    /// redb's commit without fsync, once the log record is durable: a failure now leaves the
+    /// batch in the log ([`StoreError::Unsettled`]).
+    fn commit_after_log(mut self) -> Result<(), StoreError> {
+        let unsettled = |e: &dyn std::fmt::Display| StoreError::Unsettled(e.to_string());
+        self.txn
+            .set_durability(redb::Durability::None)
+            .map_err(|e| unsettled(&e))?;
+        self.txn.commit().map_err(|e| unsettled(&e))
     }
 
     /// Commits durably in redb itself (fsync), without a log record: for bulk batches, whose
