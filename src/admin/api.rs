@@ -194,6 +194,9 @@ impl From<Error> for ApiError {
                 "shutting_down",
                 e.to_string(),
             ),
+            Error::DiskFull { .. } => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", e.to_string())
+            }
             // Not refused: the write reached peers before its commit failed here. The client
             // retries (writes are idempotent) or reads to learn the outcome.
             Error::Unknown(_) => {
@@ -388,10 +391,17 @@ async fn remove_node(
     Ok(Json(json!({"removed": id})).into_response())
 }
 
-/// 200 while the node takes clients, 503 while it drains (so load balancers stop sending them).
+/// 200 while the node takes clients and writes; 503 while it drains (so load balancers stop
+/// sending clients) or its disk is full (writes are refused).
 async fn readyz(State(st): State<ApiState>) -> Response {
     if st.node.drain().is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if st.node.published().storage() == crate::node::disk::Storage::Full {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "disk full: writes refused\n",
+        )
+            .into_response()
     } else {
         (StatusCode::OK, "ready\n").into_response()
     }

@@ -29,13 +29,15 @@ struct Peer {
     peer: String,
 }
 
-const STATUSES: [(Status, &str); 6] = [
+const STATUSES: [(Status, &str); 8] = [
     (Status::Online, "ONLINE"),
     (Status::Suspect, "SUSPECT"),
     (Status::Offline, "OFFLINE"),
     (Status::Draining, "DRAINING"),
     (Status::ClockDrift, "CLOCK_DRIFT"),
     (Status::Incompatible, "INCOMPATIBLE"),
+    (Status::Unreachable, "UNREACHABLE"),
+    (Status::DiskFull, "DISK_FULL"),
 ];
 
 type FloatGauge = Gauge<f64, AtomicU64>;

@@ -25,6 +25,10 @@ fn our_root(node: &Node) -> [u8; 32] {
     node.published().digest().root()
 }
 
+fn disk_full(node: &Node) -> bool {
+    node.published().storage() == crate::node::disk::Storage::Full
+}
+
 fn health_config(node: &Node) -> HealthConfig {
     HealthConfig::from_settings(&node.settings())
 }
@@ -50,6 +54,14 @@ fn log_events(node: &Node, peer: &str, events: Vec<Event>) {
                 tracing::warn!(peer = %name, offset_ms, "clock drift: the peer's clock is off by more than clock_drift_warn_ms (merges do not depend on clocks; fix NTP)")
             }
             Event::DriftEnded => tracing::info!(peer = %name, "clock drift resolved"),
+            Event::Unreachable => {
+                tracing::warn!(peer = %name, "peer UNREACHABLE: it is heard, but does not answer this node (a one-way cut?)")
+            }
+            Event::Reachable => tracing::info!(peer = %name, "peer answers again"),
+            Event::DiskFull => {
+                tracing::warn!(peer = %name, "peer DISK_FULL: it refuses writes until space is freed")
+            }
+            Event::DiskOk => tracing::info!(peer = %name, "peer's disk takes writes again"),
             Event::Incompatible { version } => {
                 tracing::warn!(peer = %name, %version, ours = %crate::net::ipc::version(), "peer INCOMPATIBLE: another major version; not syncing with it")
             }
@@ -69,12 +81,17 @@ pub fn heard(state: &ClusterState, peer: &str, version: &str, hb: &Heartbeat) ->
     let node = &state.node;
     let now = mono(node);
     let ours = crate::net::ipc::version();
-    let events = with_health(state, peer, |h| h.heard(now, version, hb.draining, &ours));
+    let events = with_health(state, peer, |h| {
+        let mut ev = h.heard(now, version, hb.draining, &ours);
+        ev.extend(h.disk(hb.disk_full));
+        ev
+    });
     log_events(node, peer, events);
     HeartbeatAck {
         received_wall_ms: 0,
         sent_wall_ms: 0,
         draining: node.drain().is_draining(),
+        disk_full: disk_full(node),
         root: our_root(node),
     }
 }
@@ -115,6 +132,7 @@ pub async fn heartbeats(
         let hb = Heartbeat {
             wall_ms: t1,
             draining: node.drain().is_draining(),
+            disk_full: disk_full(&node),
             root: our_root(&node),
         };
         // A heartbeat is given up on after the offline timeout: the detector decides from silence.
@@ -143,7 +161,8 @@ pub async fn heartbeats(
                         .peer_version
                         .clone()
                         .unwrap_or_else(|| peer.version.clone());
-                    let ev = h.answered(m4, s, &v, ack.draining, &ours, &hc);
+                    let mut ev = h.answered(m4, s, &v, ack.draining, &ours, &hc);
+                    ev.extend(h.disk(ack.disk_full));
                     if root_differs {
                         h.root_mismatches += 1;
                     } else {
@@ -275,7 +294,9 @@ pub fn status(state: &ClusterState) -> StatusReport {
     let mut members: Vec<_> = node.members().into_iter().filter(|m| !m.removed).collect();
     members.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
     let health = state.health().clone();
-    let me_status = if node.drain().is_draining() {
+    let me_status = if disk_full(node) {
+        Status::DiskFull
+    } else if node.drain().is_draining() {
         Status::Draining
     } else {
         Status::Online
@@ -307,7 +328,14 @@ pub fn status(state: &ClusterState) -> StatusReport {
             .cloned()
             .unwrap_or_else(|| PeerHealth::new(now));
         let st = h.status();
-        if matches!(st, Status::Offline | Status::Suspect | Status::Incompatible) {
+        if matches!(
+            st,
+            Status::Offline
+                | Status::Suspect
+                | Status::Incompatible
+                | Status::Unreachable
+                | Status::DiskFull
+        ) {
             degraded = true;
         }
         nodes.push(NodeStatus {
@@ -330,6 +358,9 @@ pub fn status(state: &ClusterState) -> StatusReport {
             flaps: h.flaps,
             active_connections: None,
         });
+    }
+    if me_status == Status::DiskFull {
+        degraded = true;
     }
     let cluster = if members.len() <= 1 {
         "STANDALONE"

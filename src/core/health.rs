@@ -58,6 +58,10 @@ pub enum Status {
     Draining,
     ClockDrift,
     Incompatible,
+    /// The peer is heard (its heartbeats arrive) but does not answer ours: a one-way cut.
+    Unreachable,
+    /// The peer's disk is full: it refuses writes (its own and replicated ones).
+    DiskFull,
 }
 
 /// Why the last exchange with a peer failed.
@@ -100,6 +104,10 @@ pub enum Event {
     DriftStarted { offset_ms: f64 },
     DriftEnded,
     Incompatible { version: String },
+    Unreachable,
+    Reachable,
+    DiskFull,
+    DiskOk,
 }
 
 #[derive(Debug, Clone)]
@@ -118,6 +126,11 @@ pub struct PeerHealth {
     pub last_cycle_wall_ms: Option<i64>,
     /// Heartbeats in a row whose digest root differed from ours.
     pub root_mismatches: u32,
+    /// Since when our heartbeats to the peer have gone unanswered (None: the last one was).
+    unanswered_since: Option<u64>,
+    unreachable: bool,
+    /// The peer says its disk is full.
+    pub disk_full: bool,
 }
 
 impl PeerHealth {
@@ -136,7 +149,25 @@ impl PeerHealth {
             docs_out_of_sync: None,
             last_cycle_wall_ms: None,
             root_mismatches: 0,
+            unanswered_since: None,
+            unreachable: false,
+            disk_full: false,
         }
+    }
+
+    /// What the peer said of its disk, in a heartbeat or an answer to ours.
+    pub fn disk(&mut self, full: bool) -> Vec<Event> {
+        let was = std::mem::replace(&mut self.disk_full, full);
+        match (was, full) {
+            (false, true) => vec![Event::DiskFull],
+            (true, false) => vec![Event::DiskOk],
+            _ => Vec::new(),
+        }
+    }
+
+    /// A heartbeat we sent went unanswered (failed or timed out).
+    pub fn unanswered(&mut self, now_mono: u64) {
+        self.unanswered_since.get_or_insert(now_mono);
     }
 
     /// The peer was heard from (a heartbeat answered, or one received).
@@ -181,6 +212,11 @@ impl PeerHealth {
     ) -> Vec<Event> {
         let mut ev = self.heard(now_mono, version, draining, our_version);
         self.last_error = None;
+        self.unanswered_since = None;
+        if self.unreachable {
+            self.unreachable = false;
+            ev.push(Event::Reachable);
+        }
         self.samples.push_back(s);
         while self.samples.len() > SAMPLES_MAX {
             self.samples.pop_front();
@@ -226,6 +262,19 @@ impl PeerHealth {
                 _ => Event::Suspect,
             });
         }
+        // Heard, yet our heartbeats have gone unanswered for half the timeout: a one-way cut.
+        let unreachable = self.liveness == Liveness::Online
+            && self
+                .unanswered_since
+                .is_some_and(|t| now_mono.saturating_sub(t) > cfg.offline_timeout_ms / 2);
+        if unreachable != self.unreachable {
+            self.unreachable = unreachable;
+            ev.push(if unreachable {
+                Event::Unreachable
+            } else {
+                Event::Reachable
+            });
+        }
         ev
     }
 
@@ -258,6 +307,8 @@ impl PeerHealth {
             Liveness::Offline => Status::Offline,
             Liveness::Suspect => Status::Suspect,
             Liveness::Online if self.incompatible => Status::Incompatible,
+            Liveness::Online if self.unreachable => Status::Unreachable,
+            Liveness::Online if self.disk_full => Status::DiskFull,
             Liveness::Online if self.drifting => Status::ClockDrift,
             Liveness::Online if self.draining => Status::Draining,
             Liveness::Online => Status::Online,
@@ -437,5 +488,40 @@ mod tests {
         assert_eq!(h.status(), Status::Incompatible);
         h.heard(1, "1.9.9", false, "1.4.0");
         assert_eq!(h.status(), Status::Online, "minor versions may differ");
+    }
+
+    /// A one-way cut: the peer's heartbeats reach us, ours do not reach it (or its answers do not
+    /// come back). It shows UNREACHABLE, not ONLINE, and ONLINE again once an answer arrives.
+    #[test]
+    fn heard_but_unanswered_is_unreachable() {
+        let cfg = HealthConfig {
+            heartbeat_interval_ms: 100,
+            offline_timeout_ms: 1000,
+            clock_drift_warn_ms: 1000,
+        };
+        let mut h = PeerHealth::new(0);
+        h.heard(0, "1.0.0", false, "1.0.0");
+        assert_eq!(h.status(), Status::Online);
+        h.unanswered(100);
+        for t in (100..=1000).step_by(100) {
+            h.heard(t, "1.0.0", false, "1.0.0");
+            let ev = h.tick(t, &cfg);
+            if t <= 600 {
+                assert_eq!(h.status(), Status::Online, "at {t} ms: {ev:?}");
+            }
+        }
+        assert_eq!(h.status(), Status::Unreachable);
+        let s = Sample {
+            t1: 0,
+            t2: 0,
+            t3: 0,
+            t4: 0,
+            rtt_mono_ms: 1.0,
+        };
+        let ev = h.answered(1100, s, "1.0.0", false, "1.0.0", &cfg);
+        assert!(ev.contains(&Event::Reachable), "{ev:?}");
+        assert_eq!(h.status(), Status::Online);
+        assert_eq!(h.disk(true), vec![Event::DiskFull]);
+        assert_eq!(h.status(), Status::DiskFull);
     }
 }

@@ -9,7 +9,7 @@ use super::members::Member;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to these types.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Documents in one sync request: bounds one request's size and the work of one commit.
 pub const SYNC_DOCS_MAX: usize = 512;
 /// Documents in one fetch: a batch of saved documents stays around a few MB.
@@ -63,6 +63,8 @@ pub struct Heartbeat {
     /// Sender's wall clock when sent (t1).
     pub wall_ms: i64,
     pub draining: bool,
+    /// The sender's disk is full: it refuses writes.
+    pub disk_full: bool,
     /// Sender's digest root: a mismatch that persists starts a replication cycle.
     pub root: Hash,
 }
@@ -73,6 +75,7 @@ pub struct HeartbeatAck {
     pub received_wall_ms: i64,
     pub sent_wall_ms: i64,
     pub draining: bool,
+    pub disk_full: bool,
     pub root: Hash,
 }
 

@@ -117,6 +117,9 @@ pub enum Cmd {
     ResetPeer { peer: String },
     /// Stop after the commands already queued.
     Shutdown,
+    /// Nothing but the check of the disk every batch starts with (sent while the disk is full
+    /// or the store needs reopening, so that recovery does not wait for a write).
+    CheckDisk,
     /// Stores a join token.
     PutToken {
         secret_hash: String,
@@ -177,7 +180,16 @@ pub struct Driver {
     rng: ChaCha8Rng,
     clock: Arc<dyn Clock>,
     sessions: Sessions,
+    /// The data directory, whose disk the driver watches (None in the simulator).
+    dir: Option<std::path::PathBuf>,
+    /// The disk is full: commands that write are refused before they run.
+    full: bool,
+    last_disk_check: Option<std::time::Instant>,
 }
+
+/// How often the free space is read before a batch while the disk is fine (a statvfs costs
+/// about a microsecond; this only bounds how far a filling disk can get ahead of the check).
+const DISK_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What became of a fetched document offered to [`Driver::store_new`].
 enum StoreNew {
@@ -277,6 +289,7 @@ impl Deferred {
                 metrics.write(match &answer {
                     Ok(_) => "ok",
                     Err(Error::Unknown(_)) => "unknown",
+                    Err(Error::DiskFull { .. }) => "disk_full",
                     Err(Error::Write(WriteError::Internal(_)) | Error::Store(_)) => "failed",
                     Err(_) => "refused",
                 });
@@ -499,11 +512,132 @@ impl Driver {
             rng,
             clock,
             sessions: Sessions::default(),
+            dir: None,
+            full: false,
+            last_disk_check: None,
         }
+    }
+
+    /// Watches the disk under `dir`: writes are refused while it is full, and resume by
+    /// themselves once space is freed.
+    pub fn with_disk(mut self, dir: &std::path::Path) -> Driver {
+        self.dir = Some(dir.to_path_buf());
+        self
     }
 
     pub fn store(&self) -> &Arc<Store> {
         &self.store
+    }
+
+    /// Reads the free space (every [`DISK_CHECK_EVERY`], and at every batch while full) and
+    /// moves between taking and refusing writes; reopens a store an I/O error left unusable.
+    fn check_disk(&mut self) {
+        let Some(dir) = self.dir.clone() else {
+            return;
+        };
+        let due = self.full
+            || self.store.broken()
+            || self
+                .last_disk_check
+                .is_none_or(|t| t.elapsed() >= DISK_CHECK_EVERY);
+        if !due {
+            return;
+        }
+        self.last_disk_check = Some(std::time::Instant::now());
+        let free = super::disk::free_bytes(&dir).unwrap_or(u64::MAX);
+        if !self.full && free < super::disk::FREE_MIN_BYTES {
+            self.disk_full(&dir, free);
+        }
+        if self.full
+            && free >= super::disk::RESERVE_BYTES + super::disk::RESUME_FREE_BYTES
+            && super::disk::make_reserve(&dir).is_ok()
+        {
+            self.full = false;
+            self.published
+                .storage
+                .send_replace(super::disk::Storage::Ok);
+            tracing::info!(dir = %dir.display(), free_mib = free >> 20, "disk space is back: writes are accepted again");
+        }
+        if self.store.broken() {
+            match self.store.reopen() {
+                Ok(()) => self.cache.clear(),
+                Err(e) => tracing::warn!(error = %e, "the store cannot be reopened yet"),
+            }
+        }
+    }
+
+    /// The disk is full: writes are refused from now on, and the reserve is given back so that
+    /// the store can be reopened and its log replayed.
+    fn disk_full(&mut self, dir: &std::path::Path, free: u64) {
+        if self.full {
+            return;
+        }
+        self.full = true;
+        let released = super::disk::release_reserve(dir);
+        self.published
+            .storage
+            .send_replace(super::disk::Storage::Full);
+        tracing::error!(dir = %dir.display(), free_mib = free >> 20, released_reserve = released,
+            "the disk is full: writes are refused until space is freed; reads still work");
+    }
+
+    fn full_error(&self) -> Error {
+        let dir = self.dir.clone().unwrap_or_default();
+        Error::DiskFull {
+            free_mib: super::disk::free_bytes(&dir).unwrap_or(0) >> 20,
+            dir: dir.display().to_string(),
+        }
+    }
+
+    /// While the disk is full: commands that would write are answered at once, before anything
+    /// runs (nothing is pushed); reads of the store (sync messages to make, fetches to serve)
+    /// go on.
+    fn refuse_when_full(&mut self, cmds: Vec<Cmd>) -> Vec<Cmd> {
+        if !self.full {
+            return cmds;
+        }
+        let full = |d: &Driver| d.full_error();
+        let mut keep = Vec::with_capacity(cmds.len());
+        for c in cmds {
+            let refused = match c {
+                Cmd::SyncOut { .. }
+                | Cmd::ResetPeer { .. }
+                | Cmd::Shutdown
+                | Cmd::CheckDisk
+                | Cmd::Serve {
+                    req: Request::Fetch { .. },
+                    ..
+                } => {
+                    keep.push(c);
+                    continue;
+                }
+                Cmd::Write { reply, .. } => Deferred::Write(reply, Err(full(self)), false),
+                Cmd::Serve { reply, .. } => Deferred::Resp(
+                    reply,
+                    Response::Refused {
+                        reason: Refusal::Internal,
+                        message: full(self).to_string(),
+                    },
+                ),
+                Cmd::SyncBack {
+                    then: SyncThen::Reply(reply),
+                    ..
+                } => Deferred::MsgsR(reply, Err(full(self))),
+                Cmd::SyncBack { .. } => Deferred::Nothing,
+                Cmd::Ingest { reply, .. } => Deferred::Count(reply, Err(full(self))),
+                Cmd::PutToken { reply, .. } | Cmd::RemoveMember { reply, .. } => {
+                    Deferred::Unit(reply, Err(full(self)))
+                }
+                Cmd::Admit { reply, .. } => Deferred::Admit(
+                    reply,
+                    Err(AdmitError::Store(StoreError::DiskFull(
+                        full(self).to_string(),
+                    ))),
+                ),
+            };
+            refused.send(&Ok(()), &self.published.metrics);
+        }
+        keep
     }
 
     /// The thread's loop: takes every command waiting (up to [`BATCH_MAX`]) as one batch.
@@ -531,6 +665,8 @@ impl Driver {
 
     /// One batch, start to finish: execute, push, commit, answer. Returns the commit's outcome.
     pub fn step(&mut self, cmds: Vec<Cmd>) -> Result<(), StoreError> {
+        self.check_disk();
+        let cmds = self.refuse_when_full(cmds);
         let started = std::time::Instant::now();
         let m = &self.published.metrics;
         m.batches.inc();
@@ -694,7 +830,9 @@ impl Driver {
                 then: SyncThen::Reply(reply),
                 ..
             } => Deferred::MsgsR(reply, Err(Error::Store(e.clone()))),
-            Cmd::SyncBack { .. } | Cmd::ResetPeer { .. } | Cmd::Shutdown => Deferred::Nothing,
+            Cmd::SyncBack { .. } | Cmd::ResetPeer { .. } | Cmd::Shutdown | Cmd::CheckDisk => {
+                Deferred::Nothing
+            }
             Cmd::Ingest { reply, .. } => Deferred::Count(reply, Err(Error::Store(e.clone()))),
             Cmd::PutToken { reply, .. } | Cmd::RemoveMember { reply, .. } => {
                 Deferred::Unit(reply, Err(Error::Store(e.clone())))
@@ -906,7 +1044,7 @@ impl Driver {
                 self.sessions.reset_peer(&peer);
                 Deferred::Nothing
             }
-            Cmd::Shutdown => Deferred::Nothing,
+            Cmd::Shutdown | Cmd::CheckDisk => Deferred::Nothing,
             Cmd::PutToken {
                 secret_hash,
                 record,
@@ -1236,6 +1374,12 @@ impl Pending {
             Err(e) => {
                 tracing::error!(error = %e, "commit failed; the batch is refused");
                 d.new_actor();
+                if e.disk_full() {
+                    if let Some(dir) = d.dir.clone() {
+                        let free = super::disk::free_bytes(&dir).unwrap_or(0);
+                        d.disk_full(&dir, free);
+                    }
+                }
             }
         }
         Committed {

@@ -46,6 +46,9 @@ pub enum Error {
     /// A node that is not a (current) member was named.
     #[error("node {0} is not a member of this cluster")]
     NotMember(String),
+    /// The disk holding the data directory is full: refused before anything was changed.
+    #[error("the disk holding {dir} is full ({free_mib} MiB free): writes are refused until space is freed; reads still work")]
+    DiskFull { dir: String, free_mib: u64 },
     #[error("the node is shutting down")]
     ShuttingDown,
 }

@@ -12,6 +12,7 @@
 //!
 //! Reads never go through the driver: redb serves them from committed snapshots.
 
+pub mod disk;
 pub mod drain;
 pub mod driver;
 pub mod error;
@@ -129,7 +130,16 @@ impl Opening {
     pub fn start(self, opts: NodeOptions) -> Result<Node, Error> {
         let Opening { dir, config, store } = self;
         let dir = dir.as_path();
+        // A disk too full to replay the log gets the reserve's room first.
+        if disk::free_bytes(dir).is_ok_and(|f| f < disk::RESERVE_BYTES)
+            && disk::release_reserve(dir)
+        {
+            tracing::warn!(dir = %dir.display(), "the disk is nearly full: the reserve was released to recover the store");
+        }
         let store = Arc::new(store.recover()?);
+        if let Err(e) = disk::make_reserve(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "no room for the reserve file: writes are refused until space is freed");
+        }
         let published = Arc::new(Driver::load_published(&store)?);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
         let driver = Driver::new(
@@ -138,7 +148,9 @@ impl Opening {
             &config.node_id,
             opts.clock.clone(),
             setup::seeded(opts.seed),
-        );
+        )
+        .with_disk(dir);
+        watch_disk(tx.clone(), published.clone(), Arc::downgrade(&store));
         let handle = std::thread::Builder::new()
             .name("peerconf-driver".into())
             .spawn(move || driver.run(rx))
@@ -498,6 +510,27 @@ impl Node {
         if let Some(h) = driver.lock().ok().and_then(|mut g| g.take()) {
             let _ = h.join();
         }
+    }
+}
+
+/// While the disk is full or the store needs reopening, asks the driver every second to look at
+/// the disk again, so the node recovers once space is freed even if no write comes. Ends with the
+/// driver.
+fn watch_disk(tx: mpsc::Sender<Cmd>, published: Arc<Published>, store: std::sync::Weak<Store>) {
+    let spawned = std::thread::Builder::new()
+        .name("peerconf-disk".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            if tx.is_closed() {
+                return;
+            }
+            let broken = store.upgrade().is_some_and(|s| s.broken());
+            if broken || published.storage() == disk::Storage::Full {
+                let _ = tx.try_send(Cmd::CheckDisk);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the disk watcher: a full disk recovers at the next write");
     }
 }
 

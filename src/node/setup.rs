@@ -199,6 +199,9 @@ pub fn create_dir(
         &serde_json::to_vec(cfg).expect("config serializes"),
     )?;
     txn.commit(None)?;
+    if let Err(e) = super::disk::make_reserve(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "no room for the reserve file");
+    }
     Ok(())
 }
 

@@ -70,6 +70,9 @@ pub struct Published {
     pub events: broadcast::Sender<ChangeEvent>,
     pub peers: Peers,
     pub metrics: super::metrics::NodeMetrics,
+    /// Whether the disk takes writes (the driver decides, before each batch and after a
+    /// failed commit).
+    pub storage: watch::Sender<super::disk::Storage>,
 }
 
 impl Published {
@@ -87,6 +90,7 @@ impl Published {
             events: broadcast::channel(EVENTS_MAX).0,
             peers: Peers::default(),
             metrics: Default::default(),
+            storage: watch::Sender::new(super::disk::Storage::Ok),
         }
     }
 
@@ -101,6 +105,10 @@ impl Published {
 
     pub fn security(&self) -> Arc<Security> {
         self.security.borrow().clone()
+    }
+
+    pub fn storage(&self) -> super::disk::Storage {
+        *self.storage.borrow()
     }
 
     pub fn members(&self) -> Vec<Member> {

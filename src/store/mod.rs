@@ -84,30 +84,102 @@ pub enum StoreError {
     /// The commit's log record is durable but redb's commit after it failed: the batch is not
     /// visible now and comes back when the store is next opened (the log is replayed).
     #[error("storage: the commit is in the write-ahead log but redb failed after it ({0}); it takes effect when the node restarts")]
-    Unsettled(String),
+    Unsettled(Box<StoreError>),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The disk holding the data directory is full: the operation changed nothing (or, for a
+    /// commit, see [`StoreError::Unsettled`]).
+    #[error("the disk holding the data directory is full ({0})")]
+    DiskFull(String),
+    /// An I/O error in the database: redb refuses everything until the store is reopened.
+    #[error("storage I/O error: {0}")]
+    Io(String),
 }
 
-macro_rules! redb_err {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> Self { StoreError::Redb(e.to_string()) }
+impl StoreError {
+    /// Whether the database must be reopened before it serves again (redb refuses every
+    /// operation after an I/O error).
+    pub fn breaks_the_store(&self) -> bool {
+        matches!(self, StoreError::DiskFull(_) | StoreError::Io(_))
+    }
+
+    /// Whether the disk is full: said so, or behind an unsettled commit.
+    pub fn disk_full(&self) -> bool {
+        match self {
+            StoreError::DiskFull(_) => true,
+            StoreError::Unsettled(inner) => inner.disk_full(),
+            _ => false,
         }
-    )*};
+    }
 }
-redb_err!(
-    redb::Error,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    redb::SetDurabilityError
-);
+
+/// A redb storage failure, classified by its I/O error's kind (never by its text).
+fn from_storage(s: &redb::StorageError) -> StoreError {
+    match s {
+        redb::StorageError::Io(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+            StoreError::DiskFull(e.to_string())
+        }
+        redb::StorageError::Io(e) => StoreError::Io(e.to_string()),
+        redb::StorageError::PreviousIo => StoreError::Io(s.to_string()),
+        other => StoreError::Redb(other.to_string()),
+    }
+}
+
+impl From<redb::StorageError> for StoreError {
+    fn from(e: redb::StorageError) -> Self {
+        from_storage(&e)
+    }
+}
+
+impl From<redb::CommitError> for StoreError {
+    fn from(e: redb::CommitError) -> Self {
+        match e {
+            redb::CommitError::Storage(s) => from_storage(&s),
+            other => StoreError::Redb(other.to_string()),
+        }
+    }
+}
+
+impl From<redb::TransactionError> for StoreError {
+    fn from(e: redb::TransactionError) -> Self {
+        match e {
+            redb::TransactionError::Storage(s) => from_storage(&s),
+            other => StoreError::Redb(other.to_string()),
+        }
+    }
+}
+
+impl From<redb::TableError> for StoreError {
+    fn from(e: redb::TableError) -> Self {
+        match e {
+            redb::TableError::Storage(s) => from_storage(&s),
+            other => StoreError::Redb(other.to_string()),
+        }
+    }
+}
+
+impl From<redb::SetDurabilityError> for StoreError {
+    fn from(e: redb::SetDurabilityError) -> Self {
+        StoreError::Redb(e.to_string())
+    }
+}
+
+impl From<redb::DatabaseError> for StoreError {
+    fn from(e: redb::DatabaseError) -> Self {
+        match e {
+            redb::DatabaseError::Storage(s) => from_storage(&s),
+            other => StoreError::Redb(other.to_string()),
+        }
+    }
+}
 
 impl From<std::io::Error> for StoreError {
     fn from(e: std::io::Error) -> Self {
-        StoreError::Log(e.to_string())
+        if e.kind() == std::io::ErrorKind::StorageFull {
+            StoreError::DiskFull(e.to_string())
+        } else {
+            StoreError::Log(e.to_string())
+        }
     }
 }
 
@@ -120,7 +192,12 @@ fn decode_entry(b: &[u8]) -> Result<IndexEntry, StoreError> {
 }
 
 pub struct Store {
-    db: Database,
+    /// Behind a lock so that [`Store::reopen`] can replace it after an I/O error.
+    db: std::sync::RwLock<Database>,
+    /// Where the database lives; None on a simulated disk (never reopened).
+    path: Option<PathBuf>,
+    /// An I/O error left redb refusing everything: reopen before the next use.
+    broken: Arc<std::sync::atomic::AtomicBool>,
     wal: Arc<Mutex<Wal>>,
     metrics: Arc<StoreMetrics>,
     /// Set by [`Store::crash`]: dropped as a crash leaves it, without a checkpoint.
@@ -133,6 +210,7 @@ pub struct Store {
 /// A store whose database is open and whose log is not replayed yet ([`Store::opening`]).
 pub struct Opening {
     db: Database,
+    path: Option<PathBuf>,
     #[allow(clippy::type_complexity)]
     open_wal: Box<dyn FnOnce(u64) -> std::io::Result<(Wal, Vec<Vec<u8>>)> + Send>,
 }
@@ -150,77 +228,96 @@ impl Opening {
 
     /// Recovery: replays what the log holds after the last checkpoint, and checkpoints.
     pub fn recover(self) -> Result<Store, StoreError> {
-        let Opening { db, open_wal } = self;
-        let txn = db.begin_write()?;
-        let checkpoint = {
-            txn.open_table(DOCS)?;
-            txn.open_table(CHUNKS)?;
-            txn.open_table(INDEX)?;
-            txn.open_table(LOCAL)?;
-            let meta = txn.open_table(META)?;
-            let v = meta.get(WAL_SEQ)?.map(|v| v.value()).unwrap_or(0);
-            v
-        };
-        let (wal, records) = open_wal(checkpoint)?;
-        let wal = Arc::new(Mutex::new(wal));
+        let Opening { db, path, open_wal } = self;
         let metrics = Arc::new(StoreMetrics::default());
-        let mut replay = WriteTxn {
-            txn,
-            ops: Vec::new(),
-            wal: wal.clone(),
-            metrics: metrics.clone(),
-            #[cfg(test)]
-            fail: false,
-        };
-        let started = std::time::Instant::now();
-        if !records.is_empty() {
-            tracing::info!(
-                records = records.len(),
-                "replaying the write-ahead log after an unclean stop"
-            );
-        }
-        // Every document's logged bytes, in log order, so each is loaded, merged and stored
-        // once however often it was written: replay costs one load per document, not one per
-        // change (a document patched 8,000 times made recovery take 40 s).
-        let mut docs: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
-        for r in &records {
-            let ops: Vec<LogOp> = crate::core::wire::decode(r)
-                .map_err(|e| StoreError::Corrupt(format!("write-ahead log record: {e}")))?;
-            for op in ops {
-                match op {
-                    LogOp::Local(k, v) => replay.local_put(&k, &v)?,
-                    LogOp::Changes(id, bytes) => docs.entry(id).or_default().push(bytes),
-                }
-            }
-        }
-        let total = docs.len();
-        let mut last_report = started;
-        for (n, (id, chunks)) in docs.into_iter().enumerate() {
-            replay.replay_doc(&id, &chunks)?;
-            if last_report.elapsed() >= std::time::Duration::from_secs(1) {
-                last_report = std::time::Instant::now();
-                tracing::info!(done = n + 1, of = total, "replaying the write-ahead log");
-            }
-        }
-        replay.checkpoint()?;
-        if !records.is_empty() {
-            tracing::info!(
-                records = records.len(),
-                documents = total,
-                ms = started.elapsed().as_millis() as u64,
-                "replayed the write-ahead log"
-            );
-        }
-        metrics.replayed_records.inc_by(records.len() as u64);
+        let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let wal = replay_log(&db, open_wal, &metrics, &broken)?;
         Ok(Store {
-            db,
-            wal,
+            db: std::sync::RwLock::new(db),
+            path,
+            broken,
+            wal: Arc::new(Mutex::new(wal)),
             metrics,
             crashed: Default::default(),
             #[cfg(test)]
             fail_commits: Default::default(),
         })
     }
+}
+
+/// Replays what the log holds after the database's last checkpoint into it, and checkpoints;
+/// returns the log, ready for appends.
+fn replay_log(
+    db: &Database,
+    open_wal: impl FnOnce(u64) -> std::io::Result<(Wal, Vec<Vec<u8>>)>,
+    metrics: &Arc<StoreMetrics>,
+    broken: &Arc<std::sync::atomic::AtomicBool>,
+) -> Result<Wal, StoreError> {
+    let txn = db.begin_write()?;
+    let checkpoint = {
+        txn.open_table(DOCS)?;
+        txn.open_table(CHUNKS)?;
+        txn.open_table(INDEX)?;
+        txn.open_table(LOCAL)?;
+        let meta = txn.open_table(META)?;
+        let v = meta.get(WAL_SEQ)?.map(|v| v.value()).unwrap_or(0);
+        v
+    };
+    let (wal, records) = open_wal(checkpoint)?;
+    // The replay commits through its own handle on the log; the caller gets it back after.
+    let wal = Arc::new(Mutex::new(wal));
+    let mut replay = WriteTxn {
+        txn,
+        ops: Vec::new(),
+        wal: wal.clone(),
+        metrics: metrics.clone(),
+        broken: broken.clone(),
+        #[cfg(test)]
+        fail: false,
+    };
+    let started = std::time::Instant::now();
+    if !records.is_empty() {
+        tracing::info!(
+            records = records.len(),
+            "replaying the write-ahead log after an unclean stop"
+        );
+    }
+    // Every document's logged bytes, in log order, so each is loaded, merged and stored
+    // once however often it was written: replay costs one load per document, not one per
+    // change (a document patched 8,000 times made recovery take 40 s).
+    let mut docs: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+    for r in &records {
+        let ops: Vec<LogOp> = crate::core::wire::decode(r)
+            .map_err(|e| StoreError::Corrupt(format!("write-ahead log record: {e}")))?;
+        for op in ops {
+            match op {
+                LogOp::Local(k, v) => replay.local_put(&k, &v)?,
+                LogOp::Changes(id, bytes) => docs.entry(id).or_default().push(bytes),
+            }
+        }
+    }
+    let total = docs.len();
+    let mut last_report = started;
+    for (n, (id, chunks)) in docs.into_iter().enumerate() {
+        replay.replay_doc(&id, &chunks)?;
+        if last_report.elapsed() >= std::time::Duration::from_secs(1) {
+            last_report = std::time::Instant::now();
+            tracing::info!(done = n + 1, of = total, "replaying the write-ahead log");
+        }
+    }
+    replay.checkpoint()?;
+    if !records.is_empty() {
+        tracing::info!(
+            records = records.len(),
+            documents = total,
+            ms = started.elapsed().as_millis() as u64,
+            "replayed the write-ahead log"
+        );
+    }
+    metrics.replayed_records.inc_by(records.len() as u64);
+    let wal = Arc::try_unwrap(wal)
+        .map_err(|_| StoreError::Redb("the log is still in use after replay".into()))?;
+    wal.into_inner().map_err(|_| poisoned())
 }
 
 /// The log's path: beside the database.
@@ -253,6 +350,7 @@ impl Store {
         let wal_file = wal_path(path);
         Ok(Opening {
             db,
+            path: Some(path.to_path_buf()),
             open_wal: Box::new(move |checkpoint| Wal::open(&wal_file, checkpoint)),
         })
     }
@@ -267,9 +365,64 @@ impl Store {
         let disk = disk.clone();
         Opening {
             db,
+            path: None,
             open_wal: Box::new(move |checkpoint| Wal::open_sim(&disk, log_bytes, checkpoint)),
         }
         .recover()
+    }
+
+    fn db(&self) -> std::sync::RwLockReadGuard<'_, Database> {
+        self.db.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether an I/O error left the database refusing everything ([`Store::reopen`] it).
+    pub fn broken(&self) -> bool {
+        self.broken.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Closes and opens the database again, replaying the log: what redb needs after an I/O
+    /// error (a full disk). Callers hold no write transaction (the driver reopens between
+    /// batches); readers that still hold the old database delay it by at most two seconds.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let Some(path) = self.path.clone() else {
+            return Err(StoreError::Redb("a simulated store is not reopened".into()));
+        };
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        let mut wal = self.wal.lock().map_err(|_| poisoned())?;
+        let _ = wal.finish();
+        // redb holds the file until the database is closed: close it first (an empty in-memory
+        // database stands in meanwhile).
+        let stand_in =
+            redb::Builder::new().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        drop(std::mem::replace(&mut *db, stand_in));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let fresh = loop {
+            match redb::Builder::new()
+                .set_cache_size(CACHE_BYTES)
+                .create(&path)
+            {
+                Ok(d) => break d,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                    if std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let wal_file = wal_path(&path);
+        let replayed = replay_log(
+            &fresh,
+            |checkpoint| Wal::open(&wal_file, checkpoint),
+            &self.metrics,
+            &self.broken,
+        )?;
+        *db = fresh;
+        *wal = replayed;
+        self.broken
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(path = %path.display(), "the store was reopened");
+        Ok(())
     }
 
     /// Marks the store to be dropped as a crash leaves it: no checkpoint. (What reaches the disk is the disk's
@@ -309,10 +462,11 @@ impl Store {
 
     pub fn write(&self) -> Result<WriteTxn, StoreError> {
         Ok(WriteTxn {
-            txn: self.db.begin_write()?,
+            txn: self.db().begin_write()?,
             ops: Vec::new(),
             wal: self.wal.clone(),
             metrics: self.metrics.clone(),
+            broken: self.broken.clone(),
             #[cfg(test)]
             fail: self.fail_commits.load(std::sync::atomic::Ordering::SeqCst),
         })
@@ -331,7 +485,7 @@ impl Store {
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         // A transaction before the log's lock, as everywhere: the driver locks the log while it
         // holds its transaction.
-        let txn = self.db.begin_write()?;
+        let txn = self.db().begin_write()?;
         let mut wal = self.wal.lock().map_err(|_| poisoned())?;
         let _ = wal.finish();
         if !wal.pending() {
@@ -345,13 +499,13 @@ impl Store {
     }
 
     pub fn local_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let t = txn.open_table(LOCAL)?;
         Ok(t.get(key)?.map(|v| v.value().to_vec()))
     }
 
     pub fn index_get(&self, id: &str) -> Result<Option<IndexEntry>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let t = txn.open_table(INDEX)?;
         t.get(id)?.map(|v| decode_entry(v.value())).transpose()
     }
@@ -363,7 +517,7 @@ impl Store {
         prefix: &str,
         mut f: impl FnMut(&str, IndexEntry),
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let t = txn.open_table(INDEX)?;
         for row in t.range(prefix..)? {
             let (k, v) = row?;
@@ -377,13 +531,13 @@ impl Store {
 
     /// Number of documents (alive or not).
     pub fn doc_count(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         Ok(txn.open_table(INDEX)?.len()?)
     }
 
     /// Loads a committed document.
     pub fn load_doc(&self, id: &str) -> Result<Option<AutoCommit>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db().begin_read()?;
         let docs = txn.open_table(DOCS)?;
         let chunks = txn.open_table(CHUNKS)?;
         load(&docs, &chunks, id)
@@ -440,6 +594,7 @@ pub struct WriteTxn {
     ops: Vec<LogOp>,
     wal: Arc<Mutex<Wal>>,
     metrics: Arc<StoreMetrics>,
+    broken: Arc<std::sync::atomic::AtomicBool>,
     #[cfg(test)]
     fail: bool,
 }
@@ -560,9 +715,13 @@ impl WriteTxn {
     /// covers every change of the transaction; then only its answer is awaited.
     pub fn commit(self, prelogged: Option<Prelogged>) -> Result<(), StoreError> {
         let metrics = self.metrics.clone();
+        let broken = self.broken.clone();
         let r = self.commit_inner(prelogged);
-        if r.is_err() {
+        if let Err(e) = &r {
             metrics.commit_failures.inc();
+            if e.breaks_the_store() || matches!(e, StoreError::Unsettled(_)) {
+                broken.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
         }
         r
     }
@@ -611,17 +770,22 @@ impl WriteTxn {
     /// redb's commit without fsync, once the log record is durable: a failure now leaves the
     /// batch in the log ([`StoreError::Unsettled`]).
     fn commit_after_log(mut self) -> Result<(), StoreError> {
-        let unsettled = |e: &dyn std::fmt::Display| StoreError::Unsettled(e.to_string());
+        let unsettled = |e: StoreError| StoreError::Unsettled(Box::new(e));
         self.txn
             .set_durability(redb::Durability::None)
-            .map_err(|e| unsettled(&e))?;
-        self.txn.commit().map_err(|e| unsettled(&e))
+            .map_err(|e| unsettled(e.into()))?;
+        self.txn.commit().map_err(|e| unsettled(e.into()))
     }
 
     /// Commits durably in redb itself (fsync), without a log record: for bulk batches, whose
     /// records would fill the log at once. This is a checkpoint too.
     pub fn commit_to_redb(self) -> Result<(), StoreError> {
-        self.checkpoint()
+        let broken = self.broken.clone();
+        let r = self.checkpoint();
+        if r.as_ref().is_err_and(StoreError::breaks_the_store) {
+            broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        r
     }
 
     /// Commits durably in redb itself, recording that every log record so far is covered, and
