@@ -545,7 +545,10 @@ impl Driver {
         }
         self.last_disk_check = Some(std::time::Instant::now());
         let free = super::disk::free_bytes(&dir).unwrap_or(u64::MAX);
-        if !self.full && free < super::disk::FREE_MIN_BYTES {
+        // Writes are taken only with the reserve in place (or made now) and room beyond it.
+        if !self.full
+            && (free < super::disk::FREE_MIN_BYTES || super::disk::make_reserve(&dir).is_err())
+        {
             self.disk_full(&dir, free);
         }
         if self.full

@@ -10,3 +10,4 @@ mod fuzz_regressions;
 mod health;
 mod process;
 mod simulation;
+mod storage;

@@ -1,0 +1,217 @@
+//! Storage reliability with real processes: a full disk (on a small file system the test mounts)
+//! refuses writes honestly, keeps reads working, shows in readiness and in the peers' status, and
+//! recovers by itself when space is freed; a restart on a nearly full disk succeeds; nothing
+//! acknowledged is lost.
+
+use crate::support::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// A tmpfs of a given size, mounted for the test and unmounted after it.
+struct SmallFs {
+    dir: PathBuf,
+}
+
+impl SmallFs {
+    /// None, with the reason printed, where this machine forbids mounting.
+    fn mount(dir: &Path, mib: u64) -> Option<SmallFs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs"])
+            .arg(dir)
+            .output();
+        match o {
+            Ok(o) if o.status.success() => Some(SmallFs {
+                dir: dir.to_path_buf(),
+            }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIPPED: cannot mount a small file system here ({}); the disk-full tests need root and mount(8)",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount(8): {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// Fills the file system holding `dir` with `filler` until at most `leave` bytes are free.
+fn fill(dir: &Path, filler: &Path, leave: u64) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(filler)
+        .unwrap();
+    loop {
+        let free = peerconf::node::disk::free_bytes(dir).unwrap();
+        if free <= leave {
+            break;
+        }
+        let n = (free - leave).min(1 << 20) as usize;
+        if f.write_all(&vec![7u8; n]).is_err() {
+            break;
+        }
+    }
+    let _ = f.sync_all();
+}
+
+fn put_user(api: &str, name: &str) -> (u16, String) {
+    http(
+        api,
+        "PUT",
+        &format!("/v1/entities/user/{name}"),
+        Some(&format!(r#"{{"home_dir":"/home/{name}"}}"#)),
+    )
+}
+
+fn status_of(api: &str, node: &str) -> Option<String> {
+    let st = http_json(api, "/v1/status")?;
+    st["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == node)
+        .and_then(|n| n["status"].as_str().map(str::to_string))
+}
+
+#[test]
+fn a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(fs) = SmallFs::mount(&root.path().join("small"), 64) else {
+        return;
+    };
+    // n1 on the small file system, n2 on the ordinary one.
+    let n1_dir = fs.dir.join("n1");
+    let (api1, ipc1, _) = init_node(&n1_dir, "n1");
+    let mut n1 = Daemon::start(&n1_dir, &api1);
+    wait_listening(&ipc1, "n1's IPC port");
+    stdout_json(&n1.cli(&[
+        "put",
+        "settings",
+        "global",
+        "--json",
+        r#"{"heartbeat_interval_ms":100,"offline_timeout_ms":1000,"replication_interval_ms":500}"#,
+    ]));
+    let n2_dir = root.path().join("n2");
+    let token = token_create(&api1, None);
+    let (o, api2, ipc2) = join_node(&n2_dir, &ipc1, &token, "n2", &[]);
+    assert!(o.status.success(), "join: {}", stderr(&o));
+    let _n2 = Daemon::start(&n2_dir, &api2);
+    wait_listening(&ipc2, "n2's IPC port");
+
+    let mut acknowledged = Vec::new();
+    for i in 0..20 {
+        let name = format!("before{i}");
+        let (code, body) = put_user(&api1, &name);
+        assert_eq!(code, 200, "{body}");
+        acknowledged.push(name);
+    }
+
+    // Fill the disk to below the node's limit (8 MiB free).
+    let filler = fs.dir.join("filler");
+    fill(&fs.dir, &filler, 4 << 20);
+    let refused = wait_for(Duration::from_secs(10), || {
+        let (code, body) = put_user(&api1, "while-full");
+        (code == 507).then_some(body)
+    })
+    .expect("writes on a full disk were not refused with 507 within 10 s");
+    assert!(
+        refused.contains("disk_full") && refused.contains("full"),
+        "the refusal does not say the disk is full: {refused}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || (http(&api1, "GET", "/readyz", None).0 == 503)
+            .then_some(()))
+        .is_some(),
+        "/readyz is not 503 on a full disk"
+    );
+    // Reads of stored entities keep working.
+    for name in &acknowledged {
+        let (code, body) = http(&api1, "GET", &format!("/v1/entities/user/{name}"), None);
+        assert_eq!(code, 200, "reading {name} on a full disk: {body}");
+    }
+    assert_eq!(
+        http(&api1, "GET", "/v1/entities/user", None).0,
+        200,
+        "listing on a full disk"
+    );
+    // The peer sees it.
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            (status_of(&api2, "n1").as_deref() == Some("DISK_FULL")).then_some(())
+        })
+        .is_some(),
+        "n2 does not show n1 as DISK_FULL: {:?}",
+        http_json(&api2, "/v1/status")
+    );
+    // A write made on n2 meanwhile is refused by n1's disk, not lost: it arrives later.
+    let (code, body) = put_user(&api2, "from-n2-while-full");
+    assert_eq!(code, 200, "{body}");
+    let mut elsewhere = vec!["from-n2-while-full".to_string()];
+
+    // Space comes back: writes resume by themselves within seconds.
+    std::fs::remove_file(&filler).unwrap();
+    let t = std::time::Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(10), || (put_user(&api1, "after").0 == 200).then_some(()))
+            .is_some(),
+        "writes did not resume within 10 s of space being freed; log:\n{}",
+        n1.log_text()
+    );
+    eprintln!("writes resumed {} ms after space was freed", t.elapsed().as_millis());
+    acknowledged.push("after".into());
+    assert_eq!(http(&api1, "GET", "/readyz", None).0, 200);
+
+    // A restart on a nearly full disk: filled to the last byte while the node is down.
+    n1.kill9();
+    fill(&fs.dir, &filler, 0);
+    let mut n1 = Daemon::start(&n1_dir, &api1);
+    assert!(
+        wait_for(Duration::from_secs(20), || (http(&api1, "GET", "/livez", None).0 == 200)
+            .then_some(()))
+        .is_some(),
+        "n1 did not start on a nearly full disk; log:\n{}",
+        n1.log_text()
+    );
+    let all_there = |api: &str, names: &[String]| {
+        wait_for(Duration::from_secs(20), || {
+            names
+                .iter()
+                .all(|name| http(api, "GET", &format!("/v1/entities/user/{name}"), None).0 == 200)
+                .then_some(())
+        })
+        .is_some()
+    };
+    // Everything n1 acknowledged is there (what it never received waits for space).
+    assert!(
+        all_there(&api1, &acknowledged),
+        "a write n1 acknowledged is missing after a restart on a full disk; log:\n{}",
+        n1.log_text()
+    );
+    assert_eq!(put_user(&api1, "still-full").0, 507);
+    std::fs::remove_file(&filler).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || (put_user(&api1, "last").0 == 200).then_some(()))
+            .is_some(),
+        "writes did not resume after the restart once space was freed"
+    );
+    acknowledged.push("last".into());
+    acknowledged.append(&mut elsewhere);
+    assert!(
+        all_there(&api1, &acknowledged),
+        "n1 did not catch up once space was freed"
+    );
+    assert!(all_there(&api2, &acknowledged), "an acknowledged write is missing on n2");
+    n1.stop();
+}
