@@ -18,7 +18,13 @@ impl SmallFs {
     fn mount(dir: &Path, mib: u64) -> Option<SmallFs> {
         std::fs::create_dir_all(dir).unwrap();
         let o = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={mib}m,mode=0700"),
+                "tmpfs",
+            ])
             .arg(dir)
             .output();
         match o {
@@ -131,7 +137,10 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself() {
         "the refusal does not say the disk is full: {refused}"
     );
     assert!(
-        wait_for(Duration::from_secs(5), || (http(&api1, "GET", "/readyz", None).0 == 503)
+        wait_for(Duration::from_secs(5), || (http(
+            &api1, "GET", "/readyz", None
+        )
+        .0 == 503)
             .then_some(()))
         .is_some(),
         "/readyz is not 503 on a full disk"
@@ -164,12 +173,17 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself() {
     std::fs::remove_file(&filler).unwrap();
     let t = std::time::Instant::now();
     assert!(
-        wait_for(Duration::from_secs(10), || (put_user(&api1, "after").0 == 200).then_some(()))
-            .is_some(),
+        wait_for(Duration::from_secs(10), || (put_user(&api1, "after").0
+            == 200)
+            .then_some(()))
+        .is_some(),
         "writes did not resume within 10 s of space being freed; log:\n{}",
         n1.log_text()
     );
-    eprintln!("writes resumed {} ms after space was freed", t.elapsed().as_millis());
+    eprintln!(
+        "writes resumed {} ms after space was freed",
+        t.elapsed().as_millis()
+    );
     acknowledged.push("after".into());
     assert_eq!(http(&api1, "GET", "/readyz", None).0, 200);
 
@@ -178,7 +192,10 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself() {
     fill(&fs.dir, &filler, 0);
     let mut n1 = Daemon::start(&n1_dir, &api1);
     assert!(
-        wait_for(Duration::from_secs(20), || (http(&api1, "GET", "/livez", None).0 == 200)
+        wait_for(Duration::from_secs(20), || (http(
+            &api1, "GET", "/livez", None
+        )
+        .0 == 200)
             .then_some(()))
         .is_some(),
         "n1 did not start on a nearly full disk; log:\n{}",
@@ -202,8 +219,10 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself() {
     assert_eq!(put_user(&api1, "still-full").0, 507);
     std::fs::remove_file(&filler).unwrap();
     assert!(
-        wait_for(Duration::from_secs(10), || (put_user(&api1, "last").0 == 200).then_some(()))
-            .is_some(),
+        wait_for(Duration::from_secs(10), || (put_user(&api1, "last").0
+            == 200)
+            .then_some(()))
+        .is_some(),
         "writes did not resume after the restart once space was freed"
     );
     acknowledged.push("last".into());
@@ -212,6 +231,199 @@ fn a_full_disk_refuses_writes_keeps_reads_and_recovers_by_itself() {
         all_there(&api1, &acknowledged),
         "n1 did not catch up once space was freed"
     );
-    assert!(all_there(&api2, &acknowledged), "an acknowledged write is missing on n2");
+    assert!(
+        all_there(&api2, &acknowledged),
+        "an acknowledged write is missing on n2"
+    );
     n1.stop();
+}
+
+/// The disk fills while writes are under way (something else takes the space between the
+/// node's check of the free space and its commits): some commits meet ENOSPC inside redb. No
+/// write is reported done that is not, the node reopens its store (reads keep working), refuses
+/// writes, and resumes once space is freed; every acknowledged write is there.
+#[test]
+fn the_disk_filling_under_running_writes_breaks_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(fs) = SmallFs::mount(&root.path().join("small"), 64) else {
+        return;
+    };
+    let dir = fs.dir.join("n1");
+    let api = init(&dir, "n1");
+    let mut n1 = Daemon::start(&dir, &api);
+    wait_listening(&api, "n1's API");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (api, stop) = (api.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut outcomes = Vec::new();
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let name = format!("w{w}-{i}");
+                    let (code, text) = put_user(&api, &name);
+                    outcomes.push((name, code, text));
+                    i += 1;
+                }
+                outcomes
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let filler = fs.dir.join("filler");
+    fill(&fs.dir, &filler, 0);
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let outcomes: Vec<(String, u16, String)> = writers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    let count = |c: u16| outcomes.iter().filter(|o| o.1 == c).count();
+    for (name, code, text) in &outcomes {
+        assert!(
+            *code == 200 || *code == 507 || (*code == 503 && text.contains("outcome_unknown")),
+            "{name} answered {code}: {text}"
+        );
+    }
+    assert!(
+        count(200) > 0 && count(200) < outcomes.len(),
+        "{outcomes:?}"
+    );
+    eprintln!(
+        "{} writes: {} acknowledged, {} refused (disk_full), {} outcome unknown",
+        outcomes.len(),
+        count(200),
+        count(507),
+        count(503)
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || (http(
+            &api, "GET", "/readyz", None
+        )
+        .0 == 503)
+            .then_some(()))
+        .is_some(),
+        "/readyz is not 503 on a full disk"
+    );
+    let acknowledged: Vec<&String> = outcomes
+        .iter()
+        .filter(|o| o.1 == 200)
+        .map(|o| &o.0)
+        .collect();
+    let all_there = || {
+        wait_for(Duration::from_secs(10), || {
+            acknowledged
+                .iter()
+                .all(|n| http(&api, "GET", &format!("/v1/entities/user/{n}"), None).0 == 200)
+                .then_some(())
+        })
+        .is_some()
+    };
+    assert!(
+        all_there(),
+        "reads fail, or an acknowledged write is missing, on the full disk; log:\n{}",
+        n1.log_text()
+    );
+    std::fs::remove_file(&filler).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || (put_user(&api, "after").0
+            == 200)
+            .then_some(()))
+        .is_some(),
+        "writes did not resume once space was freed; log:\n{}",
+        n1.log_text()
+    );
+    assert!(
+        all_there(),
+        "an acknowledged write is missing after recovery"
+    );
+    // And across a restart.
+    n1.stop();
+    let n1 = Daemon::start(&dir, &api);
+    wait_listening(&api, "n1's API");
+    assert!(
+        all_there(),
+        "an acknowledged write is missing after a restart"
+    );
+    drop(n1);
+}
+
+/// ENOSPC inside a commit, at the store: the commit fails with a disk-full error (or, its log
+/// record durable, as unsettled), the store says it must be reopened, and reopening it once space
+/// is back replays the log: the unsettled batch takes effect, nothing committed before is lost.
+#[test]
+fn a_store_that_ran_out_of_space_reopens_and_replays() {
+    use automerge::transaction::Transactable;
+    use peerconf::store::{Store, StoreError};
+    let root = tempfile::tempdir().unwrap();
+    let Some(fs) = SmallFs::mount(&root.path().join("small"), 48) else {
+        return;
+    };
+    let db = fs.dir.join("db");
+    let store = Store::open(&db).unwrap();
+    let put = |store: &Store, id: &str, size: usize| -> Result<(), StoreError> {
+        let mut d = automerge::AutoCommit::new();
+        // Incompressible bytes, so the document really takes `size` bytes.
+        let mut x: u64 = id.len() as u64 + size as u64;
+        let bytes: Vec<u8> = (0..size)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        d.put(automerge::ROOT, "blob", bytes).unwrap();
+        d.commit();
+        let entry = peerconf::store::IndexEntry {
+            alive: true,
+            conflicts: false,
+            chunks: 0,
+            heads_hash: [1; 32],
+            json: b"{}".to_vec(),
+        };
+        let mut txn = store.write()?;
+        txn.put_doc(id, &mut d, entry, None, &[])?;
+        txn.commit(None)
+    };
+    put(&store, "user/kept", 1000).unwrap();
+    let filler = fs.dir.join("filler");
+    fill(&fs.dir, &filler, 0);
+    let mut failed = None;
+    for i in 0..64 {
+        if let Err(e) = put(&store, &format!("user/big{i}"), 512 * 1024) {
+            failed = Some((i, e));
+            break;
+        }
+    }
+    let (i, e) = failed.expect("writes never ran out of space");
+    assert!(
+        e.disk_full(),
+        "the failure does not say the disk is full: {e}"
+    );
+    eprintln!(
+        "write {i} failed: {e:?}; the store asks to be reopened: {}",
+        store.broken()
+    );
+    if store.broken() {
+        // redb refuses everything after an I/O error inside its commit.
+        assert!(matches!(e, StoreError::Unsettled(_)), "{e:?}");
+    } else {
+        // Refused before redb committed anything: the store still serves.
+        assert!(store.load_doc("user/kept").unwrap().is_some());
+    }
+    std::fs::remove_file(&filler).unwrap();
+    store.reopen().expect("reopen once space is back");
+    assert!(!store.broken());
+    assert!(
+        store.load_doc("user/kept").unwrap().is_some(),
+        "a committed document was lost"
+    );
+    let settled = store.load_doc(&format!("user/big{i}")).unwrap().is_some();
+    assert_eq!(
+        settled,
+        matches!(e, StoreError::Unsettled(_)),
+        "an unsettled batch must come back at reopen, a refused one must not ({e})"
+    );
+    put(&store, "user/after", 1000).expect("writes work after the reopen");
 }
