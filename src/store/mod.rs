@@ -94,6 +94,19 @@ pub enum StoreError {
     /// An I/O error in the database: redb refuses everything until the store is reopened.
     #[error("storage I/O error: {0}")]
     Io(String),
+    /// The log and the database disagree in a way that would lose acknowledged writes if the
+    /// node started: it does not start (the node is rebuilt from its peers by `peerconf repair`).
+    #[error("the store is damaged: {0}")]
+    Damaged(String),
+}
+
+impl From<wal::WalError> for StoreError {
+    fn from(e: wal::WalError) -> Self {
+        match e {
+            wal::WalError::Io(io) => io.into(),
+            other => StoreError::Damaged(other.to_string()),
+        }
+    }
 }
 
 impl StoreError {
@@ -212,7 +225,7 @@ pub struct Opening {
     db: Database,
     path: Option<PathBuf>,
     #[allow(clippy::type_complexity)]
-    open_wal: Box<dyn FnOnce(u64) -> std::io::Result<(Wal, Vec<Vec<u8>>)> + Send>,
+    open_wal: Box<dyn FnOnce(u64) -> Result<(Wal, Vec<Vec<u8>>), wal::WalError> + Send>,
 }
 
 impl Opening {
@@ -249,7 +262,7 @@ impl Opening {
 /// returns the log, ready for appends.
 fn replay_log(
     db: &Database,
-    open_wal: impl FnOnce(u64) -> std::io::Result<(Wal, Vec<Vec<u8>>)>,
+    open_wal: impl FnOnce(u64) -> Result<(Wal, Vec<Vec<u8>>), wal::WalError>,
     metrics: &Arc<StoreMetrics>,
     broken: &Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Wal, StoreError> {

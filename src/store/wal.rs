@@ -9,14 +9,27 @@
 //! without fsync (visible at once, durable at the next checkpoint). See [`super`].
 //!
 //! Layout: a file of [`WAL_BYTES`], zero-filled when created so that no later write changes its
-//! metadata. Records start on page boundaries:
+//! metadata. Page 0 is the header: `head magic u32 | epoch u64 | crc32(epoch) u32`, where the
+//! epoch is the sequence number the log was last started over at (the checkpoint that covered
+//! everything before it). Records start on page boundaries from page 1:
 //! `magic u32 | seq u64 | len u32 | crc32(seq, payload) u32 | payload`, padded to a whole page.
 //! Sequence numbers grow by one per record and never repeat. After a checkpoint (a durable redb
-//! commit that stores the last sequence number it covers) the log is written again from offset 0.
+//! commit that stores the last sequence number it covers) the header gets the new epoch and the
+//! log is written again from page 1.
 //!
-//! Recovery reads from offset 0 and keeps records while each is intact and numbered exactly one
+//! Recovery reads from page 1 and keeps records while each is intact and numbered exactly one
 //! more than the previous, starting after the checkpoint. A torn record fails its CRC; a record
-//! left over from before the last checkpoint has a number at most the checkpoint's.
+//! left over from before the last checkpoint has a number at most the checkpoint's. Recovery
+//! refuses, rather than start with less than was acknowledged, when:
+//! - the header's epoch is past the checkpoint the database recorded (the database went back to
+//!   an older commit, behind records the log no longer holds);
+//! - the first record is numbered past the one after the checkpoint (the same, seen from a
+//!   record);
+//! - an intact record numbered past the last replayed one lies after the record that stopped the
+//!   replay (a damaged record in the middle, not a torn tail).
+//!
+//! A log written before the header existed (records from offset 0) is read as such once; the
+//! checkpoint that follows recovery starts it over in the current layout.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -29,7 +42,21 @@ pub const WAL_BYTES: u64 = 8 << 20;
 pub const RECORD_MAX: usize = 1 << 20;
 const PAGE: u64 = 4096;
 const MAGIC: u32 = 0x5043_574c;
+const HEAD_MAGIC: u32 = 0x5043_4844;
 const HEADER: usize = 20;
+
+/// Why the log cannot be trusted to recover the store: starting would lose acknowledged writes.
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("the database's last checkpoint ({store}) is older than the log's start ({epoch}): the database went back to an older commit and the log no longer holds what followed it")]
+    StoreBehind { store: u64, epoch: u64 },
+    #[error("the log's first record is number {found}, but the database's last checkpoint is {store}: records {} to {} are missing", store + 1, found - 1)]
+    Gap { store: u64, found: u64 },
+    #[error("record {next} of the log is damaged, but record {later} after it is intact: the log lost records in the middle")]
+    Damaged { next: u64, later: u64 },
+}
 
 /// Where the log's bytes go.
 enum Device {
@@ -92,7 +119,7 @@ impl Wal {
     /// Opens (creating and zero-filling if needed) the log, and returns the payloads of the
     /// intact records numbered after `checkpoint`, in order. The caller applies them, records
     /// the last number in a durable commit, then calls [`Wal::reset`].
-    pub fn open(path: &Path, checkpoint: u64) -> io::Result<(Wal, Vec<Vec<u8>>)> {
+    pub fn open(path: &Path, checkpoint: u64) -> Result<(Wal, Vec<Vec<u8>>), WalError> {
         {
             let f = OpenOptions::new()
                 .write(true)
@@ -127,7 +154,7 @@ impl Wal {
         let (file, direct) = match open(libc::O_DSYNC | libc::O_DIRECT) {
             Ok(f) => (f, true),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(libc::O_DSYNC)?, false),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         // Read through a second, buffered handle: O_DIRECT reads need aligned buffers.
         let reader = File::open(path)?;
@@ -154,7 +181,7 @@ impl Wal {
         disk: &super::simdisk::SimDisk,
         bytes: u64,
         checkpoint: u64,
-    ) -> io::Result<(Wal, Vec<Vec<u8>>)> {
+    ) -> Result<(Wal, Vec<Vec<u8>>), WalError> {
         let (offset, seq, records) = Self::recover(bytes, checkpoint, |buf, at| {
             disk.log_read(at, buf);
             Ok(())
@@ -172,37 +199,80 @@ impl Wal {
         Ok((wal, records))
     }
 
-    /// The recovery rule: from offset 0, records while each is intact (magic, CRC, fits) and
-    /// numbered exactly one more than the last, starting after the checkpoint. Returns where the
-    /// next record goes, the last number, and the payloads.
+    /// The recovery rule (see the module doc). Returns where the next record goes, the last
+    /// number, and the payloads to replay.
     fn recover(
         bytes: u64,
         checkpoint: u64,
         read: impl Fn(&mut [u8], u64) -> io::Result<()>,
-    ) -> io::Result<(u64, u64, Vec<Vec<u8>>)> {
-        let mut records = Vec::new();
-        let mut seq = checkpoint;
-        let mut offset = 0u64;
-        let mut header = [0u8; HEADER];
-        while offset + HEADER as u64 <= bytes {
+    ) -> Result<(u64, u64, Vec<Vec<u8>>), WalError> {
+        let mut head = [0u8; 16];
+        read(&mut head, 0)?;
+        let word = |b: &[u8]| u32::from_le_bytes(b[0..4].try_into().expect("4 bytes"));
+        let start = match word(&head) {
+            HEAD_MAGIC => {
+                let epoch = u64::from_le_bytes(head[4..12].try_into().expect("8 bytes"));
+                let sum = word(&head[12..16]);
+                if sum == crc(epoch, &[]) && epoch > checkpoint {
+                    return Err(WalError::StoreBehind {
+                        store: checkpoint,
+                        epoch,
+                    });
+                }
+                PAGE
+            }
+            // A log from before the header: records from offset 0.
+            MAGIC => 0,
+            _ => PAGE,
+        };
+        let record_at = |offset: u64| -> io::Result<Option<(u64, Vec<u8>)>> {
+            if offset + HEADER as u64 > bytes {
+                return Ok(None);
+            }
+            let mut header = [0u8; HEADER];
             read(&mut header, offset)?;
-            let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+            let magic = word(&header);
             let n = u64::from_le_bytes(header[4..12].try_into().expect("8 bytes"));
             let len = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes")) as usize;
-            let sum = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes"));
-            if magic != MAGIC || n != seq + 1 || offset + padded(len) > bytes {
-                break;
+            let sum = word(&header[16..20]);
+            if magic != MAGIC || len > RECORD_MAX || offset + padded(len) > bytes {
+                return Ok(None);
             }
             let mut payload = vec![0u8; len];
             read(&mut payload, offset + HEADER as u64)?;
-            if crc(n, &payload) != sum {
+            Ok((crc(n, &payload) == sum).then_some((n, payload)))
+        };
+        let mut records = Vec::new();
+        let mut seq = checkpoint;
+        let mut offset = start;
+        while let Some((n, payload)) = record_at(offset)? {
+            if n != seq + 1 {
+                if records.is_empty() && n > seq + 1 {
+                    return Err(WalError::Gap {
+                        store: checkpoint,
+                        found: n,
+                    });
+                }
                 break;
             }
+            offset += padded(payload.len());
             records.push(payload);
             seq = n;
-            offset += padded(len);
         }
-        Ok((offset, seq, records))
+        // What stopped the replay must be the end: no intact record numbered later may follow.
+        let mut at = offset + PAGE;
+        while at + HEADER as u64 <= bytes {
+            if let Some((n, _)) = record_at(at)? {
+                if n > seq + 1 {
+                    return Err(WalError::Damaged {
+                        next: seq + 1,
+                        later: n,
+                    });
+                }
+            }
+            at += PAGE;
+        }
+        Ok((offset.max(PAGE), seq, records))
     }
 
     /// Number of the last record appended or checkpointed.
@@ -212,7 +282,7 @@ impl Wal {
 
     /// Whether a record of `len` payload bytes can be appended now (else the caller checkpoints).
     pub fn fits(&self, len: usize) -> bool {
-        len <= RECORD_MAX && self.offset + padded(len) <= self.bytes
+        len <= RECORD_MAX && self.offset.max(PAGE) + padded(len) <= self.bytes
     }
 
     /// Whether a failed write has stopped the log (every later commit is refused).
@@ -358,15 +428,28 @@ impl Wal {
     }
 
     /// Called after a durable redb commit that stored [`Wal::seq`]: every record is now covered,
-    /// so the log is written again from the start.
+    /// so the header takes the new epoch and the log is written again from page 1. A failed
+    /// header write is harmless (the old epoch is at most the checkpoint) but stops the log, as
+    /// any failed write does.
     pub fn reset(&mut self) {
         debug_assert!(self.inflight.is_none(), "reset with a write in flight");
-        self.offset = 0;
+        let epoch = self.seq;
+        let mut raw = vec![0u8; 2 * PAGE as usize];
+        let start = raw.as_ptr().align_offset(PAGE as usize);
+        let page = &mut raw[start..start + PAGE as usize];
+        page[0..4].copy_from_slice(&HEAD_MAGIC.to_le_bytes());
+        page[4..12].copy_from_slice(&epoch.to_le_bytes());
+        page[12..16].copy_from_slice(&crc(epoch, &[]).to_le_bytes());
+        let written = self.write_sync(&raw[start..start + PAGE as usize], 0);
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "the log's header could not be written");
+        }
+        self.offset = PAGE;
     }
 
     /// Whether records are waiting for a checkpoint.
     pub fn pending(&self) -> bool {
-        self.offset > 0
+        self.offset > PAGE
     }
 }
 
@@ -389,16 +472,23 @@ mod tests {
         assert_eq!(recs[3], vec![3u8; 15100]);
         assert_eq!(w.seq(), 5);
         // Records up to the checkpoint are not returned.
-        let (_, recs) = Wal::open(&path, 3).expect("reopen");
+        let (_, recs) = Wal::open(&path, 5).expect("reopen");
         assert_eq!(
             recs.len(),
             0,
-            "record 1 is not numbered 4: nothing follows checkpoint 3"
+            "record 1 is not numbered 6: nothing follows checkpoint 5"
         );
     }
 
+    fn flip_byte_of_record(path: &Path, record: u64) {
+        let f = OpenOptions::new().write(true).open(path).expect("open");
+        f.write_all_at(&[9], record * PAGE + HEADER as u64)
+            .expect("write");
+    }
+
+    /// The last record torn (a crash mid-write): it is dropped, the others replay.
     #[test]
-    fn a_torn_record_and_everything_after_it_are_dropped() {
+    fn a_torn_last_record_is_dropped() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("wal");
         let (mut w, _) = Wal::open(&path, 0).expect("open");
@@ -406,12 +496,80 @@ mod tests {
             w.append(&[i; 10]).expect("append");
         }
         drop(w);
-        // Flip one payload byte of record 2.
-        let f = OpenOptions::new().write(true).open(&path).expect("open");
-        f.write_all_at(&[9], PAGE + HEADER as u64).expect("write");
+        flip_byte_of_record(&path, 3);
         let (w, recs) = Wal::open(&path, 0).expect("reopen");
-        assert_eq!(recs, vec![vec![0u8; 10]]);
-        assert_eq!(w.seq(), 1);
+        assert_eq!(recs, vec![vec![0u8; 10], vec![1u8; 10]]);
+        assert_eq!(w.seq(), 2);
+    }
+
+    /// A damaged record with intact ones after it is not a torn tail: records the node
+    /// acknowledged would be dropped silently, so the log refuses.
+    #[test]
+    fn a_damaged_record_before_intact_ones_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wal");
+        let (mut w, _) = Wal::open(&path, 0).expect("open");
+        for i in 0..3u8 {
+            w.append(&[i; 10]).expect("append");
+        }
+        drop(w);
+        flip_byte_of_record(&path, 2);
+        match Wal::open(&path, 0) {
+            Err(WalError::Damaged { next: 2, later: 3 }) => {}
+            other => panic!("a damaged middle record was not refused: {:?}", other.err()),
+        }
+    }
+
+    /// The database went back to an older commit (its checkpoint is behind the log's start):
+    /// the records between are gone, so the log refuses.
+    #[test]
+    fn a_database_behind_the_log_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wal");
+        let (mut w, _) = Wal::open(&path, 0).expect("open");
+        for i in 0..4u8 {
+            w.append(&[i; 10]).expect("append");
+        }
+        w.reset();
+        drop(w);
+        match Wal::open(&path, 2) {
+            Err(WalError::StoreBehind { store: 2, epoch: 4 }) => {}
+            other => panic!("{:?}", other.err()),
+        }
+        // A record past the next expected one at the start: a gap, refused too.
+        let (mut w, _) = Wal::open(&path, 4).expect("open at the epoch");
+        w.append(&[5; 10]).expect("append");
+        drop(w);
+        // Forge the header back to epoch 0 so only the record tells.
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.write_all_at(&[0u8; 16], 0).expect("write");
+        match Wal::open(&path, 1) {
+            Err(WalError::Gap { store: 1, found: 5 }) => {}
+            other => panic!("{:?}", other.err()),
+        }
+    }
+
+    /// A log written before the header existed (records from offset 0) is read once.
+    #[test]
+    fn a_log_without_a_header_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wal");
+        let (w, _) = Wal::open(&path, 0).expect("create");
+        drop(w);
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        for (i, seq) in [1u64, 2].iter().enumerate() {
+            let payload = [*seq as u8; 10];
+            let mut rec = vec![0u8; PAGE as usize];
+            rec[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+            rec[4..12].copy_from_slice(&seq.to_le_bytes());
+            rec[12..16].copy_from_slice(&10u32.to_le_bytes());
+            rec[16..20].copy_from_slice(&crc(*seq, &payload).to_le_bytes());
+            rec[HEADER..HEADER + 10].copy_from_slice(&payload);
+            f.write_all_at(&rec, i as u64 * PAGE).expect("write");
+        }
+        let (w, recs) = Wal::open(&path, 0).expect("reopen");
+        assert_eq!(recs, vec![vec![1u8; 10], vec![2u8; 10]]);
+        assert_eq!(w.seq(), 2);
     }
 
     #[test]
