@@ -194,6 +194,11 @@ impl From<Error> for ApiError {
                 "shutting_down",
                 e.to_string(),
             ),
+            Error::Store(crate::store::StoreError::BadRow(_)) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "row_damaged",
+                format!("{e}: it is being rebuilt from its document; retry"),
+            ),
             Error::DiskFull { .. } => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", e.to_string())
             }
@@ -214,6 +219,7 @@ impl From<Error> for ApiError {
             | Error::Io { .. }
             | Error::Tls(_)
             | Error::NotInitialised(_)
+            | Error::Damaged { .. }
             | Error::AlreadyInitialised { .. } => internal(&e),
         }
     }

@@ -117,6 +117,11 @@ pub enum Cmd {
     ResetPeer { peer: String },
     /// Stop after the commands already queued.
     Shutdown,
+    /// Rebuilds damaged index rows from their documents (answered when done, if asked).
+    RepairRows {
+        ids: Vec<String>,
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+    },
     /// Nothing but the check of the disk every batch starts with (sent while the disk is full
     /// or the store needs reopening, so that recovery does not wait for a write).
     CheckDisk,
@@ -477,19 +482,36 @@ fn singleton_from<T: typed::Entity>(row: Option<&IndexEntry>) -> T {
 
 impl Driver {
     /// What the driver publishes, as stored: the digest of every document, the member list, the
-    /// settings.
-    pub fn load_published(store: &Store) -> Result<Published, StoreError> {
+    /// settings; and the documents whose index rows are damaged (left out of the digest until
+    /// [`Cmd::RepairRows`] rebuilds them).
+    pub fn load_published(store: &Store) -> Result<(Published, Vec<String>), StoreError> {
         let mut digest = Digest::default();
-        store.index_scan("", |id, e| digest.set(id, e.heads_hash))?;
-        let members: Vec<Member> = store
-            .index_get(MEMBERS_DOC)?
+        let mut damaged = Vec::new();
+        store.index_rows("", |id, row| {
+            match row {
+                Ok(e) => digest.set(id, e.heads_hash),
+                Err(StoreError::BadRow(_)) => damaged.push(id.to_string()),
+                Err(e) => return Err(e),
+            }
+            Ok(())
+        })?;
+        if !damaged.is_empty() {
+            tracing::warn!(
+                rows = damaged.len(),
+                "index rows fail their checksum: they are rebuilt from their documents"
+            );
+        }
+        // A damaged row reads as absent here; its repair publishes it.
+        let row = |id: &str| match store.index_get(id) {
+            Err(StoreError::BadRow(_)) => Ok(None),
+            other => other,
+        };
+        let members: Vec<Member> = row(MEMBERS_DOC)?
             .and_then(|e| serde_json::from_slice(&e.json).ok())
             .unwrap_or_default();
-        let settings: Settings =
-            singleton_from(store.index_get(&doc_id(Kind::Settings, "global"))?.as_ref());
-        let security: Security =
-            singleton_from(store.index_get(&doc_id(Kind::Security, "global"))?.as_ref());
-        Ok(Published::new(digest, members, settings, security))
+        let settings: Settings = singleton_from(row(&doc_id(Kind::Settings, "global"))?.as_ref());
+        let security: Security = singleton_from(row(&doc_id(Kind::Security, "global"))?.as_ref());
+        Ok((Published::new(digest, members, settings, security), damaged))
     }
 
     /// A driver over `store`. Every driver draws a fresh actor: an actor must be one linear
@@ -607,6 +629,7 @@ impl Driver {
                 | Cmd::ResetPeer { .. }
                 | Cmd::Shutdown
                 | Cmd::CheckDisk
+                | Cmd::RepairRows { .. }
                 | Cmd::Serve {
                     req: Request::Fetch { .. },
                     ..
@@ -836,6 +859,10 @@ impl Driver {
             Cmd::SyncBack { .. } | Cmd::ResetPeer { .. } | Cmd::Shutdown | Cmd::CheckDisk => {
                 Deferred::Nothing
             }
+            Cmd::RepairRows { reply: None, .. } => Deferred::Nothing,
+            Cmd::RepairRows {
+                reply: Some(reply), ..
+            } => Deferred::Unit(reply, Err(Error::Store(e.clone()))),
             Cmd::Ingest { reply, .. } => Deferred::Count(reply, Err(Error::Store(e.clone()))),
             Cmd::PutToken { reply, .. } | Cmd::RemoveMember { reply, .. } => {
                 Deferred::Unit(reply, Err(Error::Store(e.clone())))
@@ -1048,6 +1075,13 @@ impl Driver {
                 Deferred::Nothing
             }
             Cmd::Shutdown | Cmd::CheckDisk => Deferred::Nothing,
+            Cmd::RepairRows { ids, reply } => {
+                let r = self.repair_rows(b, &ids);
+                match reply {
+                    Some(reply) => Deferred::Unit(reply, r),
+                    None => Deferred::Nothing,
+                }
+            }
             Cmd::PutToken {
                 secret_hash,
                 record,
@@ -1081,6 +1115,26 @@ impl Driver {
                 Deferred::Unit(reply, r.map(|_| ()))
             }
         }
+    }
+
+    /// Rebuilds the index rows of `ids` from their stored documents (their rows were damaged):
+    /// the digest and listings take the rebuilt rows after the commit.
+    fn repair_rows(&mut self, b: &mut Batch, ids: &[String]) -> Result<(), Error> {
+        for id in ids {
+            // A row repaired already (two reads found it) is fine again: leave it.
+            match b.txn.index_get(id) {
+                Ok(_) => continue,
+                Err(StoreError::BadRow(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(entry) = b.txn.rebuild_row(id)? {
+                tracing::warn!(doc = %id, "a damaged index row was rebuilt from its document");
+                self.cache.pop(id);
+                b.entries.insert(id.clone(), entry);
+                b.changed.entry(id.clone()).or_insert(Origin::Local);
+            }
+        }
+        Ok(())
     }
 
     /// A peer's request for documents: its messages applied (and refusals counted).
@@ -1464,7 +1518,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         Node::init(dir.path(), &Default::default(), &opts(1)).expect("init");
         let store = Arc::new(Store::open(&dir.path().join(super::super::DB_FILE)).expect("open"));
-        let published = Arc::new(Driver::load_published(&store).expect("published"));
+        let published = Arc::new(Driver::load_published(&store).expect("published").0);
         let inbox = Arc::new(Inbox::default());
         published.peers.register("peer", inbox.clone());
         let mut d = Driver::new(
@@ -1555,6 +1609,58 @@ mod tests {
             b.get(Kind::Site, "s1").expect("read").expect("exists")["fields"]["root_dir"],
             json!("/two")
         );
+    }
+
+    /// A damaged index row (here: another entity's row, as a tampered disk might hold, with its
+    /// checksum wrong) is never served: found when the node opens, rebuilt from its document
+    /// before anything is served; and one damaged while running is rebuilt on the read that
+    /// meets it.
+    #[test]
+    fn damaged_index_rows_are_rebuilt_not_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Node::init(dir.path(), &Default::default(), &opts(1)).expect("init");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let node = Node::open(dir.path(), opts(2)).expect("open");
+        rt.block_on(async {
+            node.put(Kind::Site, "a", site("/a")).await.expect("put");
+            node.put(Kind::Site, "b", site("/b")).await.expect("put");
+        });
+        let good = node.get(Kind::Site, "a").expect("read").expect("a");
+        // The row of b, with its checksum, pasted over a's: the checksum still fails (it
+        // covers the bytes, which are b's), and a bit flip is the same to it.
+        let mut flipped = encode_entry_for_test(&node, "site/b");
+        let last = flipped.len() - 10;
+        flipped[last] ^= 1;
+        node.store().tamper_row("site/a", &flipped);
+        assert!(
+            node.get(Kind::Site, "a").is_err(),
+            "a damaged row was served"
+        );
+        // The read asked for a repair: the next one gets the rebuilt row.
+        let repaired = (0..100).find_map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            node.get(Kind::Site, "a").ok().flatten()
+        });
+        assert_eq!(repaired.as_ref(), Some(&good));
+        // Damaged while stopped: rebuilt at open, before serving.
+        node.store().tamper_row("site/b", b"garbage");
+        node.shutdown();
+        let node = Node::open(dir.path(), opts(3)).expect("reopen");
+        assert_eq!(
+            node.get(Kind::Site, "b").expect("read").expect("b")["fields"]["root_dir"],
+            json!("/b")
+        );
+        assert_eq!(node.list(Kind::Site).expect("list").len(), 2);
+    }
+
+    fn encode_entry_for_test(node: &Node, id: &str) -> Vec<u8> {
+        let e = node.store().index_get(id).expect("row").expect("present");
+        let mut b = crate::core::wire::encode(&e);
+        b.extend_from_slice(&crc32fast::hash(&b).to_le_bytes());
+        b
     }
 
     /// A failed commit's changes may already be at peers (pushed before the commit): the actor

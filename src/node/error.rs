@@ -46,6 +46,9 @@ pub enum Error {
     /// A node that is not a (current) member was named.
     #[error("node {0} is not a member of this cluster")]
     NotMember(String),
+    /// The store cannot be trusted to hold what the node acknowledged: the node does not start.
+    #[error("the store in {dir} is damaged: {reason}. The node did not start, so that it never serves less than it acknowledged. Rebuild it from its peers: peerconf repair --data-dir {dir}")]
+    Damaged { dir: String, reason: String },
     /// The disk holding the data directory is full: refused before anything was changed.
     #[error("the disk holding {dir} is full ({free_mib} MiB free): writes are refused until space is freed; reads still work")]
     DiskFull { dir: String, free_mib: u64 },

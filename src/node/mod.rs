@@ -103,7 +103,13 @@ impl Node {
         if !db_path.exists() {
             return Err(Error::NotInitialised(dir.display().to_string()));
         }
-        let store = Store::opening(&db_path)?;
+        let store = Store::opening(&db_path).map_err(|e| match e {
+            StoreError::Damaged(reason) => Error::Damaged {
+                dir: dir.display().to_string(),
+                reason,
+            },
+            other => other.into(),
+        })?;
         let config = setup::read_config_opening(&store)?
             .ok_or_else(|| Error::NotInitialised(dir.display().to_string()))?;
         Ok(Opening {
@@ -136,11 +142,18 @@ impl Opening {
         {
             tracing::warn!(dir = %dir.display(), "the disk is nearly full: the reserve was released to recover the store");
         }
-        let store = Arc::new(store.recover()?);
+        let store = Arc::new(store.recover().map_err(|e| match e {
+            StoreError::Damaged(reason) => Error::Damaged {
+                dir: dir.display().to_string(),
+                reason,
+            },
+            other => other.into(),
+        })?);
         if let Err(e) = disk::make_reserve(dir) {
             tracing::warn!(dir = %dir.display(), error = %e, "no room for the reserve file: writes are refused until space is freed");
         }
-        let published = Arc::new(Driver::load_published(&store)?);
+        let (published, damaged) = Driver::load_published(&store)?;
+        let published = Arc::new(published);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);
         let driver = Driver::new(
             store.clone(),
@@ -155,6 +168,16 @@ impl Opening {
             .name("peerconf-driver".into())
             .spawn(move || driver.run(rx))
             .map_err(|e| Error::io("cannot start the driver thread for", dir, e))?;
+        if !damaged.is_empty() {
+            // Damaged index rows are rebuilt before the node serves anything.
+            let (reply, rx) = oneshot::channel();
+            tx.blocking_send(Cmd::RepairRows {
+                ids: damaged,
+                reply: Some(reply),
+            })
+            .map_err(|_| Error::ShuttingDown)?;
+            rx.blocking_recv().map_err(|_| Error::ShuttingDown)??;
+        }
         Ok(Node {
             inner: Arc::new(Inner {
                 store,
@@ -367,10 +390,27 @@ impl Node {
         self.put(T::KIND, name, fields).await.map(|_| ())
     }
 
+    /// A read met a damaged index row: the driver rebuilds it (the read fails; the next one
+    /// gets the rebuilt row).
+    fn repair(&self, e: Error) -> Error {
+        if let Error::Store(StoreError::BadRow(id)) = &e {
+            let _ = self.tx.try_send(Cmd::RepairRows {
+                ids: vec![id.clone()],
+                reply: None,
+            });
+        }
+        e
+    }
+
     /// An entity as JSON (`{"kind", "name", "fields", ...}`), or None if it does not exist.
     pub fn get(&self, kind: Kind, name: &str) -> Result<Option<Value>, Error> {
         crdt_schema::validate_name(kind, name)?;
-        match self.inner.store.index_get(&doc_id(kind, name))? {
+        let row = self
+            .inner
+            .store
+            .index_get(&doc_id(kind, name))
+            .map_err(|e| self.repair(e.into()))?;
+        match row {
             Some(e) if e.alive => Ok(Some(parse_json(&e.json)?)),
             // A singleton never written reads as its defaults.
             _ if kind.singleton().is_some() => {
@@ -433,14 +473,17 @@ impl Node {
     pub fn list_json(&self, kind: Kind) -> Result<Vec<u8>, Error> {
         let mut out = Vec::with_capacity(4096);
         out.push(b'[');
-        self.inner.store.index_scan(&prefix(kind), |_, e| {
-            if e.alive {
-                if out.len() > 1 {
-                    out.push(b',');
+        self.inner
+            .store
+            .index_scan(&prefix(kind), |_, e| {
+                if e.alive {
+                    if out.len() > 1 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(&e.json);
                 }
-                out.extend_from_slice(&e.json);
-            }
-        })?;
+            })
+            .map_err(|e| self.repair(e.into()))?;
         out.push(b']');
         Ok(out)
     }

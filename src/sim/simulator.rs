@@ -401,8 +401,14 @@ impl Sim<'_> {
             error,
         };
         let store = Arc::new(Store::open_sim(&disk, LOG_BYTES).map_err(|e| reopen(e.to_string()))?);
-        let published =
-            Arc::new(Driver::load_published(&store).map_err(|e| reopen(e.to_string()))?);
+        let (published, damaged) =
+            Driver::load_published(&store).map_err(|e| reopen(e.to_string()))?;
+        if !damaged.is_empty() {
+            return Err(reopen(format!(
+                "index rows fail their checksum: {damaged:?}"
+            )));
+        }
+        let published = Arc::new(published);
         let clock: Arc<dyn Clock> = Arc::new(SimClock(self.now.clone()));
         let rng = ChaCha8Rng::seed_from_u64(draw_u64(&mut *self.src));
         let id = self.nodes[node].id.clone();

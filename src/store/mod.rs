@@ -94,6 +94,10 @@ pub enum StoreError {
     /// An I/O error in the database: redb refuses everything until the store is reopened.
     #[error("storage I/O error: {0}")]
     Io(String),
+    /// An index row fails its checksum (damaged on disk, or written before rows carried one):
+    /// it is rebuilt from its document, never served.
+    #[error("the index row of {0} is damaged")]
+    BadRow(String),
     /// The log and the database disagree in a way that would lose acknowledged writes if the
     /// node started: it does not start (the node is rebuilt from its peers by `peerconf repair`).
     #[error("the store is damaged: {0}")]
@@ -134,6 +138,9 @@ fn from_storage(s: &redb::StorageError) -> StoreError {
         }
         redb::StorageError::Io(e) => StoreError::Io(e.to_string()),
         redb::StorageError::PreviousIo => StoreError::Io(s.to_string()),
+        redb::StorageError::Corrupted(m) => {
+            StoreError::Damaged(format!("the database is corrupted: {m}"))
+        }
         other => StoreError::Redb(other.to_string()),
     }
 }
@@ -196,12 +203,23 @@ impl From<std::io::Error> for StoreError {
     }
 }
 
+/// An index row as stored: the encoded entry, then the CRC-32 of those bytes, so a damaged row
+/// is told from a good one (and rebuilt from its document) instead of being served.
 fn encode_entry(e: &IndexEntry) -> Vec<u8> {
-    crate::core::wire::encode(e)
+    let mut b = crate::core::wire::encode(e);
+    let sum = crc32fast::hash(&b);
+    b.extend_from_slice(&sum.to_le_bytes());
+    b
 }
 
-fn decode_entry(b: &[u8]) -> Result<IndexEntry, StoreError> {
-    crate::core::wire::decode(b).map_err(|e| StoreError::Corrupt(format!("index entry: {e}")))
+fn decode_entry(id: &str, b: &[u8]) -> Result<IndexEntry, StoreError> {
+    let bad = || StoreError::BadRow(id.to_string());
+    let split = b.len().checked_sub(4).ok_or_else(bad)?;
+    let (body, sum) = b.split_at(split);
+    if crc32fast::hash(body).to_le_bytes() != sum {
+        return Err(bad());
+    }
+    crate::core::wire::decode(body).map_err(|_| bad())
 }
 
 pub struct Store {
@@ -485,6 +503,17 @@ impl Store {
         })
     }
 
+    /// Tests: overwrites an index row with other bytes, as damage on disk would.
+    #[cfg(test)]
+    pub(crate) fn tamper_row(&self, id: &str, bytes: &[u8]) {
+        let txn = self.db().begin_write().expect("txn");
+        txn.open_table(INDEX)
+            .expect("index")
+            .insert(id, bytes)
+            .expect("insert");
+        txn.commit().expect("commit");
+    }
+
     /// Tests: makes every commit fail (before anything is written) until called with false.
     #[cfg(test)]
     pub(crate) fn fail_commits(&self, fail: bool) {
@@ -520,15 +549,25 @@ impl Store {
     pub fn index_get(&self, id: &str) -> Result<Option<IndexEntry>, StoreError> {
         let txn = self.db().begin_read()?;
         let t = txn.open_table(INDEX)?;
-        t.get(id)?.map(|v| decode_entry(v.value())).transpose()
+        t.get(id)?.map(|v| decode_entry(id, v.value())).transpose()
     }
 
     /// Calls `f` with every index row whose ID starts with `prefix`, in ID order, from one
-    /// consistent snapshot.
+    /// consistent snapshot. Fails with [`StoreError::BadRow`] at the first damaged row.
     pub fn index_scan(
         &self,
         prefix: &str,
         mut f: impl FnMut(&str, IndexEntry),
+    ) -> Result<(), StoreError> {
+        self.index_rows(prefix, |id, row| row.map(|e| f(id, e)))
+    }
+
+    /// Like [`Store::index_scan`], with each row's outcome: the caller decides what a damaged
+    /// row means (the driver rebuilds it). `f` stops the scan by returning an error.
+    pub fn index_rows(
+        &self,
+        prefix: &str,
+        mut f: impl FnMut(&str, Result<IndexEntry, StoreError>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let txn = self.db().begin_read()?;
         let t = txn.open_table(INDEX)?;
@@ -537,7 +576,7 @@ impl Store {
             if !k.value().starts_with(prefix) {
                 break;
             }
-            f(k.value(), decode_entry(v.value())?);
+            f(k.value(), decode_entry(k.value(), v.value()))?;
         }
         Ok(())
     }
@@ -615,7 +654,7 @@ pub struct WriteTxn {
 impl WriteTxn {
     pub fn index_get(&self, id: &str) -> Result<Option<IndexEntry>, StoreError> {
         let t = self.txn.open_table(INDEX)?;
-        let r = t.get(id)?.map(|v| decode_entry(v.value())).transpose();
+        let r = t.get(id)?.map(|v| decode_entry(id, v.value())).transpose();
         r
     }
 
@@ -655,7 +694,17 @@ impl WriteTxn {
         saved: Option<Vec<u8>>,
         stored: &[automerge::ChangeHash],
     ) -> Result<Vec<u8>, StoreError> {
-        let prev = self.index_get(id)?;
+        let prev = match self.index_get(id) {
+            Ok(p) => p,
+            // A damaged row is replaced here; only its chunk count matters, and the chunks
+            // table has it.
+            Err(StoreError::BadRow(_)) => {
+                let mut p = entry.clone();
+                p.chunks = self.chunk_count(id)?;
+                Some(p)
+            }
+            Err(e) => return Err(e),
+        };
         let mut docs = self.txn.open_table(DOCS)?;
         let mut chunks = self.txn.open_table(CHUNKS)?;
         let gained = match prev {
@@ -695,6 +744,32 @@ impl WriteTxn {
         let mut index = self.txn.open_table(INDEX)?;
         index.insert(id, encode_entry(&entry).as_slice())?;
         Ok(gained)
+    }
+
+    fn chunk_count(&self, id: &str) -> Result<u32, StoreError> {
+        Ok(self
+            .txn
+            .open_table(CHUNKS)?
+            .range((id, 0u32)..=(id, u32::MAX))?
+            .count() as u32)
+    }
+
+    /// Rewrites a document's index row from the document as stored (its row was damaged).
+    /// Returns the row written.
+    pub fn rebuild_row(&mut self, id: &str) -> Result<Option<IndexEntry>, StoreError> {
+        let Some(mut doc) = self.load_doc(id)? else {
+            self.txn.open_table(INDEX)?.remove(id)?;
+            return Ok(None);
+        };
+        let mut entry = crate::core::index::row_for(id, &mut doc)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        entry.chunks = self.chunk_count(id)?;
+        self.txn
+            .open_table(INDEX)?
+            .insert(id, encode_entry(&entry).as_slice())?;
+        // Logged as a node-local fact would be wrong: the row is derived, and replay derives it
+        // again from the document, so nothing needs logging.
+        Ok(Some(entry))
     }
 
     /// Stores a document new to this node as the saved bytes it came in, with its index row
