@@ -86,7 +86,7 @@ pub async fn run(
     let node = match started {
         Ok(Ok(node)) => node,
         Ok(Err(e)) | Err(e) => {
-            let _ = api.await;
+            api.abort();
             return Err(e.into());
         }
     };

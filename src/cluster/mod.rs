@@ -65,6 +65,9 @@ impl Cluster {
             })?;
         let (stop, stop_rx) = watch::channel(false);
         let state = Arc::new(ClusterState::new(node.clone(), material));
+        if let Ok(mut t) = state.client_tls.lock() {
+            *t = Some(client_tls.clone());
+        }
         let id = crate::net::ipc::Identity {
             cluster_id: cfg.cluster_id.clone(),
             node_id: cfg.node_id.clone(),

@@ -133,6 +133,7 @@ pub async fn heartbeats(
             wall_ms: t1,
             draining: node.drain().is_draining(),
             disk_full: disk_full(&node),
+            addr: cfg.ipc_advertise.clone(),
             root: our_root(&node),
         };
         // A heartbeat is given up on after the offline timeout: the detector decides from silence.

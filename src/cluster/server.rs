@@ -55,11 +55,33 @@ impl IpcHandler {
                 "the envelope does not match the certificate".into(),
             );
         }
-        if !node.members().iter().any(|m| m.id == peer && !m.removed) {
-            return refuse(
-                Refusal::NotMember,
-                format!("node {peer} is not a current member of this cluster"),
-            );
+        let members = node.members();
+        match members.iter().find(|m| m.id == peer) {
+            Some(m) if m.removed => {
+                return refuse(
+                    Refusal::NotMember,
+                    format!("node {peer} was removed from this cluster"),
+                )
+            }
+            Some(_) => {}
+            // Certified by the cluster CA, yet not in this node's member list: this node's list
+            // is behind (a lost log, a restored backup). Its heartbeats are answered and teach
+            // this node where to fetch the current list; the rest waits until the list has it.
+            None => {
+                if let Request::Heartbeat(hb) = &env.body {
+                    self.state.learn_members_from(&peer, &hb.addr);
+                    let mut ack = monitor::heard(&self.state, &peer, &env.version, hb);
+                    ack.received_wall_ms = node.clock().wall_ms();
+                    ack.sent_wall_ms = ack.received_wall_ms;
+                    return Response::HeartbeatAck(ack);
+                }
+                return refuse(
+                    Refusal::NotMember,
+                    format!(
+                        "node {peer} is not in this node's member list yet (it is learning the list from its peers)"
+                    ),
+                );
+            }
         }
         if let Request::Heartbeat(hb) = &env.body {
             let received = node.clock().wall_ms();

@@ -93,6 +93,11 @@ pub struct ClusterState {
     /// Documents some replicator is fetching now.
     claims: Mutex<Claims>,
     pub metrics: ClusterMetrics,
+    /// Peers this node is fetching the member list from now (it heard from members it does not
+    /// know).
+    learning: Mutex<std::collections::HashSet<String>>,
+    /// The client TLS configuration, for those fetches.
+    pub client_tls: Mutex<Option<std::sync::Arc<rustls::ClientConfig>>>,
 }
 
 impl ClusterState {
@@ -103,6 +108,8 @@ impl ClusterState {
             health: Default::default(),
             claims: Default::default(),
             metrics: Default::default(),
+            learning: Default::default(),
+            client_tls: Default::default(),
         }
     }
 
@@ -112,6 +119,59 @@ impl ClusterState {
 
     pub fn claims(&self) -> MutexGuard<'_, Claims> {
         self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A member this node does not know (certified by the cluster CA) was heard from: its member
+    /// list is fetched from it (once at a time per peer) and merged, which brings this node's
+    /// list up to date and starts its replicators. A removed member is never re-admitted by
+    /// this: its removal is a change of the list, and merging lists keeps it.
+    pub fn learn_members_from(self: &std::sync::Arc<Self>, peer: &str, addr: &str) {
+        if addr.is_empty() || addr.len() > 300 {
+            return;
+        }
+        let Some(tls) = self.client_tls.lock().ok().and_then(|t| t.clone()) else {
+            return;
+        };
+        {
+            let mut l = self.learning.lock().unwrap_or_else(|p| p.into_inner());
+            if !l.insert(peer.to_string()) {
+                return;
+            }
+        }
+        let (state, peer, addr) = (self.clone(), peer.to_string(), addr.to_string());
+        tokio::spawn(async move {
+            let cfg = state.node.config().clone();
+            let mut client =
+                crate::net::ipc::PeerClient::new(&addr, tls, &cfg.cluster_id, &cfg.node_id);
+            let req = crate::core::proto::Request::Fetch {
+                ids: vec![crate::core::members::MEMBERS_DOC.to_string()],
+            };
+            match client.call(req).await {
+                Ok(crate::core::proto::Response::Docs { docs }) => {
+                    match state.node.ingest(&peer, docs).await {
+                        Ok(_) => {
+                            tracing::info!(peer = %peer, %addr, "learned the member list from a member this node did not know")
+                        }
+                        Err(e) => {
+                            tracing::warn!(peer = %peer, error = %e, "the member list fetched cannot be stored")
+                        }
+                    }
+                }
+                Ok(other) => {
+                    tracing::warn!(peer = %peer, answer = other.name(), "the member list could not be fetched")
+                }
+                Err(e) => {
+                    tracing::warn!(peer = %peer, error = %e, "the member list could not be fetched")
+                }
+            }
+            // Again after a pause if the list still lacks it (the next heartbeat asks).
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            state
+                .learning
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&peer);
+        });
     }
 
     /// A member's name (its ID if it is not a member).

@@ -65,6 +65,9 @@ pub struct Heartbeat {
     pub draining: bool,
     /// The sender's disk is full: it refuses writes.
     pub disk_full: bool,
+    /// Where the sender's IPC port is reached (so a node whose member list is behind can fetch
+    /// the current one from it).
+    pub addr: String,
     /// Sender's digest root: a mismatch that persists starts a replication cycle.
     pub root: Hash,
 }

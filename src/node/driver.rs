@@ -811,7 +811,9 @@ impl Driver {
         let mode = match () {
             // A batch that changed nothing does not pay for a disk write.
             _ if !dirty => None,
-            _ if bulk => Some(CommitMode::Checkpoint),
+            // Membership changes go to redb durably at once, not only to the log: a node that
+            // lost its log must not lose who its peers are.
+            _ if bulk || changed.contains_key(MEMBERS_DOC) => Some(CommitMode::Checkpoint),
             _ => Some(CommitMode::Logged(prelogged)),
         };
         Staged {

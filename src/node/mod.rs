@@ -152,6 +152,9 @@ impl Opening {
         if let Err(e) = disk::make_reserve(dir) {
             tracing::warn!(dir = %dir.display(), error = %e, "no room for the reserve file: writes are refused until space is freed");
         }
+        if let Err(e) = setup::ensure_identity_file(dir, &config) {
+            tracing::warn!(error = %e, "the identity file (for peerconf repair) could not be written");
+        }
         let (published, damaged) = Driver::load_published(&store)?;
         let published = Arc::new(published);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE_MAX);

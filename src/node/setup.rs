@@ -151,6 +151,36 @@ pub fn create_dir(
     rng: &mut ChaCha8Rng,
 ) -> Result<(), Error> {
     make_private_dir(dir)?;
+    TlsFiles::new(dir)
+        .write(material)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    write_store(dir, cfg, members_doc, clock, rng)
+}
+
+/// The identity file: a copy of the node-local configuration beside the database, read by
+/// `peerconf repair` when the database itself cannot be.
+const IDENTITY_FILE: &str = "node.json";
+
+/// Writes the identity file of a node made before it existed (at open; cheap and idempotent).
+pub fn ensure_identity_file(dir: &Path, cfg: &NodeConfig) -> Result<(), Error> {
+    let identity = dir.join(IDENTITY_FILE);
+    if identity.exists() {
+        return Ok(());
+    }
+    let json = serde_json::to_vec_pretty(cfg).expect("config serializes");
+    std::fs::write(&identity, json).map_err(|e| Error::io("cannot write", &identity, e))?;
+    restrict_file(&identity)
+}
+
+/// A new database holding the node-local settings and the member list (`members_doc`, or a
+/// new list holding this node), the identity file, and the disk reserve.
+fn write_store(
+    dir: &Path,
+    cfg: &NodeConfig,
+    members_doc: Option<&[u8]>,
+    clock: &dyn Clock,
+    rng: &mut ChaCha8Rng,
+) -> Result<(), Error> {
     let db_path = dir.join(DB_FILE);
     let store = Store::open(&db_path)?;
     restrict_file(&db_path)?;
@@ -160,14 +190,11 @@ pub fn create_dir(
             node_id: existing.node_id,
         });
     }
-    TlsFiles::new(dir)
-        .write(material)
-        .map_err(|e| Error::Tls(e.to_string()))?;
     let mut members = match members_doc {
         Some(b) => AutoCommit::load(b).map_err(|e| {
             Error::Row(crate::core::index::RowError::Unreadable {
                 id: MEMBERS_DOC.into(),
-                reason: format!("the member list received does not load: {e}"),
+                reason: format!("the member list does not load: {e}"),
             })
         })?,
         None => {
@@ -194,15 +221,89 @@ pub fn create_dir(
     let entry = row_for(MEMBERS_DOC, &mut members)?;
     let mut txn = store.write()?;
     txn.put_doc(MEMBERS_DOC, &mut members, entry, None, &[])?;
-    txn.local_put(
-        CONFIG_KEY,
-        &serde_json::to_vec(cfg).expect("config serializes"),
-    )?;
+    let json = serde_json::to_vec_pretty(cfg).expect("config serializes");
+    txn.local_put(CONFIG_KEY, &json)?;
     txn.commit(None)?;
+    let identity = dir.join(IDENTITY_FILE);
+    std::fs::write(&identity, &json).map_err(|e| Error::io("cannot write", &identity, e))?;
+    restrict_file(&identity)?;
     if let Err(e) = super::disk::make_reserve(dir) {
         tracing::warn!(dir = %dir.display(), error = %e, "no room for the reserve file");
     }
     Ok(())
+}
+
+/// What `peerconf repair` did.
+#[derive(Debug)]
+pub struct Repaired {
+    pub config: NodeConfig,
+    /// Where the damaged files went.
+    pub moved_to: Vec<std::path::PathBuf>,
+    /// Whether the member list could be read from the damaged store (else the node learns it
+    /// from its peers' heartbeats).
+    pub members_kept: bool,
+}
+
+/// Rebuilds a stopped node whose store is damaged: keeps its identity (node ID, certificate,
+/// node-local settings), moves the damaged database and log aside, and starts an empty store
+/// holding only the member list. Started again, the node draws a fresh actor (as at every start)
+/// and fetches everything from its peers.
+pub fn repair(dir: &Path, clock: &dyn Clock) -> Result<Repaired, Error> {
+    let db_path = dir.join(DB_FILE);
+    if !db_path.exists() && !dir.join(IDENTITY_FILE).exists() {
+        return Err(Error::NotInitialised(dir.display().to_string()));
+    }
+    TlsFiles::new(dir).read().map_err(|e| {
+        Error::Tls(format!(
+            "the node's certificate and keys are needed to repair it: {e}"
+        ))
+    })?;
+    let (from_db, members_doc) = match Store::opening(&db_path) {
+        Err(crate::store::StoreError::InUse(_)) => {
+            return Err(Error::Store(crate::store::StoreError::InUse(
+                dir.display().to_string(),
+            )))
+        }
+        Ok(opening) => (
+            read_config_opening(&opening).ok().flatten(),
+            opening.doc_bytes(MEMBERS_DOC).ok().flatten(),
+        ),
+        Err(_) => (None, None),
+    };
+    let identity = dir.join(IDENTITY_FILE);
+    let config = match from_db {
+        Some(c) => c,
+        None => std::fs::read(&identity)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| {
+                Error::NotInitialised(format!(
+                    "{} (neither the database nor {} holds the node's identity)",
+                    dir.display(),
+                    identity.display()
+                ))
+            })?,
+    };
+    // The member list must load, or it is left for the peers to teach.
+    let members_doc = members_doc.filter(|b| AutoCommit::load(b).is_ok());
+    let stamp = clock.wall_ms();
+    let mut moved_to = Vec::new();
+    for file in [db_path.clone(), crate::store::wal_path(&db_path)] {
+        if file.exists() {
+            let mut to = file.clone().into_os_string();
+            to.push(format!(".damaged-{stamp}"));
+            let to = std::path::PathBuf::from(to);
+            std::fs::rename(&file, &to).map_err(|e| Error::io("cannot move aside", &file, e))?;
+            moved_to.push(to);
+        }
+    }
+    let mut rng = seeded(None);
+    write_store(dir, &config, members_doc.as_deref(), clock, &mut rng)?;
+    Ok(Repaired {
+        config,
+        moved_to,
+        members_kept: members_doc.is_some(),
+    })
 }
 
 pub fn read_config(store: &Store) -> Result<Option<NodeConfig>, Error> {

@@ -257,6 +257,14 @@ impl Opening {
         }
     }
 
+    /// A document's saved bytes as of the last redb commit (the log not replayed).
+    pub fn doc_bytes(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let docs = txn.open_table(DOCS)?;
+        let chunks = txn.open_table(CHUNKS)?;
+        bytes(&docs, &chunks, id)
+    }
+
     /// Recovery: replays what the log holds after the last checkpoint, and checkpoints.
     pub fn recover(self) -> Result<Store, StoreError> {
         let Opening { db, path, open_wal } = self;

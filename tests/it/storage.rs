@@ -427,3 +427,202 @@ fn a_store_that_ran_out_of_space_reopens_and_replays() {
     );
     put(&store, "user/after", 1000).expect("writes work after the reopen");
 }
+
+const FAST: &str =
+    r#"{"heartbeat_interval_ms":100,"offline_timeout_ms":1000,"replication_interval_ms":500}"#;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+fn group(api: &str, name: &str, description: &str) {
+    let (code, body) = http(
+        api,
+        "PUT",
+        &format!("/v1/entities/group/{name}"),
+        Some(&format!(r#"{{"description":"{description}"}}"#)),
+    );
+    assert_eq!(code, 200, "{body}");
+}
+
+fn has_group(api: &str, name: &str) -> bool {
+    http(api, "GET", &format!("/v1/entities/group/{name}"), None).0 == 200
+}
+
+/// A node restored from a copy taken before the others joined knows only itself. Its peers'
+/// heartbeats (certified by the cluster CA) teach it the current member list, and it replicates
+/// with them again by itself; a removed member is still refused.
+#[test]
+fn a_node_restored_from_an_old_copy_learns_the_members_from_its_peers() {
+    let root = tempfile::tempdir().unwrap();
+    let mut ns = form_cluster(root.path(), 1, FAST);
+    // The copy: n1 alone, stopped cleanly.
+    ns[0].stop();
+    let backup = root.path().join("n1-backup");
+    copy_dir(&ns[0].dir, &backup);
+    ns[0].restart();
+    for i in 2..=3 {
+        let name = format!("n{i}");
+        let dir = root.path().join(&name);
+        let token = token_create(&ns[0].api, None);
+        let (o, api, ipc) = join_node(&dir, &ns[0].ipc, &token, &name, &[]);
+        assert!(o.status.success(), "join {name}: {}", stderr(&o));
+        let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        let d = Daemon::start(&dir, &api);
+        wait_listening(&ipc, &name);
+        ns.push(ClusterNode {
+            name,
+            dir,
+            api,
+            ipc,
+            id,
+            d,
+        });
+    }
+    group(&ns[1].api, "before", "written on n2 before the restore");
+    // n1 back from the copy: its member list holds only itself.
+    ns[0].stop();
+    std::fs::remove_dir_all(&ns[0].dir).unwrap();
+    copy_dir(&backup, &ns[0].dir);
+    ns[0].restart();
+    let t = std::time::Instant::now();
+    let healed = wait_for(Duration::from_secs(20), || {
+        let ok = ["n2", "n3"]
+            .iter()
+            .all(|n| status_of(&ns[0].api, n).as_deref() == Some("ONLINE"));
+        (ok && has_group(&ns[0].api, "before")).then_some(())
+    });
+    assert!(
+        healed.is_some(),
+        "n1 did not learn its peers back: {:?}\nlog:\n{}",
+        http_json(&ns[0].api, "/v1/status"),
+        ns[0].d.log_text()
+    );
+    eprintln!(
+        "n1 healed its member list in {} ms",
+        t.elapsed().as_millis()
+    );
+    // Both ways, at once.
+    group(&ns[0].api, "from-n1", "after the restore");
+    assert!(
+        wait_for(Duration::from_secs(5), || (has_group(
+            &ns[1].api, "from-n1"
+        ) && has_group(
+            &ns[2].api, "from-n1"
+        ))
+        .then_some(()))
+        .is_some(),
+        "a write on the restored n1 does not reach n2 and n3"
+    );
+    // A removed member stays removed for the healed node.
+    let o = ns[1].d.cli(&["node", "remove", &ns[2].id]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            http_json(&ns[0].api, "/v1/nodes")
+                .and_then(|v| {
+                    v["members"]
+                        .as_array()?
+                        .iter()
+                        .find(|m| m["id"] == ns[2].id.as_str())
+                        .map(|m| m["removed"] == true)
+                })
+                .filter(|r| *r)
+        })
+        .is_some(),
+        "n1 does not see n3 removed"
+    );
+    group(&ns[0].api, "after-removal", "not for n3");
+    // n3 keeps trying every replication interval (0.5 s) and heartbeat (0.1 s): 3 s is six
+    // intervals, enough for a write to cross many times over if it were let through.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !has_group(&ns[2].api, "after-removal"),
+        "a removed node received a write"
+    );
+    assert!(
+        ns[0].d.log_text().contains("was removed from this cluster"),
+        "n1 did not refuse the removed node"
+    );
+}
+
+/// A node whose log is damaged in the middle does not start (it would serve less than it
+/// acknowledged); `peerconf repair` rebuilds it from its peers, keeping its identity.
+#[test]
+fn a_damaged_node_refuses_to_start_and_repair_rebuilds_it_from_its_peers() {
+    let root = tempfile::tempdir().unwrap();
+    let mut ns = form_cluster(root.path(), 3, FAST);
+    for i in 0..30 {
+        group(&ns[1].api, &format!("g{i}"), "x");
+    }
+    assert!(
+        wait_for(Duration::from_secs(10), || has_group(&ns[1].api, "g29")
+            .then_some(()))
+        .is_some()
+    );
+    // Killed with records in its log, then one record in the middle damaged.
+    ns[1].d.kill9();
+    let wal = ns[1].dir.join("peerconf.redb.wal");
+    let bytes = std::fs::read(&wal).unwrap();
+    let records = bytes
+        .chunks(4096)
+        .skip(1)
+        .take_while(|p| p[..4] == 0x5043_574c_u32.to_le_bytes())
+        .count();
+    assert!(records >= 3, "only {records} records in n2's log");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&wal).unwrap();
+        f.write_all_at(&[0xff], 2 * 4096 + 40).unwrap();
+    }
+    let o = run_must_fail(&ns[1].dir);
+    let err = stderr(&o);
+    assert!(
+        err.contains("damaged") && err.contains("peerconf repair --data-dir"),
+        "a damaged node's refusal does not say what to run: {err}"
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_peerconf"))
+        .args(["repair", "--data-dir"])
+        .arg(&ns[1].dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "repair: {}", stderr(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        ns[1].id,
+        "repair changed the node's identity"
+    );
+    ns[1].d = Daemon::start(&ns[1].dir, &ns[1].api);
+    wait_listening(&ns[1].api, "n2's API");
+    let t = std::time::Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(20), || (0..30)
+            .all(|i| has_group(&ns[1].api, &format!("g{i}")))
+            .then_some(()))
+        .is_some(),
+        "the repaired n2 did not get its data back from its peers; log:\n{}",
+        ns[1].d.log_text()
+    );
+    eprintln!("repaired n2 caught up in {} ms", t.elapsed().as_millis());
+    let me = http_json(&ns[1].api, "/v1/node").unwrap();
+    assert_eq!(me["id"], ns[1].id.as_str());
+    group(&ns[1].api, "after-repair", "y");
+    assert!(
+        wait_for(Duration::from_secs(5), || has_group(
+            &ns[0].api,
+            "after-repair"
+        )
+        .then_some(()))
+        .is_some(),
+        "a write on the repaired node does not replicate"
+    );
+}

@@ -84,6 +84,13 @@ pub enum Command {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Rebuild a stopped node whose store is damaged from its peers: keeps its identity (node ID,
+    /// certificate, node-local settings), moves the damaged database and log aside, and leaves an
+    /// empty store the node fills from its peers when it runs again.
+    Repair {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// List every entity of a kind.
     List { kind: String },
     /// Show one entity.
@@ -237,6 +244,28 @@ pub fn main(cli: Cli) -> i32 {
                 })
                 .map_err(|e| e.to_string())
         }
+        Command::Repair { data_dir } => {
+            let clock = peerconf::node::time::SystemClock::shared();
+            peerconf::node::setup::repair(&data_dir, clock.as_ref())
+                .map(|r| {
+                    for m in &r.moved_to {
+                        eprintln!("moved aside: {}", m.display());
+                    }
+                    eprintln!(
+                        "node {} ({}) has an empty store{}; start it with: peerconf run --data-dir {} (it fetches everything from its peers)",
+                        r.config.name,
+                        r.config.node_id,
+                        if r.members_kept {
+                            " and its member list"
+                        } else {
+                            " (its member list is learned from its peers' heartbeats)"
+                        },
+                        data_dir.display()
+                    );
+                    println!("{}", r.config.node_id);
+                })
+                .map_err(|e| e.to_string())
+        }
         Command::Run { data_dir } => runtime().and_then(|rt| {
             rt.block_on(peerconf::daemon::run(&data_dir, peerconf::daemon::stop_signal()))
                 .map_err(|e| e.to_string())
@@ -386,6 +415,7 @@ async fn admin_command(api: &str, cmd: Command) -> Result<Value, CallError> {
         }
         Command::Init { .. }
         | Command::Run { .. }
+        | Command::Repair { .. }
         | Command::Bench { .. }
         | Command::Demo { .. }
         | Command::Join { .. }
