@@ -56,6 +56,10 @@ pub enum WalError {
     Gap { store: u64, found: u64 },
     #[error("record {next} of the log is damaged, but record {later} after it is intact: the log lost records in the middle")]
     Damaged { next: u64, later: u64 },
+    #[error("the log is {len} bytes instead of {WAL_BYTES}: it was truncated, and the records it held are gone")]
+    Truncated { len: u64 },
+    #[error("the log is missing, but the database was written through it (checkpoint {store}): its records are gone")]
+    Missing { store: u64 },
 }
 
 /// Where the log's bytes go.
@@ -120,6 +124,15 @@ impl Wal {
     /// intact records numbered after `checkpoint`, in order. The caller applies them, records
     /// the last number in a durable commit, then calls [`Wal::reset`].
     pub fn open(path: &Path, checkpoint: u64) -> Result<(Wal, Vec<Vec<u8>>), WalError> {
+        // The log is made whole at creation and never shrinks: a shorter one lost records, and a
+        // missing one after the database was written through it lost them all.
+        match std::fs::metadata(path) {
+            Ok(m) if m.len() < WAL_BYTES => return Err(WalError::Truncated { len: m.len() }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && checkpoint > 0 => {
+                return Err(WalError::Missing { store: checkpoint })
+            }
+            _ => {}
+        }
         {
             let f = OpenOptions::new()
                 .write(true)
@@ -547,6 +560,29 @@ mod tests {
             Err(WalError::Gap { store: 1, found: 5 }) => {}
             other => panic!("{:?}", other.err()),
         }
+    }
+
+    /// A log cut short, or deleted after the database was written through it, lost records:
+    /// refused, never recreated empty.
+    #[test]
+    fn a_truncated_or_missing_log_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("wal");
+        let (mut w, _) = Wal::open(&path, 0).expect("open");
+        w.append(&[1; 10]).expect("append");
+        drop(w);
+        let f = OpenOptions::new().write(true).open(&path).expect("open");
+        f.set_len(PAGE * 3).expect("truncate");
+        assert!(matches!(
+            Wal::open(&path, 0),
+            Err(WalError::Truncated { len }) if len == PAGE * 3
+        ));
+        std::fs::remove_file(&path).expect("rm");
+        assert!(matches!(
+            Wal::open(&path, 7),
+            Err(WalError::Missing { store: 7 })
+        ));
+        assert!(Wal::open(&path, 0).is_ok(), "a new store makes its log");
     }
 
     /// A log written before the header existed (records from offset 0) is read once.

@@ -626,3 +626,87 @@ fn a_damaged_node_refuses_to_start_and_repair_rebuilds_it_from_its_peers() {
         "a write on the repaired node does not replicate"
     );
 }
+
+/// A byte flipped in the database after an unclean stop, wherever it lands: the node either
+/// refuses to start (saying what to run) or starts with every acknowledged write readable (or a
+/// read that fails loudly); it never starts quietly without one.
+#[test]
+fn a_flipped_byte_in_the_database_never_starts_a_node_with_less() {
+    use peerconf::{Kind, Node, NodeOptions};
+    let root = tempfile::tempdir().unwrap();
+    let live = root.path().join("live");
+    Node::init(&live, &Default::default(), &NodeOptions::default()).unwrap();
+    let node = Node::open(&live, NodeOptions::default()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut names = Vec::new();
+    rt.block_on(async {
+        for i in 0..300 {
+            let name = format!("g{i}");
+            node.put(
+                Kind::Group,
+                &name,
+                serde_json::json!({"description": format!("d{i}")}),
+            )
+            .await
+            .unwrap();
+            names.push(name);
+            // Some are durable in redb itself, the rest only in the log.
+            if i == 150 {
+                node.store().checkpoint().unwrap();
+            }
+        }
+    });
+    // What an unclean stop leaves: the files as they are while the node runs.
+    let crashed = root.path().join("crashed");
+    copy_dir(&live, &crashed);
+    let db_len = std::fs::metadata(crashed.join("peerconf.redb"))
+        .unwrap()
+        .len();
+    let (mut refused, mut served) = (0, 0);
+    for k in 0..48u64 {
+        let dir = root.path().join(format!("flip{k}"));
+        copy_dir(&crashed, &dir);
+        let at = (db_len / 48) * k + 97;
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(dir.join("peerconf.redb"))
+                .unwrap();
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, at).unwrap();
+            f.write_all_at(&[b[0] ^ 0x20], at).unwrap();
+        }
+        match Node::open(&dir, NodeOptions::default()) {
+            Err(e) => {
+                refused += 1;
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("peerconf repair")
+                        || msg.contains("corrupt")
+                        || msg.contains("storage"),
+                    "byte {at}: the refusal does not say what is wrong: {msg}"
+                );
+            }
+            Ok(n) => {
+                served += 1;
+                for name in &names {
+                    if let Ok(v) = n.get(Kind::Group, name) {
+                        assert!(
+                            v.is_some(),
+                            "byte {at}: the node started without acknowledged group {name}"
+                        );
+                    }
+                }
+                n.shutdown();
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    eprintln!("48 flipped bytes: {refused} refused to start, {served} started with everything");
+    node.shutdown();
+}
