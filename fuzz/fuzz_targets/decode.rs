@@ -1,3 +1,3 @@
 #![no_main]
 //! Arbitrary bytes into every decoder a client or peer can reach: no panic.
-libfuzzer_sys::fuzz_target!(|data: &[u8]| peerconf::fuzzing::decode(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| peerconf::sim::fuzzing::decode(data));

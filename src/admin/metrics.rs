@@ -119,6 +119,13 @@ pub fn encode(state: &ClusterState) -> String {
         "Documents stored on this node",
         documents,
     );
+    let digest: Gauge = Gauge::default();
+    digest.set(node.published().digest().len() as i64);
+    r.register(
+        "peerconf_digest_documents",
+        "Documents in the replication digest (equal to peerconf_documents when consistent)",
+        digest,
+    );
     let draining: Gauge = Gauge::default();
     draining.set(i64::from(node.drain().is_draining()));
     r.register("peerconf_draining", "1 while this node drains", draining);

@@ -110,12 +110,19 @@ pub async fn run(
             (c, token, r) = async { call.as_mut().expect("guarded").await }, if call.is_some() => {
                 call = None;
                 client = Some(c);
+                tracing::debug!(peer = %peer.name, token, answer = %r.as_ref().map(|a| a.name()).unwrap_or("failed"), "link");
                 Some(match r {
                     Ok(resp) => Input::Answer { token, resp },
                     Err(e) => Input::Failed { token, failure: Failure::new(e.cause(), e.to_string()) },
                 })
             }
-            Some(done) = jobs.join_next(), if !jobs.is_empty() => done.ok(),
+            Some(done) = jobs.join_next(), if !jobs.is_empty() => match done {
+                Ok(input) => Some(input),
+                Err(e) => {
+                    tracing::error!(peer = %peer.name, error = %e, "a replication job failed");
+                    None
+                }
+            },
             _ = tokio::time::sleep(sleep) => Some(Input::Tick),
             _ = stop.changed() => return,
         };
@@ -151,6 +158,9 @@ async fn carry_out(
 ) {
     let node = state.node.clone();
     let id = peer.id.clone();
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        tracing::debug!(peer = %peer.name, output = %describe(&out), "link");
+    }
     match out {
         Output::Send { token, req } => {
             let Some(mut c) = client.take() else {
@@ -242,5 +252,32 @@ async fn carry_out(
         Output::Reach(None) => {
             tracing::info!(peer = %peer.name, addr = %peer.addr, "peer reachable again");
         }
+    }
+}
+
+/// An output in a few words, for debug logs (never the bytes it carries).
+fn describe(out: &Output) -> String {
+    match out {
+        Output::Send { token, req } => format!(
+            "send #{token} {}",
+            match req {
+                Request::Sync { msgs } => format!("sync of {} documents", msgs.len()),
+                Request::Fetch { ids } => format!("fetch of {} documents", ids.len()),
+                Request::DigestRoot { .. } => "digest root".into(),
+                Request::BucketDocs { buckets } => format!("heads of {} buckets", buckets.len()),
+                Request::Join(_) => "join".into(),
+                Request::Heartbeat(_) => "heartbeat".into(),
+            }
+        ),
+        Output::Make { token, ids } => format!("make #{token} for {} documents", ids.len()),
+        Output::Apply {
+            token, ids, then, ..
+        } => {
+            format!("apply #{token} for {} documents, then {then:?}", ids.len())
+        }
+        Output::Ingest { token, docs } => format!("ingest #{token} of {} documents", docs.len()),
+        Output::ResetSessions => "reset sessions".into(),
+        Output::CycleDone(r) => format!("cycle done: {r:?}"),
+        Output::Reach(r) => format!("reach: {r:?}"),
     }
 }

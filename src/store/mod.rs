@@ -359,6 +359,14 @@ fn replay_log(
     wal.into_inner().map_err(|_| poisoned())
 }
 
+/// `PEERCONF_BENCH_COMMIT=redb` makes every commit a durable redb commit (fsync) instead of a
+/// log record: how the write-ahead log's gain is measured (ARCHITECTURE.md, "Durability"). Read
+/// once per process.
+fn redb_commits() -> bool {
+    static MODE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| std::env::var("PEERCONF_BENCH_COMMIT").is_ok_and(|v| v == "redb"))
+}
+
 /// The log's path: beside the database.
 pub fn wal_path(db: &Path) -> PathBuf {
     let mut p = db.as_os_str().to_owned();
@@ -476,6 +484,9 @@ impl Store {
     /// before it runs (changes received from a peer). None where writes cannot be started
     /// ahead (no io_uring): the commit logs as usual.
     pub fn prelog(&self, ops: &[LogOp]) -> Option<Prelogged> {
+        if redb_commits() {
+            return None;
+        }
         let record = crate::core::wire::encode(&ops);
         let mut wal = self.wal.lock().ok()?;
         if !wal.fits(record.len()) {
@@ -823,6 +834,9 @@ impl WriteTxn {
     }
 
     fn commit_inner(mut self, prelogged: Option<Prelogged>) -> Result<(), StoreError> {
+        if redb_commits() {
+            return self.checkpoint();
+        }
         #[cfg(test)]
         if self.fail {
             if let Some(Prelogged::Submitted) = prelogged {

@@ -411,7 +411,12 @@ fn a_removed_node_is_cut_off() {
                 .all(|(a, b)| *a == Some(json!("on n1")) && *b == Some(json!("on n2")))
         },
     );
-    // ...but for 2 s nothing crosses between them and n3, in either direction.
+    // ...but nothing crosses between them and n3, in either direction. That can only be
+    // watched for a while: 2 s, checked every 100 ms. Between members a write crosses at once
+    // (it is pushed as it is made; after1 and after2 just did), and else at the next repair
+    // cycle: every 500 ms (FAST, at most 600 ms with jitter), or after two heartbeats (1 s
+    // apart by default) that saw different digests. 2 s is more than three replication
+    // intervals and two heartbeats, so every way a write would cross gets its chances.
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
         let n3 = entities(&ns[2].api, "group").expect("n3 still answers its API");
@@ -457,8 +462,7 @@ fn join_failures_say_why_and_leave_no_node() {
     );
 
     // Made first, so its second of life passes while the other cases run.
-    let expiring = token_create(&a_api, Some("1s"));
-    let expiring_made = Instant::now();
+    let (expiring, expires_wall_ms) = token_create_expiring(&a_api, "1s");
 
     let mut n = 0;
     let mut fails = |label: &str, token: &str, peer: &str, envs: &[(&str, &str)], want: &[&str]| {
@@ -546,10 +550,12 @@ fn join_failures_say_why_and_leave_no_node() {
     assert_eq!(id.len(), 32, "a successful join printed {id:?}");
     fails("a token used twice", &real, &a_ipc, &[], &["already used"]);
 
-    let age = expiring_made.elapsed();
-    if age < Duration::from_millis(1500) {
-        std::thread::sleep(Duration::from_millis(1500) - age);
-    }
+    // a1 and this test read the same wall clock: once it is past the expiry a1 gave the token,
+    // a1 sees it expired.
+    assert!(
+        wait_for(Duration::from_secs(10), || (wall_ms() > expires_wall_ms).then_some(())).is_some(),
+        "the wall clock did not pass the token's expiry ({expires_wall_ms} ms since the epoch) within 10 s"
+    );
     fails("an expired token", &expiring, &a_ipc, &[], &["expired"]);
 }
 
@@ -620,6 +626,27 @@ fn a_certificate_from_another_ca_is_refused() {
             );
         }
     });
+}
+
+/// Replication requests from the node at `api` to the peer named `peer` that failed, as
+/// counted in its `/metrics` (`peerconf_replication_requests` with `outcome="failed"`, every
+/// request kind added up); 0 if the node did not answer.
+fn replication_requests_failed(api: &str, peer: &str) -> u64 {
+    let (status, text) = http(api, "GET", "/metrics", None);
+    if status != 200 {
+        return 0;
+    }
+    let peer = format!("peer=\"{peer}\"");
+    text.lines()
+        .filter(|l| {
+            matches!(
+                l.split('{').next(),
+                Some("peerconf_replication_requests_total" | "peerconf_replication_requests")
+            ) && l.contains(&peer)
+                && l.contains("outcome=\"failed\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 /// A client that trusts `server`'s CA (so it accepts the server) and presents this certificate.
@@ -747,8 +774,17 @@ fn a_peer_back_from_down_is_reached_without_waiting_for_the_interval() {
     ns[1].stop();
     ns[0].stop();
     ns[0].restart();
-    // n1's first cycle with n2 (at start) fails.
-    std::thread::sleep(Duration::from_millis(700));
+    // n1's first cycle with n2 (at start) fails: wait until n1 counts a failed replication
+    // request to n2.
+    let failed = wait_for(Duration::from_secs(10), || {
+        (replication_requests_failed(&ns[0].api, "n2") > 0).then_some(())
+    });
+    assert!(
+        failed.is_some(),
+        "n1 counted no failed replication request to n2 (which is down) within 10 s of its start; its metrics:\n{}\nits log:\n{}",
+        http(&ns[0].api, "GET", "/metrics", None).1,
+        tail(&ns[0].d.log_text())
+    );
     assert_eq!(last_cycle(), None, "n1 cannot have had a cycle with n2 yet");
     ns[1].restart();
     let t = Instant::now();

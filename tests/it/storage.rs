@@ -564,11 +564,15 @@ fn a_damaged_node_refuses_to_start_and_repair_rebuilds_it_from_its_peers() {
     for i in 0..30 {
         group(&ns[1].api, &format!("g{i}"), "x");
     }
-    assert!(
-        wait_for(Duration::from_secs(10), || has_group(&ns[1].api, "g29")
-            .then_some(()))
-        .is_some()
-    );
+    // Replicated before the damage: repair rebuilds the node from its peers, so it drops what
+    // only the damaged node held.
+    let everywhere = || {
+        (0..30).all(|i| {
+            let g = format!("g{i}");
+            has_group(&ns[0].api, &g) && has_group(&ns[2].api, &g)
+        })
+    };
+    assert!(wait_for(Duration::from_secs(10), || everywhere().then_some(())).is_some());
     // Killed with records in its log, then one record in the middle damaged.
     ns[1].d.kill9();
     let wal = ns[1].dir.join("peerconf.redb.wal");

@@ -171,6 +171,24 @@ pub fn init_node(dir: &Path, name: &str) -> (String, String, String) {
 /// `peerconf token create [--ttl TTL]` against a node's API; returns the token, which is alone on
 /// the last line of stdout.
 pub fn token_create(api: &str, ttl: Option<&str>) -> String {
+    token_create_output(api, ttl).0
+}
+
+/// `peerconf token create --ttl TTL`; returns the token and when it expires, in ms since the
+/// epoch of the node's wall clock, as `token create` says on stderr ("expires at N ms since the
+/// epoch").
+pub fn token_create_expiring(api: &str, ttl: &str) -> (String, i64) {
+    let (token, o) = token_create_output(api, Some(ttl));
+    let err = stderr(&o);
+    let expires = err
+        .split("expires at ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("`token create` did not say when the token expires: {err:?}"));
+    (token, expires)
+}
+
+fn token_create_output(api: &str, ttl: Option<&str>) -> (String, Output) {
     let mut args = vec!["token", "create"];
     if let Some(t) = ttl {
         args.extend(["--ttl", t]);
@@ -183,7 +201,15 @@ pub fn token_create(api: &str, ttl: Option<&str>) -> String {
         token.starts_with("pcjoin1-"),
         "the last line of `token create` is not a token: {out:?}"
     );
-    token
+    (token, o)
+}
+
+/// This machine's wall clock, in ms since the epoch (what a node on it reads).
+pub fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_millis() as i64
 }
 
 /// `peerconf join` with fresh loopback ports and extra environment variables; returns the output
@@ -253,9 +279,19 @@ pub fn wait_listening(addr: &str, what: &str) {
 
 /// One HTTP/1.1 request with a JSON body over a plain TcpStream; returns (status, body).
 pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    try_http(addr, method, path, body).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`http`], with Err naming what went wrong instead of a panic (nothing listening, no answer).
+pub fn try_http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)
-        .unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
+    let mut s =
+        std::net::TcpStream::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let body = body.unwrap_or("");
     write!(
@@ -263,25 +299,25 @@ pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, S
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
-    .unwrap();
+    .map_err(|e| format!("{method} {path} on {addr}: {e}"))?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf)
-        .unwrap_or_else(|e| panic!("{method} {path} on {addr}: {e}"));
+        .map_err(|e| format!("{method} {path} on {addr}: {e}"))?;
     let text = String::from_utf8_lossy(&buf).to_string();
     let (head, rest) = text
         .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("{method} {path} on {addr}: not an HTTP answer: {text:?}"));
+        .ok_or_else(|| format!("{method} {path} on {addr}: not an HTTP answer: {text:?}"))?;
     let status: u16 = head
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("{method} {path} on {addr}: bad status line: {head:?}"));
+        .ok_or_else(|| format!("{method} {path} on {addr}: bad status line: {head:?}"))?;
     let chunked = head.lines().any(|l| {
         l.to_ascii_lowercase()
             .starts_with("transfer-encoding: chunked")
     });
     if !chunked {
-        return (status, rest.to_string());
+        return Ok((status, rest.to_string()));
     }
     let mut out = String::new();
     let mut r = rest;
@@ -293,7 +329,7 @@ pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, S
         out.push_str(&tail[..n]);
         r = tail[n..].trim_start_matches("\r\n");
     }
-    (status, out)
+    Ok((status, out))
 }
 
 /// `GET path` that answered 200 with JSON, or None.
@@ -378,7 +414,7 @@ pub fn form_cluster(root: &Path, n: usize, settings: &str) -> Vec<ClusterNode> {
 
 impl Daemon {
     /// `peerconf run` with extra environment variables (an advertised version, a faked clock);
-    /// waits until the API listens, like [`Daemon::start`].
+    /// waits until the node is ready, like [`Daemon::start`].
     pub fn start_env(dir: &Path, api: &str, envs: &[(&str, &str)]) -> Daemon {
         let log = dir.with_extension(format!("log{}", rand_suffix()));
         let child = Command::new(BIN)
@@ -390,20 +426,51 @@ impl Daemon {
             .stderr(std::fs::File::options().append(true).open(&log).unwrap())
             .spawn()
             .expect("spawn peerconf run");
-        let d = Daemon {
+        let mut d = Daemon {
             child: Some(child),
             api: api.to_string(),
             log,
         };
-        let up = wait_for(Duration::from_secs(20), || {
-            std::net::TcpStream::connect(api).ok().map(|_| ())
-        });
-        assert!(
-            up.is_some(),
-            "node with env {envs:?} did not come up: {}",
-            d.log_text()
-        );
+        d.wait_ready(&format!("node in {} with env {envs:?}", dir.display()));
         d
+    }
+
+    /// Waits until the node's admin API serves requests: it listens as soon as the process
+    /// starts but answers 503 (`recovering`) until the store is open and the node started.
+    /// Panics with the log if the process exits first or is not ready within 20 s.
+    pub fn wait_ready(&mut self, what: &str) {
+        let mut last = String::from("nothing yet");
+        let ready = wait_for(Duration::from_secs(20), || {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Some(Err(format!("it exited with {status}")));
+            }
+            match try_http(&self.api, "GET", "/v1/node", None) {
+                Ok((200, _)) => Some(Ok(())),
+                Ok((status, body)) => {
+                    last = format!("GET /v1/node answered {status}: {body}");
+                    None
+                }
+                Err(e) => {
+                    last = e;
+                    None
+                }
+            }
+        });
+        match ready {
+            Some(Ok(())) => {}
+            Some(Err(why)) => panic!(
+                "{what} did not come up: {why}; its log:\n{}",
+                self.log_text()
+            ),
+            None => panic!(
+                "{what} was not ready within 20 s (last: {last}); its log:\n{}",
+                self.log_text()
+            ),
+        }
     }
 }
 
