@@ -30,6 +30,9 @@ struct Genesis {
     doc: AutoCommit,
     heads: Vec<automerge::ChangeHash>,
     state: EntityState,
+    /// The containers (sets, texts) the genesis created, by field: the only ones a document of
+    /// the kind may hold.
+    containers: Vec<(&'static str, automerge::ObjId)>,
 }
 
 thread_local! {
@@ -45,7 +48,20 @@ fn with_genesis<T>(kind: Kind, f: impl FnOnce(&Genesis) -> T) -> T {
             let mut doc = build_genesis(kind);
             let heads = doc.get_heads();
             let state = read(&doc, kind, "").expect("a genesis document reads");
-            Genesis { doc, heads, state }
+            let containers = kind
+                .fields()
+                .iter()
+                .filter_map(|f| match doc.get(ROOT, f.name) {
+                    Ok(Some((Value::Object(_), id))) => Some((f.name, id)),
+                    _ => None,
+                })
+                .collect();
+            Genesis {
+                doc,
+                heads,
+                state,
+                containers,
+            }
         });
         f(e)
     })
@@ -418,28 +434,167 @@ pub fn history(doc: &mut AutoCommit) -> Vec<HistoryEntry> {
         .collect()
 }
 
-/// Checks that a document has the layout of `kind`: a peer cannot plant a document of another
-/// kind, nor replace a genesis container.
-pub fn check_layout(doc: &AutoCommit, kind: Kind) -> Result<(), String> {
-    let str_at = |key: &str| match doc.get(ROOT, key) {
-        Ok(Some((Value::Scalar(s), _))) => match s.as_ref() {
-            ScalarValue::Str(s) => Some(s.to_string()),
-            _ => None,
+/// How a document breaks the layout of its kind. The messages name the key and what is wrong
+/// with it, never a value (a secret field's value must not reach a log).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error("document is not of kind {kind} (its _kind register is missing, of another kind, or written more than once)")]
+    NotOfKind { kind: Kind },
+    #[error("{kind}.{key}: not a field of {kind}")]
+    UnknownKey { kind: Kind, key: String },
+    #[error("{kind}.{key}: derived field stored in the document (it is computed at read time, never stored)")]
+    Derived { kind: Kind, key: String },
+    #[error("{kind}.{key}: container replaced or duplicated (expected the one {expected} its genesis created)")]
+    Container {
+        kind: Kind,
+        key: String,
+        expected: &'static str,
+    },
+    #[error("{kind}.{key}: holds {found}, expected {expected}")]
+    WrongType {
+        kind: Kind,
+        key: String,
+        expected: &'static str,
+        found: &'static str,
+    },
+    #[error("{kind}.{key}: the document cannot be read: {reason}")]
+    Unreadable {
+        kind: Kind,
+        key: String,
+        reason: String,
+    },
+}
+
+/// What a value is, for [`LayoutError::WrongType`] (never the value itself).
+fn value_type(v: &Value<'_>) -> &'static str {
+    match v {
+        Value::Object(ObjType::Map) => "a map",
+        Value::Object(ObjType::List) => "a list",
+        Value::Object(ObjType::Text) => "a text",
+        Value::Object(ObjType::Table) => "a table",
+        Value::Scalar(s) => match s.as_ref() {
+            ScalarValue::Boolean(_) => "a boolean",
+            ScalarValue::Int(_) => "an integer",
+            ScalarValue::Uint(_) => "an unsigned integer",
+            ScalarValue::F64(_) => "a float",
+            ScalarValue::Str(_) => "a string",
+            ScalarValue::Bytes(_) => "bytes",
+            ScalarValue::Counter(_) => "a counter",
+            ScalarValue::Timestamp(_) => "a timestamp",
+            ScalarValue::Null => "null",
+            ScalarValue::Unknown { .. } => "an unknown scalar",
         },
-        _ => None,
-    };
-    if str_at("_kind").as_deref() != Some(kind.as_str()) {
-        return Err(format!("document is not of kind {kind}"));
     }
-    for field in kind.fields() {
-        let want = match field.ty {
-            Type::Set { .. } => ObjType::Map,
-            Type::Text { .. } => ObjType::Text,
-            _ => continue,
+}
+
+/// Checks that a document has the layout of `kind`, as every node writes it: a peer cannot plant
+/// a document of another kind, replace a genesis container, nest an object where the schema has
+/// a register, store a value of another type than its field's (in any of a register's
+/// concurrent values), add keys the schema does not have, or store a derived field.
+pub fn check_layout(doc: &AutoCommit, kind: Kind) -> Result<(), LayoutError> {
+    let unreadable = |key: &str, e: AutomergeError| LayoutError::Unreadable {
+        kind,
+        key: key.to_string(),
+        reason: e.to_string(),
+    };
+    let wrong = |key: &str, expected: &'static str, found: &Value<'_>| LayoutError::WrongType {
+        kind,
+        key: key.to_string(),
+        expected,
+        found: value_type(found),
+    };
+    let kinds = doc
+        .get_all(ROOT, "_kind")
+        .map_err(|e| unreadable("_kind", e))?;
+    let of_kind = matches!(
+        kinds.as_slice(),
+        [(Value::Scalar(s), _)] if matches!(s.as_ref(), ScalarValue::Str(k) if k.as_str() == kind.as_str())
+    );
+    if !of_kind {
+        return Err(LayoutError::NotOfKind { kind });
+    }
+    for key in doc.keys(ROOT) {
+        let key = key.as_str();
+        if key == "_kind" {
+            continue;
+        }
+        if key == ALIVE {
+            for (v, _) in doc.get_all(ROOT, ALIVE).map_err(|e| unreadable(ALIVE, e))? {
+                if !matches!(&v, Value::Scalar(s) if matches!(s.as_ref(), ScalarValue::Boolean(_)))
+                {
+                    return Err(wrong(ALIVE, "a boolean", &v));
+                }
+            }
+            continue;
+        }
+        let Some(field) = kind.field(key) else {
+            return Err(LayoutError::UnknownKey {
+                kind,
+                key: key.chars().take(128).collect(),
+            });
         };
-        match doc.get_all(ROOT, field.name) {
-            Ok(v) if v.len() == 1 && matches!(v[0].0, Value::Object(t) if t == want) => {}
-            _ => return Err(format!("{kind}.{}: container replaced", field.name)),
+        if field.read_only {
+            return Err(LayoutError::Derived {
+                kind,
+                key: key.to_string(),
+            });
+        }
+    }
+    let genesis = with_genesis(kind, |g| g.containers.clone());
+    for field in kind.fields().iter().filter(|f| !f.read_only) {
+        let all = doc
+            .get_all(ROOT, field.name)
+            .map_err(|e| unreadable(field.name, e))?;
+        let container = |ty: ObjType, expected: &'static str| match all.as_slice() {
+            [(Value::Object(t), id)] if *t == ty && genesis.contains(&(field.name, id.clone())) => {
+                Ok(id.clone())
+            }
+            _ => Err(LayoutError::Container {
+                kind,
+                key: field.name.to_string(),
+                expected,
+            }),
+        };
+        match field.ty {
+            Type::Set { .. } => {
+                let obj = container(ObjType::Map, "map")?;
+                for item in doc.keys(&obj) {
+                    let values = doc
+                        .get_all(&obj, item.as_str())
+                        .map_err(|e| unreadable(field.name, e))?;
+                    for (v, _) in values {
+                        if !matches!(&v, Value::Scalar(s) if s.as_ref() == &ScalarValue::Boolean(true))
+                        {
+                            return Err(wrong(field.name, "set items mapped to true", &v));
+                        }
+                    }
+                }
+            }
+            Type::Text { .. } => {
+                container(ObjType::Text, "text")?;
+            }
+            Type::Bool | Type::Int { .. } | Type::Str { .. } | Type::Enum(_) | Type::Ref(_) => {
+                let expected = match field.ty {
+                    Type::Bool => "a boolean",
+                    Type::Int { .. } => "an integer",
+                    _ => "a string",
+                };
+                for (v, _) in &all {
+                    let ok = match (v, field.ty) {
+                        (Value::Scalar(s), Type::Bool) => {
+                            matches!(s.as_ref(), ScalarValue::Boolean(_))
+                        }
+                        (Value::Scalar(s), Type::Int { .. }) => {
+                            matches!(s.as_ref(), ScalarValue::Int(_))
+                        }
+                        (Value::Scalar(s), _) => matches!(s.as_ref(), ScalarValue::Str(_)),
+                        (Value::Object(_), _) => false,
+                    };
+                    if !ok {
+                        return Err(wrong(field.name, expected, v));
+                    }
+                }
+            }
         }
     }
     Ok(())

@@ -19,13 +19,17 @@
 
 pub mod doc;
 mod fields;
+mod keys;
+pub mod secret;
 pub mod testing;
 pub mod typed;
 mod validate;
 
 pub use fields::{Default, Field, Format, Item, Merge, Type};
+pub use keys::{check_key_matches_cert, check_private_key, KeyError};
 pub use validate::{
-    cert_info, check_entity, validate_name, validate_write, FieldValue, SchemaError, WriteMode,
+    cert_info, check_entity, normalize_password, validate_name, validate_write, visible_len,
+    FieldValue, SchemaError, WriteMode,
 };
 
 use serde::{Deserialize, Serialize};

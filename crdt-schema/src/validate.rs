@@ -1,5 +1,9 @@
 //! Validation of writes against the schema. Every error names the kind, the field, the value and
 //! the rule it broke; validation never changes anything.
+//!
+//! The value of a secret field (`secret: true`: passwords, private keys) is never part of an
+//! error, whatever the variant: errors about one name the field, the type of what was given and
+//! the rule, and show the value as `(secret)`.
 
 use crate::{Field, Format, Item, Kind, Type, NAME_LEN_MAX};
 use serde_json::{Map, Value};
@@ -59,8 +63,9 @@ impl SchemaError {
     }
 }
 
-/// A validated field value, ready to be written into a document.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A validated field value, ready to be written into a document. Its `Debug` form never shows a
+/// secret.
+#[derive(Clone, PartialEq, Eq)]
 pub enum FieldValue {
     /// Back to the field's default (the key is removed from the document).
     Reset,
@@ -72,6 +77,20 @@ pub enum FieldValue {
     /// A secret in clear text: the caller turns it into what is stored (a password hash, or the
     /// key itself) and must never log it.
     Secret(String),
+}
+
+impl std::fmt::Debug for FieldValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FieldValue::Reset => f.write_str("Reset"),
+            FieldValue::Bool(b) => f.debug_tuple("Bool").field(b).finish(),
+            FieldValue::Int(i) => f.debug_tuple("Int").field(i).finish(),
+            FieldValue::Str(s) => f.debug_tuple("Str").field(s).finish(),
+            FieldValue::Set(s) => f.debug_tuple("Set").field(s).finish(),
+            FieldValue::Text(s) => f.debug_tuple("Text").field(s).finish(),
+            FieldValue::Secret(_) => f.write_str("Secret(<redacted>)"),
+        }
+    }
 }
 
 /// Put replaces the whole entity; Patch (JSON merge patch) changes only the fields it names.
@@ -192,6 +211,23 @@ fn check_together(kind: Kind, obj: &Map<String, Value>) -> Result<(), SchemaErro
             ),
         });
     }
+    if kind == Kind::Certificate {
+        // Each was checked on its own already; here the key must be the certificate's.
+        if let (Some(Value::String(cert)), Some(Value::String(key)), Some(field)) = (
+            obj.get("cert_pem"),
+            obj.get("key_pem"),
+            kind.field("key_pem"),
+        ) {
+            crate::keys::check_key_matches_cert(key, cert).map_err(|e| {
+                constraint(
+                    kind,
+                    field,
+                    key,
+                    format!("must be the private key of cert_pem: {e}"),
+                )
+            })?;
+        }
+    }
     Ok(())
 }
 
@@ -238,26 +274,56 @@ fn show(v: &Value) -> String {
     }
 }
 
+/// What an error shows of a value: itself (shortened), or `(secret)` for a secret field.
+fn shown(field: &Field, value: impl FnOnce() -> String) -> String {
+    if field.secret {
+        SECRET_SHOWN.into()
+    } else {
+        value()
+    }
+}
+
+/// How an error shows the value of a secret field.
+const SECRET_SHOWN: &str = "(secret)";
+
 fn wrong(kind: Kind, field: &Field, expected: impl Into<String>, got: &Value) -> SchemaError {
     SchemaError::WrongType {
         kind,
         field: field.name.into(),
         expected: expected.into(),
-        got: format!("{} {}", type_name(got), show(got)),
+        got: format!("{} {}", type_name(got), shown(field, || show(got))),
     }
 }
 
+/// A broken rule. `rule` must not quote the value (it is shown here, or hidden for a secret).
 fn constraint(kind: Kind, field: &Field, value: &str, rule: impl Into<String>) -> SchemaError {
-    let v = Value::String(value.to_string());
     SchemaError::Constraint {
         kind,
         field: field.name.into(),
-        value: if field.secret {
-            "(secret)".into()
-        } else {
-            show(&v)
-        },
+        value: shown(field, || show(&Value::String(value.to_string()))),
         rule: rule.into(),
+    }
+}
+
+/// A broken rule about a value's size or range: the value shown is `what` (a count, a number),
+/// still hidden for a secret field.
+fn constraint_shown(kind: Kind, field: &Field, what: String, rule: String) -> SchemaError {
+    SchemaError::Constraint {
+        kind,
+        field: field.name.into(),
+        value: shown(field, || what),
+        rule,
+    }
+}
+
+/// The rule a name broke, for a field holding a name: the name's own error quotes the name, so
+/// a secret field gets the rule alone.
+fn name_rule(field: &Field, target: Kind, e: &SchemaError) -> String {
+    match e {
+        SchemaError::InvalidName { reason, .. } if field.secret => {
+            format!("must be the name of a {target}: {reason}")
+        }
+        other => other.to_string(),
     }
 }
 
@@ -272,16 +338,16 @@ fn check_value(kind: Kind, field: &Field, v: &Value) -> Result<FieldValue, Schem
                 .as_i64()
                 .ok_or_else(|| wrong(kind, field, "an integer", v))?;
             if i < min || i > max {
-                return Err(SchemaError::Constraint {
+                return Err(constraint_shown(
                     kind,
-                    field: field.name.into(),
-                    value: i.to_string(),
-                    rule: if max == i64::MAX {
+                    field,
+                    i.to_string(),
+                    if max == i64::MAX {
                         format!("must be >= {min}")
                     } else {
                         format!("must be between {min} and {max}")
                     },
-                });
+                ));
             }
             Ok(FieldValue::Int(i))
         }
@@ -314,7 +380,8 @@ fn check_value(kind: Kind, field: &Field, v: &Value) -> Result<FieldValue, Schem
             let s = v
                 .as_str()
                 .ok_or_else(|| wrong(kind, field, format!("the name of a {target}"), v))?;
-            validate_name(target, s).map_err(|e| constraint(kind, field, s, e.to_string()))?;
+            validate_name(target, s)
+                .map_err(|e| constraint(kind, field, s, name_rule(field, target, &e)))?;
             Ok(FieldValue::Str(s.into()))
         }
         Type::Set { item, max_items } => {
@@ -322,12 +389,12 @@ fn check_value(kind: Kind, field: &Field, v: &Value) -> Result<FieldValue, Schem
                 .as_array()
                 .ok_or_else(|| wrong(kind, field, "an array (a set)", v))?;
             if arr.len() > max_items {
-                return Err(SchemaError::Constraint {
+                return Err(constraint_shown(
                     kind,
-                    field: field.name.into(),
-                    value: format!("{} items", arr.len()),
-                    rule: format!("at most {max_items} items"),
-                });
+                    field,
+                    format!("{} items", arr.len()),
+                    format!("at most {max_items} items"),
+                ));
             }
             let mut set = BTreeSet::new();
             for x in arr {
@@ -348,8 +415,9 @@ fn check_value(kind: Kind, field: &Field, v: &Value) -> Result<FieldValue, Schem
                     }
                     Item::Str { max_len, format } => check_str(kind, field, s, max_len, format)?,
                     Item::Ref(target) => {
-                        validate_name(target, s)
-                            .map_err(|e| constraint(kind, field, s, e.to_string()))?;
+                        validate_name(target, s).map_err(|e| {
+                            constraint(kind, field, s, name_rule(field, target, &e))
+                        })?;
                         s.to_string()
                     }
                 };
@@ -362,12 +430,12 @@ fn check_value(kind: Kind, field: &Field, v: &Value) -> Result<FieldValue, Schem
                 .as_str()
                 .ok_or_else(|| wrong(kind, field, "a string", v))?;
             if s.len() > max_len {
-                return Err(SchemaError::Constraint {
+                return Err(constraint_shown(
                     kind,
-                    field: field.name.into(),
-                    value: format!("{} bytes", s.len()),
-                    rule: format!("at most {max_len} bytes"),
-                });
+                    field,
+                    format!("{} bytes", s.len()),
+                    format!("at most {max_len} bytes"),
+                ));
             }
             Ok(FieldValue::Text(s.into()))
         }
@@ -383,13 +451,16 @@ fn check_str(
     format: Format,
 ) -> Result<String, SchemaError> {
     let err = |rule: &str| constraint(kind, field, s, rule);
-    if s.len() > max_len {
-        return Err(SchemaError::Constraint {
+    let too_long = |len: usize| {
+        constraint_shown(
             kind,
-            field: field.name.into(),
-            value: format!("{} bytes", s.len()),
-            rule: format!("at most {max_len} bytes"),
-        });
+            field,
+            format!("{len} bytes"),
+            format!("at most {max_len} bytes"),
+        )
+    };
+    if s.len() > max_len {
+        return Err(too_long(s.len()));
     }
     let multi_line = matches!(format, Format::Any | Format::CertPem | Format::KeyPem);
     if s.chars()
@@ -454,21 +525,27 @@ fn check_str(
             Ok(s.into())
         }
         Format::KeyPem => {
-            let ok = s.contains("-----BEGIN ")
-                && s.lines()
-                    .any(|l| l.starts_with("-----BEGIN ") && l.ends_with("PRIVATE KEY-----"));
-            if !ok {
-                return Err(err(
-                    "must be a PEM private key (-----BEGIN ... PRIVATE KEY-----)",
-                ));
-            }
+            crate::keys::check_private_key(s).map_err(|e| {
+                err(&format!(
+                    "must be a PEM private key (-----BEGIN ... PRIVATE KEY-----): {e}"
+                ))
+            })?;
             Ok(s.into())
         }
         Format::Password => {
-            if s.is_empty() {
-                return Err(err("must not be empty"));
+            if s.trim().is_empty() {
+                return Err(err("must not be empty or only whitespace"));
             }
-            Ok(s.into())
+            let normalized = normalize_password(s);
+            if normalized.len() > max_len {
+                return Err(too_long(normalized.len()));
+            }
+            if normalized.trim().is_empty() || visible_len(&normalized) == 0 {
+                return Err(err(
+                    "must hold visible characters: whitespace, control and invisible format characters (such as U+200B or U+FEFF) do not count",
+                ));
+            }
+            Ok(normalized)
         }
         Format::Token => {
             if s.is_empty()
@@ -481,6 +558,55 @@ fn check_str(
             Ok(s.into())
         }
     }
+}
+
+/// A password as it is hashed and checked: Unicode NFKC, so that one password typed in
+/// different forms (composed or decomposed accents, full-width letters) is one password.
+pub fn normalize_password(clear: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    clear.nfkc().collect()
+}
+
+/// Characters of `s` that show: not whitespace, not control characters, not format or other
+/// default-ignorable (invisible) characters. What the password length policy counts.
+pub fn visible_len(s: &str) -> usize {
+    s.chars().filter(|&c| !invisible(c)).count()
+}
+
+/// Whitespace, control characters, and characters that render as nothing: Unicode's format
+/// characters (category Cf) and default-ignorable code points, and blank fillers.
+fn invisible(c: char) -> bool {
+    c.is_whitespace()
+        || c.is_control()
+        || matches!(
+            c,
+            '\u{00AD}'
+                | '\u{034F}'
+                | '\u{0600}'..='\u{0605}'
+                | '\u{061C}'
+                | '\u{06DD}'
+                | '\u{070F}'
+                | '\u{0890}'..='\u{0891}'
+                | '\u{08E2}'
+                | '\u{115F}'..='\u{1160}'
+                | '\u{17B4}'..='\u{17B5}'
+                | '\u{180B}'..='\u{180F}'
+                | '\u{200B}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{206F}'
+                | '\u{2800}'
+                | '\u{3164}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{FEFF}'
+                | '\u{FFA0}'
+                | '\u{FFF0}'..='\u{FFFB}'
+                | '\u{110BD}'
+                | '\u{110CD}'
+                | '\u{13430}'..='\u{1343F}'
+                | '\u{1BCA0}'..='\u{1BCA3}'
+                | '\u{1D173}'..='\u{1D17A}'
+                | '\u{E0000}'..='\u{E0FFF}'
+        )
 }
 
 fn canonical_cidr(s: &str) -> Option<String> {

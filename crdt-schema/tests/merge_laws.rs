@@ -76,7 +76,7 @@ fn scenario(seed: u64) -> Result<(), String> {
     same(kind, &mut merged(&ab, b), &mut ab.clone())
         .map_err(|e| format!("{kind}: (a+b)+b != a+b: {e}"))?;
     // Every replica reads its document back as the layout of (kind, name).
-    doc::check_layout(&merged(&ab, c), kind)?;
+    doc::check_layout(&merged(&ab, c), kind).map_err(|e| format!("{kind}: {e}"))?;
     Ok(())
 }
 

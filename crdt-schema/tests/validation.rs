@@ -493,3 +493,353 @@ fn singletons_default_to_the_schema() {
     let written: Settings = singleton(Some(&json!({"heartbeat_interval_ms": 250})));
     assert_eq!(written.heartbeat_interval_ms, 250);
 }
+
+/// Values a secret field of `format` refuses, each holding text that must never be echoed.
+fn invalid_secrets(format: crdt_schema::Format) -> Vec<Value> {
+    let long = format!("Marker-Long-7734{}", "y".repeat(70_000));
+    let mut v = vec![
+        json!("Marker-Ctl\u{1}-7733"),
+        json!(long),
+        json!("Marker-Nul\u{0}-7739"),
+    ];
+    match format {
+        crdt_schema::Format::Password => v.extend([
+            json!(""),
+            json!("    "),
+            json!("\u{200B}\u{FEFF}\u{2060}"),
+            json!(" \u{00A0}\u{3000}\u{200B} "),
+            json!("\u{3164}\u{115F}"),
+        ]),
+        crdt_schema::Format::KeyPem => v.extend([
+            json!("Marker-NotPem-7736"),
+            json!("-----BEGIN PRIVATE KEY-----\nMarkerGarbage7735AAAA\n-----END PRIVATE KEY-----\n"),
+            json!("-----BEGIN PRIVATE KEY-----\nTWFya2VyQmFzZTY0U2VjcmV0NzczNw==\n-----END PRIVATE KEY-----\n"),
+            json!(format!("{KEY}{KEY}")),
+            json!(KEY2),
+        ]),
+        other => panic!("a secret field of format {other:?}: add its invalid values here"),
+    }
+    v
+}
+
+/// Every secret field of every kind refuses wrong-typed and invalid values without showing them:
+/// the error names the field and the rule, and its text (Display and Debug) holds no part of the
+/// value.
+#[test]
+fn secret_values_never_appear_in_errors() {
+    let wrong_types = [
+        json!(987654321),
+        json!(-12345.678),
+        json!(["Marker-In-Array-7731"]),
+        json!({"k": "Marker-In-Object-7732"}),
+        json!(false),
+    ];
+    let mut checked = 0;
+    for kind in Kind::ALL {
+        for f in kind.fields().iter().filter(|f| f.secret) {
+            let crdt_schema::Type::Str { format, .. } = f.ty else {
+                panic!("{kind}.{}: a secret field that is not a string", f.name);
+            };
+            for bad in wrong_types.iter().chain(invalid_secrets(format).iter()) {
+                let mut body = valid(kind);
+                body[f.name] = bad.clone();
+                for (mode, exists) in [(WriteMode::Put, false), (WriteMode::Patch, true)] {
+                    let e = validate_write(kind, &body, mode, exists).expect_err(&format!(
+                        "{kind}.{} accepted {:.60}",
+                        f.name,
+                        bad.to_string()
+                    ));
+                    assert_eq!(e.field(), Some(f.name), "{kind}.{}: {e}", f.name);
+                    let texts = [e.to_string(), format!("{e:?}")];
+                    for text in &texts {
+                        assert!(text.contains(f.name), "{text:?} does not name the field");
+                        for secret in secret_parts(bad) {
+                            assert!(
+                                !text.contains(&secret),
+                                "{kind}.{}: the error {text:.300} shows the secret {secret:.60}",
+                                f.name
+                            );
+                        }
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    // user.password, admin.password, certificate.key_pem; both modes.
+    assert!(checked >= 3 * 2 * 10, "only {checked} refusals checked");
+}
+
+/// The parts of a refused value an error must not hold: its strings and numbers, each line of a
+/// multi-line one, and each invisible character of one that is only that.
+fn secret_parts(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    match v {
+        Value::String(s) => {
+            let visible: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+            if visible.chars().count() >= 3 && s.is_ascii() {
+                out.push(s.chars().take(40).collect());
+            }
+            for line in s
+                .lines()
+                .filter(|l| l.len() >= 12 && !l.starts_with("-----"))
+            {
+                out.push(line.to_string());
+            }
+            out.extend(
+                s.chars()
+                    .filter(|c| !c.is_ascii() && !c.is_whitespace())
+                    .map(String::from),
+            );
+            if s.contains("Marker") {
+                out.push("Marker".into());
+            }
+        }
+        Value::Number(n) => out.push(n.to_string().trim_start_matches('-').to_string()),
+        Value::Array(a) => a.iter().for_each(|x| out.extend(secret_parts(x))),
+        Value::Object(o) => o.values().for_each(|x| out.extend(secret_parts(x))),
+        Value::Bool(_) | Value::Null => {}
+    }
+    out
+}
+
+const CERT2: &str = include_str!("fixtures/cert2.pem");
+const KEY2: &str = include_str!("fixtures/key2.pem");
+const KEY_SEC1: &str = include_str!("fixtures/key-sec1.pem");
+const RSA_CERT: &str = include_str!("fixtures/rsa-cert.pem");
+const RSA_KEY: &str = include_str!("fixtures/rsa-key.pem");
+const RSA_KEY_PKCS1: &str = include_str!("fixtures/rsa-key-pkcs1.pem");
+const ED25519_CERT: &str = include_str!("fixtures/ed25519-cert.pem");
+const ED25519_KEY_V1: &str = include_str!("fixtures/ed25519-key.pem");
+
+fn cert_write(cert: &str, key: &str) -> Result<(), SchemaError> {
+    validate_write(
+        Kind::Certificate,
+        &json!({"cert_pem": cert, "key_pem": key}),
+        WriteMode::Put,
+        false,
+    )
+    .map(|_| ())
+}
+
+/// The base64 lines of a PEM: what an error must never hold of a key.
+fn key_lines(pem: &str) -> Vec<&str> {
+    pem.lines()
+        .filter(|l| !l.starts_with("-----") && l.len() >= 8)
+        .collect()
+}
+
+/// A key is parsed and must be the certificate's: matching pairs in every supported encoding
+/// pass, a crossed pair is refused naming the rule, and no error shows the key.
+#[test]
+fn key_pem_must_parse_and_match_cert_pem() {
+    for (cert, key, what) in [
+        (CERT, KEY, "EC P-256, PKCS#8"),
+        (CERT2, KEY2, "EC P-256, PKCS#8 (second pair)"),
+        (CERT, KEY_SEC1, "EC P-256, SEC1"),
+        (RSA_CERT, RSA_KEY, "RSA, PKCS#8"),
+        (RSA_CERT, RSA_KEY_PKCS1, "RSA, PKCS#1"),
+    ] {
+        cert_write(cert, key).unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+    for (cert, key, words) in [
+        (CERT, KEY2, "does not match"),
+        (CERT2, KEY, "does not match"),
+        (CERT2, KEY_SEC1, "does not match"),
+        (CERT, RSA_KEY, "does not match"),
+        (RSA_CERT, KEY, "does not match"),
+        (
+            ED25519_CERT,
+            ED25519_KEY_V1,
+            "does not carry its public key",
+        ),
+        (CERT, &format!("{KEY}{KEY2}"), "more than one private key"),
+        (
+            CERT,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+            "encrypted",
+        ),
+        (
+            CERT,
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n",
+            "not supported",
+        ),
+        (
+            CERT,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+            "does not parse",
+        ),
+        (
+            CERT,
+            "-----BEGIN PRIVATE KEY-----\nnot base64!\n-----END PRIVATE KEY-----\n",
+            "does not decode",
+        ),
+        (CERT, "just some text", "no PEM block"),
+        (CERT, CERT2, "no private key block"),
+    ] {
+        let e = cert_write(cert, key).expect_err(&format!("refused: {words}"));
+        let msg = e.to_string();
+        assert_eq!(e.field(), Some("key_pem"), "{msg}");
+        assert!(msg.contains(words), "{msg:?} does not say {words:?}");
+        assert!(msg.contains("(secret)"), "{msg:?}");
+        for line in key_lines(key) {
+            assert!(!msg.contains(line), "{msg:?} shows the key");
+            assert!(!format!("{e:?}").contains(line), "{e:?} shows the key");
+        }
+    }
+    // The same rule on a patch naming both.
+    let e = validate_write(
+        Kind::Certificate,
+        &json!({"cert_pem": RSA_CERT, "key_pem": KEY}),
+        WriteMode::Patch,
+        true,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("does not match"), "{e}");
+}
+
+/// Passwords: NFKC-normalized, and refused when nothing of them shows (empty, whitespace,
+/// control, format or other invisible characters only).
+#[test]
+fn passwords_are_normalized_and_must_show() {
+    for pw in [
+        "",
+        "   ",
+        "\u{200B}",
+        "\u{FEFF}\u{200B}\u{2060}",
+        " \u{00A0}\u{3000} ",
+        "\u{3164}",
+        "\u{2800}\u{2800}",
+        "\u{E0041}\u{E0042}",
+        "\u{FE0F}\u{200D}",
+    ] {
+        for kind in [Kind::User, Kind::Admin] {
+            let e = validate_write(kind, &json!({ "password": pw }), WriteMode::Put, false)
+                .expect_err(&format!("{kind} password {pw:?} was accepted"));
+            let msg = e.to_string();
+            assert_eq!(e.field(), Some("password"), "{msg}");
+            assert!(
+                msg.contains("visible") || msg.contains("empty"),
+                "{msg:?} does not say why"
+            );
+        }
+    }
+    let stored = |pw: &str| {
+        let v = validate_write(
+            Kind::User,
+            &json!({ "password": pw }),
+            WriteMode::Put,
+            false,
+        )
+        .unwrap_or_else(|e| panic!("{pw:?}: {e}"));
+        match &v.iter().find(|(f, _)| f.name == "password").unwrap().1 {
+            FieldValue::Secret(s) => s.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    // Full-width letters and a decomposed accent are the same password as their plain forms.
+    assert_eq!(stored("ｐａｓｓｗｏｒｄ"), "password");
+    assert_eq!(stored("cafe\u{301}-long"), "caf\u{e9}-long");
+    assert_eq!(stored("correct horse"), "correct horse");
+    // The length policy counts what shows, after normalization.
+    assert_eq!(crdt_schema::visible_len("a\u{200B}b c\u{FEFF}"), 3);
+    assert_eq!(
+        crdt_schema::visible_len(&crdt_schema::normalize_password("e\u{301}")),
+        1
+    );
+    // The Debug form of a validated secret never shows it.
+    let v = validate_write(
+        Kind::User,
+        &json!({"password": "Marker-Debug-7740"}),
+        WriteMode::Put,
+        false,
+    )
+    .unwrap();
+    assert!(!format!("{v:?}").contains("Marker-Debug-7740"), "{v:?}");
+}
+
+/// A document a peer built by hand breaks the layout of its kind: each way is refused by
+/// `check_layout`, and what every node writes never is.
+#[test]
+fn check_layout_refuses_what_no_node_writes() {
+    use automerge::transaction::Transactable;
+    use automerge::{ObjType, ReadDoc, ROOT};
+    use crdt_schema::doc::{self, LayoutError};
+    let fresh = || {
+        let mut d = doc::genesis(Kind::Site);
+        d.set_actor(automerge::ActorId::from(vec![9u8; 16]));
+        d
+    };
+    let valid = fresh();
+    doc::check_layout(&valid, Kind::Site).unwrap();
+    assert!(matches!(
+        doc::check_layout(&valid, Kind::User),
+        Err(LayoutError::NotOfKind { .. })
+    ));
+    type Edit = Box<dyn Fn(&mut automerge::AutoCommit)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "a map where a register is",
+            Box::new(|d| {
+                d.put_object(ROOT, "root_dir", ObjType::Map).unwrap();
+            }),
+        ),
+        (
+            "a string in an int field",
+            Box::new(|d| d.put(ROOT, "max_sessions", "many").unwrap()),
+        ),
+        (
+            "an int in a bool field",
+            Box::new(|d| d.put(ROOT, "enabled", 1i64).unwrap()),
+        ),
+        (
+            "an unsigned int in an int field",
+            Box::new(|d| d.put(ROOT, "max_sessions", 5u64).unwrap()),
+        ),
+        (
+            "a string as _alive",
+            Box::new(|d| d.put(ROOT, "_alive", "yes").unwrap()),
+        ),
+        (
+            "a replaced set container",
+            Box::new(|d| {
+                d.put_object(ROOT, "protocols", ObjType::Map).unwrap();
+            }),
+        ),
+        (
+            "a set replaced by a register",
+            Box::new(|d| d.put(ROOT, "protocols", "sftp").unwrap()),
+        ),
+        (
+            "a set item that is not true",
+            Box::new(|d| {
+                let (_, obj) = d.get(ROOT, "protocols").unwrap().unwrap();
+                d.put(&obj, "sftp", "x").unwrap();
+            }),
+        ),
+        (
+            "an unknown key",
+            Box::new(|d| d.put(ROOT, "shoe_size", 42i64).unwrap()),
+        ),
+        (
+            "another _kind",
+            Box::new(|d| d.put(ROOT, "_kind", "user").unwrap()),
+        ),
+    ];
+    for (what, f) in cases {
+        let mut d = fresh();
+        f(&mut d);
+        d.commit();
+        let e = doc::check_layout(&d, Kind::Site).expect_err(what);
+        assert!(!e.to_string().is_empty());
+    }
+    // A derived field stored in a certificate.
+    let mut d = doc::genesis(Kind::Certificate);
+    d.set_actor(automerge::ActorId::from(vec![9u8; 16]));
+    d.put(ROOT, "subject", "CN=forged").unwrap();
+    d.commit();
+    assert!(matches!(
+        doc::check_layout(&d, Kind::Certificate),
+        Err(LayoutError::Derived { .. })
+    ));
+}

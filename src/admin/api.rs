@@ -59,7 +59,8 @@ pub fn router(cluster: Arc<ClusterState>) -> Router {
         )
         .route("/v1/entities/{kind}/{name}/history", get(history))
         .route("/v1/conflicts", get(conflicts))
-        .route("/v1/tokens", axum::routing::post(create_token))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{id}", axum::routing::delete(remove_node))
         .fallback(|| async {
@@ -220,6 +221,7 @@ impl From<Error> for ApiError {
             | Error::Tls(_)
             | Error::NotInitialised(_)
             | Error::Damaged { .. }
+            | Error::BadName(_)
             | Error::AlreadyInitialised { .. } => internal(&e),
         }
     }
@@ -377,6 +379,38 @@ async fn create_token(
     Ok(Json(json!({"token": token.encode(), "expires_wall_ms": expires, "ipc": st.node.config().ipc_advertise})).into_response())
 }
 
+/// Each token-management error maps to one status and one code; none shows a secret.
+impl From<crate::cluster::tokens::TokenAdminError> for ApiError {
+    fn from(e: crate::cluster::tokens::TokenAdminError) -> Self {
+        use crate::cluster::tokens::TokenAdminError as E;
+        match e {
+            E::BadId => ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string()),
+            E::NotFound { .. } => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            E::Ambiguous { .. } => ApiError::new(StatusCode::CONFLICT, "ambiguous", e.to_string()),
+            E::Node(n) => n.into(),
+        }
+    }
+}
+
+/// The join tokens this node made: IDs (a prefix of the stored hash), expiry, state. Never a
+/// secret: a token is shown once, when it is made.
+async fn list_tokens(
+    State(st): State<ApiState>,
+    Extension(_who): Extension<Principal>,
+) -> ApiResult {
+    let tokens = crate::cluster::tokens::list_tokens(&st.node).await?;
+    Ok(Json(json!({ "tokens": tokens })).into_response())
+}
+
+async fn revoke_token(
+    State(st): State<ApiState>,
+    Extension(_who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let token = crate::cluster::tokens::revoke_token(&st.node, &id).await?;
+    Ok(Json(json!({ "revoked": token })).into_response())
+}
+
 async fn nodes(State(st): State<ApiState>) -> ApiResult {
     Ok(Json(json!({"self": st.node.config().node_id, "cluster_id": st.node.config().cluster_id, "members": st.node.members()})).into_response())
 }
@@ -423,7 +457,11 @@ async fn drain(
     body: Bytes,
 ) -> ApiResult {
     let deadline = optional_duration(&body, "deadline", "30s")?;
-    st.node.drain().start(deadline);
+    st.node.drain().try_start(deadline).map_err(|e| {
+        let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string());
+        err.body["error"]["field"] = json!("deadline");
+        err
+    })?;
     tracing::info!(deadline = ?deadline, "draining: new client connections are refused");
     Ok(Json(json!({"draining": true, "deadline_s": deadline.map(|d| d.as_secs_f64()), "active_connections": st.node.drain().active()})).into_response())
 }
@@ -476,5 +514,102 @@ mod tests {
 
     fn get_route() -> axum::routing::MethodRouter {
         axum::routing::get(|| async { StatusCode::IM_A_TEAPOT })
+    }
+
+    /// The API of a fresh node, in-process (no listener), and the directory holding it.
+    fn app() -> (Router, crate::node::Node, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = crate::node::NodeOptions {
+            seed: Some(1),
+            ..Default::default()
+        };
+        Node::init(dir.path(), &Default::default(), &opts).expect("init");
+        let node = Node::open(dir.path(), opts).expect("open");
+        let material = crate::net::tls::TlsFiles::new(dir.path())
+            .read()
+            .expect("tls");
+        let state = Arc::new(ClusterState::new(node.clone(), material));
+        (router(state), node, dir)
+    }
+
+    async fn call(app: &Router, method: &str, path: &str, body: &str) -> (StatusCode, Value) {
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.to_string()))
+            .expect("request");
+        let resp = app.clone().oneshot(req).await.expect("infallible");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// A drain deadline past 24 h is refused with a 400 naming the bound (it used to panic the
+    /// worker on an overflowing instant), changes nothing, and the node still answers.
+    #[tokio::test]
+    async fn a_huge_drain_deadline_is_refused_not_a_panic() {
+        let (app, node, _dir) = app();
+        for deadline in ["18446744073709551615s", "25h", "1000years"] {
+            let (status, body) = call(
+                &app,
+                "POST",
+                "/v1/drain",
+                &json!({ "deadline": deadline }).to_string(),
+            )
+            .await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{deadline}: {body}");
+            let msg = body["error"]["message"].as_str().unwrap_or_default();
+            assert!(
+                msg.contains("24h") || msg.contains("deadline"),
+                "{deadline}: {msg}"
+            );
+            assert!(!node.drain().is_draining(), "{deadline} started a drain");
+        }
+        let (status, body) = call(&app, "POST", "/v1/drain", r#"{"deadline":"24h"}"#).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["deadline_s"], json!(86400.0));
+        assert!(node.drain().is_draining());
+        let (status, _) = call(&app, "POST", "/v1/undrain", "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(!node.drain().is_draining());
+    }
+
+    /// Tokens through the API: listed without their secrets, revoked by ID; an unknown ID is a
+    /// 404, a malformed one a 400 that does not echo it.
+    #[tokio::test]
+    async fn tokens_are_listed_and_revoked_through_the_api() {
+        let (app, _node, _dir) = app();
+        let (status, made) = call(&app, "POST", "/v1/tokens", r#"{"ttl":"1h"}"#).await;
+        assert_eq!(status, StatusCode::OK, "{made}");
+        let token = made["token"].as_str().expect("token").to_string();
+        let secret = crate::cluster::Token::parse(&token).expect("parses").secret;
+        let hash = crate::cluster::join::secret_hash(&secret);
+        let (status, listed) = call(&app, "GET", "/v1/tokens", "").await;
+        assert_eq!(status, StatusCode::OK);
+        let text = listed.to_string();
+        assert!(!text.contains(&secret) && !text.contains(&hash), "{text}");
+        let id = listed["tokens"][0]["id"].as_str().expect("id").to_string();
+        assert!(
+            hash.starts_with(&id),
+            "the ID is a prefix of the stored hash"
+        );
+        assert_eq!(listed["tokens"][0]["state"], json!("valid"));
+        let (status, body) = call(&app, "DELETE", "/v1/tokens/0123456789ab", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert_eq!(body["error"]["code"], json!("not_found"));
+        let (status, body) = call(&app, "DELETE", &format!("/v1/tokens/{secret}"), "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(!body.to_string().contains(&secret), "{body}");
+        let (status, body) = call(&app, "DELETE", &format!("/v1/tokens/{id}"), "").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["revoked"]["state"], json!("revoked"));
+        let (_, listed) = call(&app, "GET", "/v1/tokens", "").await;
+        assert_eq!(listed["tokens"][0]["revoked"], json!(true));
     }
 }

@@ -6,7 +6,7 @@
 
 use super::state::ClusterState;
 use crate::core::health;
-use crate::core::members::Member;
+use crate::core::members::{self, Member};
 use crate::core::proto::{self, JoinRequest, JoinResponse, Refusal, Request, Response};
 use crate::net::ipc::{CallError, PeerClient};
 use crate::net::tls::{Material, TlsFiles};
@@ -125,14 +125,48 @@ impl Refused {
     }
 }
 
-/// A member's side of a join: checks the version, the clock and the token, adds the member
-/// durably, signs its certificate.
+/// The token a joiner presents, checked before anything else of its request is looked at (its
+/// certificate request is neither parsed nor signed for a wrong token). Read-only: the driver
+/// consumes the token atomically with the admission.
+/// The token is checked before anything else of the request is read. A caller whose token this
+/// node never made gets one answer that names nothing ([`driver::check_token`]); one holding a
+/// token this node made (so, its legitimate holder) learns why it cannot be used.
+fn token_ok(node: &Node, secret: &str, now_ms: i64) -> Result<(), Refused> {
+    let refused = |e: AdmitError| match e {
+        AdmitError::Token(m) => Refused::new(Refusal::Token, m),
+        _ => token_refused(),
+    };
+    if secret.len() != 64 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(token_refused());
+    }
+    let hash = secret_hash(secret);
+    let stored = node
+        .store()
+        .local_get(&crate::node::driver::token_key(&hash))
+        .ok()
+        .flatten();
+    crate::node::driver::check_token(stored.as_deref(), &hash, now_ms).map_err(refused)
+}
+
+/// The one answer a caller without a token this node made gets: it learns nothing about this
+/// cluster.
+fn token_refused() -> Refused {
+    Refused::new(
+        Refusal::Token,
+        "the join token is not valid for this cluster member (wrong or mistyped token, or one made by another node)",
+    )
+}
+
+/// A member's side of a join: checks the token (before anything else), the version, the clock
+/// and the request, signs the joiner's certificate and its admission (this member's signature
+/// over the joiner's key), and adds it to the member list durably.
 pub async fn admit(
     state: &ClusterState,
     joiner_version: &str,
     j: JoinRequest,
 ) -> Result<JoinResponse, Refused> {
     let node = &state.node;
+    token_ok(node, &j.token_secret, node.clock().wall_ms())?;
     let ours = crate::net::ipc::version();
     if !proto::compatible(joiner_version, &ours) {
         return Err(Refused::new(
@@ -142,15 +176,16 @@ pub async fn admit(
             ),
         ));
     }
-    if !valid_node_id(&j.node_id)
-        || j.name.is_empty()
-        || j.name.len() > 128
-        || j.addr.is_empty()
-        || j.addr.len() > 300
-    {
+    if !valid_node_id(&j.node_id) || j.addr.is_empty() || j.addr.len() > 300 {
         return Err(Refused::new(
             Refusal::BadRequest,
             "the join request is malformed",
+        ));
+    }
+    if !members::valid_node_name(&j.name) {
+        return Err(Refused::new(
+            Refusal::BadRequest,
+            "the node name must be 1 to 64 of A-Z a-z 0-9 . _ -",
         ));
     }
     let limit = node.settings().join_clock_offset_max_ms;
@@ -164,19 +199,28 @@ pub async fn admit(
         ));
     }
     // Sign first (it cannot fail for a valid request), so a consumed token always yields a node.
+    let bad = |e: crate::net::tls::TlsError| Refused::new(Refusal::BadRequest, e.to_string());
+    let key = crate::net::tls::csr_public_key(&j.csr_pem).map_err(bad)?;
     let cert = crate::net::tls::sign_csr(
         &state.material.ca_cert_pem,
         &state.material.ca_key_pem,
         &j.node_id,
         &j.csr_pem,
     )
-    .map_err(|e| Refused::new(Refusal::BadRequest, e.to_string()))?;
+    .map_err(bad)?;
+    let cluster_id = &node.config().cluster_id;
+    let sig = state
+        .material
+        .sign(&members::admission_message(cluster_id, &j.node_id, &key))
+        .map_err(|e| Refused::new(Refusal::Internal, e.to_string()))?;
     let member = Member {
         id: j.node_id.clone(),
         name: j.name.clone(),
         addr: j.addr.clone(),
         version: joiner_version.to_string(),
         removed: false,
+        admission: format!("{}:{sig}", node.config().node_id),
+        key,
     };
     let members_doc = match node.admit(secret_hash(&j.token_secret), member).await {
         Ok(Ok(doc)) => doc,
@@ -202,6 +246,8 @@ pub enum JoinError {
     BadToken(#[from] BadToken),
     #[error("{0} is already initialised")]
     AlreadyInitialised(String),
+    #[error("--name {0:?}: a node name is 1 to 64 of A-Z a-z 0-9 . _ -")]
+    BadName(String),
     #[error("join refused: {0}")]
     Untrusted(String),
     #[error("join failed: {0}")]
@@ -256,6 +302,11 @@ pub async fn join(
     let (key_pem, csr_pem) = crate::net::tls::new_node_key_and_csr(&node_id).map_err(tls_err)?;
     let (tls, refusal) = crate::net::tls::joiner_config(&token.ca_fingerprint).map_err(tls_err)?;
     let mut client = PeerClient::new(peer, tls, "", &node_id);
+    if let Some(name) = &opts.name {
+        if !members::valid_node_name(name) {
+            return Err(JoinError::BadName(name.chars().take(80).collect()));
+        }
+    }
     let cfg = setup::new_config(node_id.clone(), String::new(), opts, clock.as_ref());
     let req = Request::Join(JoinRequest {
         token_secret: token.secret.clone(),

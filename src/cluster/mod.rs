@@ -15,6 +15,7 @@ pub mod monitor;
 pub mod replicator;
 pub mod server;
 pub mod state;
+pub mod tokens;
 
 pub use join::{create_token, Token, TOKEN_TTL_DEFAULT, TOKEN_TTL_MAX};
 pub use state::ClusterState;

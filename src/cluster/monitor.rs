@@ -107,7 +107,8 @@ pub async fn heartbeats(
 ) {
     let node = state.node.clone();
     let cfg = node.config().clone();
-    let mut client = PeerClient::new(&peer.addr, tls, &cfg.cluster_id, &cfg.node_id);
+    let mut client =
+        PeerClient::new(&peer.addr, tls, &cfg.cluster_id, &cfg.node_id).expect_key(&peer.key);
     let ours = crate::net::ipc::version();
     let mut last_sent: Option<tokio::time::Instant> = None;
     loop {

@@ -78,12 +78,8 @@ pub async fn run(
     let node = state.node.clone();
     let cfg = node.config().clone();
     let mut link = PeerLink::new(&peer.id, rand::random());
-    let mut client = Some(PeerClient::new(
-        &peer.addr,
-        tls,
-        &cfg.cluster_id,
-        &cfg.node_id,
-    ));
+    let mut client =
+        Some(PeerClient::new(&peer.addr, tls, &cfg.cluster_id, &cfg.node_id).expect_key(&peer.key));
     let mut call: Option<Call> = None;
     let mut jobs: JoinSet<Input> = JoinSet::new();
     let mut input = Some(Input::Tick);

@@ -11,7 +11,7 @@ use super::state::ClusterState;
 use super::{join, monitor};
 use crate::core::proto::{self, Refusal, Request, Response};
 use crate::core::repl;
-use crate::net::ipc::{Handler, IpcRequest};
+use crate::net::ipc::{short, Handler, IpcRequest};
 use std::sync::Arc;
 
 pub struct IpcHandler {
@@ -26,7 +26,12 @@ impl IpcHandler {
     async fn answer(&self, req: IpcRequest) -> Response {
         let node = &self.state.node;
         let cfg = node.config();
-        let IpcRequest { peer, remote, env } = req;
+        let IpcRequest {
+            peer,
+            peer_key,
+            remote,
+            env,
+        } = req;
         if let Request::Join(j) = env.body {
             return match join::admit(&self.state, &env.version, j).await {
                 Ok(resp) => Response::Joined(Box::new(resp)),
@@ -55,6 +60,7 @@ impl IpcHandler {
                 "the envelope does not match the certificate".into(),
             );
         }
+        let key = peer_key.unwrap_or_default();
         let members = node.members();
         match members.iter().find(|m| m.id == peer) {
             Some(m) if m.removed => {
@@ -63,23 +69,34 @@ impl IpcHandler {
                     format!("node {peer} was removed from this cluster"),
                 )
             }
+            // The key must be the one pinned at the member's admission: a certificate minted
+            // with the cluster CA's key for this member's ID holds another.
+            Some(m) if !m.key.is_empty() && m.key != key => {
+                tracing::warn!(
+                    peer = %remote,
+                    node = %peer,
+                    key = %short(&key),
+                    pinned = %short(&m.key),
+                    "refused a certificate whose key is not the one pinned for its node (minted with the cluster CA's key?)"
+                );
+                return Response::Refused {
+                    reason: Refusal::NotMember,
+                    message: format!("the certificate's key is not the one pinned for node {peer}"),
+                };
+            }
             Some(_) => {}
-            // Certified by the cluster CA, yet not in this node's member list: this node's list
-            // is behind (a lost log, a restored backup). Its heartbeats are answered and teach
-            // this node where to fetch the current list; the rest waits until the list has it.
+            // Certified by the cluster CA, yet not in this node's member list: either this
+            // node's list is behind (a lost log, a restored backup), or the certificate was
+            // minted with the CA's key. Its heartbeat tells where to fetch its member list; the
+            // list is taken only if its admission chains, signature by signature, to a member
+            // this node knows (`core::members::verify_chain`). Until then, nothing is served.
             None => {
                 if let Request::Heartbeat(hb) = &env.body {
-                    self.state.learn_members_from(&peer, &hb.addr);
-                    let mut ack = monitor::heard(&self.state, &peer, &env.version, hb);
-                    ack.received_wall_ms = node.clock().wall_ms();
-                    ack.sent_wall_ms = ack.received_wall_ms;
-                    return Response::HeartbeatAck(ack);
+                    self.state.learn_members_from(&peer, &hb.addr, &key);
                 }
                 return refuse(
                     Refusal::NotMember,
-                    format!(
-                        "node {peer} is not in this node's member list yet (it is learning the list from its peers)"
-                    ),
+                    format!("node {peer} is not in this node's member list"),
                 );
             }
         }

@@ -121,11 +121,12 @@ impl ClusterState {
         self.claims.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A member this node does not know (certified by the cluster CA) was heard from: its member
-    /// list is fetched from it (once at a time per peer) and merged, which brings this node's
-    /// list up to date and starts its replicators. A removed member is never re-admitted by
-    /// this: its removal is a change of the list, and merging lists keeps it.
-    pub fn learn_members_from(self: &std::sync::Arc<Self>, peer: &str, addr: &str) {
+    /// A node this node does not know (certified by the cluster CA) was heard from: its member
+    /// list is fetched from it (from the address it gave, whose server must hold the same key),
+    /// and merged only if its admission chains, signature by signature, to a member this node
+    /// knows: then this node's list is behind, and merging brings it up to date and starts its
+    /// replicators. A node minted with the CA's key, or a removed member, never verifies.
+    pub fn learn_members_from(self: &std::sync::Arc<Self>, peer: &str, addr: &str, key: &str) {
         if addr.is_empty() || addr.len() > 300 {
             return;
         }
@@ -139,21 +140,39 @@ impl ClusterState {
             }
         }
         let (state, peer, addr) = (self.clone(), peer.to_string(), addr.to_string());
+        let key = key.to_string();
         tokio::spawn(async move {
             let cfg = state.node.config().clone();
             let mut client =
-                crate::net::ipc::PeerClient::new(&addr, tls, &cfg.cluster_id, &cfg.node_id);
+                crate::net::ipc::PeerClient::new(&addr, tls, &cfg.cluster_id, &cfg.node_id)
+                    .expect_key(&key);
             let req = crate::core::proto::Request::Fetch {
                 ids: vec![crate::core::members::MEMBERS_DOC.to_string()],
             };
             match client.call(req).await {
                 Ok(crate::core::proto::Response::Docs { docs }) => {
-                    match state.node.ingest(&peer, docs).await {
-                        Ok(_) => {
-                            tracing::info!(peer = %peer, %addr, "learned the member list from a member this node did not know")
-                        }
-                        Err(e) => {
-                            tracing::warn!(peer = %peer, error = %e, "the member list fetched cannot be stored")
+                    let theirs: Vec<crate::core::members::Member> = docs
+                        .iter()
+                        .filter(|(id, _)| id == crate::core::members::MEMBERS_DOC)
+                        .filter_map(|(_, b)| automerge::AutoCommit::load(b).ok())
+                        .map(|d| crate::core::members::read(&d))
+                        .next()
+                        .unwrap_or_default();
+                    let verified = crate::core::members::verify_chain(
+                        &cfg.cluster_id,
+                        &state.node.members(),
+                        &theirs,
+                    );
+                    let claimed = theirs.iter().find(|m| m.id == peer).map(|m| m.key.as_str());
+                    if !verified.contains(&peer) || claimed != Some(key.as_str()) {
+                        tracing::warn!(peer = %peer, %addr, key = %crate::net::ipc::short(&key),
+                            "refused the member list of a node whose admission does not chain to a known member");
+                    } else {
+                        match state.node.ingest(&peer, docs).await {
+                            Ok(_) => tracing::info!(peer = %peer, %addr,
+                                "learned the member list from a member this node did not know"),
+                            Err(e) => tracing::warn!(peer = %peer, error = %e,
+                                "the member list fetched cannot be stored"),
                         }
                     }
                 }

@@ -137,19 +137,24 @@ pub fn execute(
     for (field, value) in values.iter_mut() {
         if let FieldValue::Secret(clear) = value {
             if field.name == "password" {
+                // The schema normalized it (NFKC) and refused one with nothing visible; the
+                // policy counts what shows, so padding with spaces or invisible characters
+                // does not make a password long enough.
+                let clear = crdt_schema::normalize_password(clear);
                 let min = world.password_min_length()?;
-                if clear.chars().count() < min {
+                let visible = crdt_schema::visible_len(&clear);
+                if visible < min {
                     return Err(SchemaError::Constraint {
                         kind,
                         field: field.name.into(),
-                        value: "(secret)".into(),
+                        value: format!("(secret, {visible} visible characters)"),
                         rule: format!(
-                            "must be at least {min} characters (security.password_min_length)"
+                            "must have at least {min} visible characters after Unicode NFKC normalization; whitespace and invisible characters do not count (security.password_min_length)"
                         ),
                     }
                     .into());
                 }
-                *value = FieldValue::Secret(hash_password(clear, &ctx.salt)?);
+                *value = FieldValue::Secret(hash_password(&clear, &ctx.salt)?);
             }
         }
     }
@@ -251,14 +256,100 @@ fn hash_password(clear: &str, salt: &[u8; 16]) -> Result<String, WriteError> {
         .map_err(|e| WriteError::Internal(format!("password hash: {e}")))
 }
 
-/// Checks a clear-text password against a stored hash (for the embedding server's logins).
+/// Checks a clear-text password against a stored hash (for the embedding server's logins). The
+/// password is normalized as it was when it was set (NFKC); a hash stored before passwords were
+/// normalized is checked against the password as typed too.
 pub fn verify_password(clear: &str, stored_hash: &str) -> bool {
     use argon2::PasswordVerifier;
-    argon2::PasswordHash::new(stored_hash)
-        .map(|h| {
-            argon2::Argon2::default()
-                .verify_password(clear.as_bytes(), &h)
-                .is_ok()
-        })
-        .unwrap_or(false)
+    let Ok(h) = argon2::PasswordHash::new(stored_hash) else {
+        return false;
+    };
+    let check = |pw: &str| {
+        argon2::Argon2::default()
+            .verify_password(pw.as_bytes(), &h)
+            .is_ok()
+    };
+    let normalized = crdt_schema::normalize_password(clear);
+    check(&normalized) || (normalized != clear && check(clear))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A world where nothing else exists and the password policy is `min`.
+    struct Policy(usize);
+
+    impl World for Policy {
+        fn exists(&self, _: Kind, _: &str) -> Result<bool, WriteError> {
+            Ok(false)
+        }
+        fn password_min_length(&self) -> Result<usize, WriteError> {
+            Ok(self.0)
+        }
+    }
+
+    fn put_password(pw: &str, min: usize) -> (AutoCommit, Result<Outcome, WriteError>) {
+        let mut d = doc::genesis(Kind::Admin);
+        d.set_actor(automerge::ActorId::from(vec![7u8; 16]));
+        let ctx = Context {
+            node_id: "n",
+            wall_ms: 1,
+            salt: [3u8; 16],
+        };
+        let r = execute(
+            &mut d,
+            Kind::Admin,
+            "root",
+            &Op::Put(json!({ "password": pw })),
+            &Policy(min),
+            &ctx,
+        );
+        (d, r)
+    }
+
+    /// The minimum length counts visible characters after NFKC: spaces and invisible characters
+    /// pad nothing, and a refusal changes nothing and shows nothing of the password.
+    #[test]
+    fn password_length_counts_visible_characters() {
+        for pw in [
+            "abc   \u{200B}\u{200B}\u{FEFF}",
+            "  a b c  ",
+            "ab\u{2060}\u{2060}\u{2060}\u{2060}c",
+        ] {
+            let (mut d, r) = put_password(pw, 4);
+            let e = r.expect_err(pw);
+            let msg = e.to_string();
+            assert!(msg.contains("admin.password"), "{msg}");
+            assert!(msg.contains("at least 4 visible characters"), "{msg}");
+            assert!(msg.contains("3 visible"), "{msg}");
+            assert!(!msg.contains("abc") && !msg.contains("a b c"), "{msg}");
+            assert_eq!(
+                d.get_heads(),
+                doc::genesis(Kind::Admin).get_heads(),
+                "a refused write changed the document"
+            );
+        }
+        let (_, r) = put_password("abcd", 4);
+        r.expect("4 visible characters meet a minimum of 4");
+    }
+
+    /// The hash is of the normalized password: its full-width or decomposed spellings log in.
+    #[test]
+    fn a_password_verifies_in_every_spelling() {
+        let (d, r) = put_password("caf\u{e9}-ｐａｓｓ", 4);
+        r.expect("accepted");
+        let hash = doc::read_secret(&d, "password").expect("stored");
+        assert!(
+            hash.starts_with("$argon2id$"),
+            "not a hash: stored as given"
+        );
+        assert!(verify_password("caf\u{e9}-pass", &hash));
+        assert!(verify_password("cafe\u{301}-ｐａｓｓ", &hash));
+        assert!(!verify_password("cafe-pass", &hash));
+        // A hash of a password that was not normalized when it was set still verifies.
+        let old = hash_password("ｐａｓｓ", &[1u8; 16]).expect("hash");
+        assert!(verify_password("ｐａｓｓ", &old));
+    }
 }

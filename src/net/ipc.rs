@@ -57,6 +57,8 @@ pub struct Identity {
 pub struct IpcRequest {
     /// The node ID of the client's certificate, if it presented one the CA signed.
     pub peer: Option<String>,
+    /// That certificate's public key (hex), to be checked against the key pinned for the node.
+    pub peer_key: Option<String>,
     pub remote: SocketAddr,
     pub env: Envelope<Request>,
 }
@@ -120,19 +122,16 @@ pub async fn serve<H: Handler>(
                     return;
                 }
             };
-            let peer_id = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| crate::net::tls::node_id_of(c));
+            let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+            let peer_id = cert.and_then(|c| crate::net::tls::node_id_of(c));
+            let peer_key = cert.and_then(|c| crate::net::tls::public_key_of(c));
             let svc = hyper::service::service_fn(move |req| {
                 let handler = handler.clone();
-                let peer_id = peer_id.clone();
+                let peer = (peer_id.clone(), peer_key.clone());
                 let id = id.clone();
                 async move {
                     Ok::<_, std::convert::Infallible>(
-                        handle(&*handler, &id, peer_id, remote, req).await,
+                        handle(&*handler, &id, peer, remote, req).await,
                     )
                 }
             });
@@ -177,7 +176,7 @@ fn answer(id: &Identity, body: Response) -> HttpResponse<Full<Bytes>> {
 async fn handle<H: Handler>(
     handler: &H,
     id: &Identity,
-    peer_id: Option<String>,
+    (peer_id, peer_key): (Option<String>, Option<String>),
     remote: SocketAddr,
     req: HttpRequest<Incoming>,
 ) -> HttpResponse<Full<Bytes>> {
@@ -231,6 +230,7 @@ async fn handle<H: Handler>(
     let resp = handler
         .handle(IpcRequest {
             peer: peer_id,
+            peer_key,
             remote,
             env,
         })
@@ -283,6 +283,8 @@ pub struct PeerClient {
     from: String,
     /// The software version in the peer's last answer.
     pub peer_version: Option<String>,
+    /// The public key the peer's certificate must hold (the one its member entry pins).
+    expected_key: Option<String>,
 }
 
 impl PeerClient {
@@ -299,7 +301,14 @@ impl PeerClient {
             cluster_id: cluster_id.to_string(),
             from: from.to_string(),
             peer_version: None,
+            expected_key: None,
         }
+    }
+
+    /// Refuses a server whose certificate does not hold `key` (empty: no key pinned).
+    pub fn expect_key(mut self, key: &str) -> PeerClient {
+        self.expected_key = (!key.is_empty()).then(|| key.to_string());
+        self
     }
 
     pub fn disconnect(&mut self) {
@@ -331,6 +340,24 @@ impl PeerClient {
             addr: addr.clone(),
             message: e.to_string(),
         })?;
+        if let Some(want) = &self.expected_key {
+            let got = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| crate::net::tls::public_key_of(c));
+            if got.as_deref() != Some(want.as_str()) {
+                return Err(CallError::Tls {
+                    addr,
+                    message: format!(
+                        "the server's key {} is not the key pinned for this member ({})",
+                        short(got.as_deref().unwrap_or("none")),
+                        short(want)
+                    ),
+                });
+            }
+        }
         let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(10))
@@ -452,6 +479,11 @@ fn http_failure(addr: &str, e: &hyper::Error) -> CallError {
         addr: addr.to_string(),
         message: root_cause(e),
     }
+}
+
+/// A key, shortened for messages (its first 16 hex digits).
+pub fn short(key: &str) -> &str {
+    &key[..key.len().min(16)]
 }
 
 pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {

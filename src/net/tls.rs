@@ -156,6 +156,41 @@ impl Material {
     pub fn ca_fingerprint(&self) -> Result<String, TlsError> {
         fingerprint_pem(&self.ca_cert_pem)
     }
+
+    /// This node's public key, as its member entry pins it.
+    pub fn node_public_key(&self) -> Result<String, TlsError> {
+        let key = KeyPair::from_pem(&self.node_key_pem).map_err(err("node key"))?;
+        Ok(hex::encode(rcgen::PublicKeyData::der_bytes(&key)))
+    }
+
+    /// This node's signature of an admission (see `core::members`).
+    pub fn sign(&self, msg: &[u8]) -> Result<String, TlsError> {
+        let key = KeyPair::from_pem(&self.node_key_pem).map_err(err("node key"))?;
+        rcgen::SigningKey::sign(&key, msg)
+            .map(hex::encode)
+            .map_err(err("signature"))
+    }
+}
+
+/// The public key a certificate holds (hex of its subject public key), as member entries pin it.
+pub fn public_key_of(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(hex::encode(&cert.public_key().subject_public_key.data))
+}
+
+/// The public key of a joiner's certificate request; only ECDSA P-256 keys are taken (the
+/// admissions of the member list are verified with that algorithm).
+pub fn csr_public_key(csr_pem: &str) -> Result<String, TlsError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| TlsError(format!("the certificate request is not valid: {e}")))?;
+    if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+        return Err(TlsError(
+            "the certificate request's key must be ECDSA P-256".into(),
+        ));
+    }
+    Ok(hex::encode(rcgen::PublicKeyData::der_bytes(
+        &csr.public_key,
+    )))
 }
 
 fn node_params(node_id: &str) -> Result<CertificateParams, TlsError> {

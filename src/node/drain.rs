@@ -17,6 +17,17 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+/// Longest drain deadline: a drain is an operation of minutes, and an instant this far ahead is
+/// always representable (a deadline of years would overflow the clock).
+pub const DEADLINE_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// Why a drain was not started. Nothing changed: the node serves (or drains) as before.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DrainError {
+    #[error("deadline {}: must be at most {} (24h); omit it to drain without one", humantime::format_duration(*.deadline), humantime::format_duration(*.max))]
+    DeadlineTooLong { deadline: Duration, max: Duration },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrainState {
     Serving,
@@ -85,13 +96,34 @@ impl Drain {
         self.inner.active.load(Ordering::SeqCst)
     }
 
-    /// Starts draining; with a deadline, connections still open then are told to close.
-    pub fn start(&self, deadline: Option<Duration>) {
-        let deadline = deadline.map(|d| Instant::now() + d);
+    /// Starts draining; with a deadline, connections still open then are told to close. A
+    /// deadline over [`DEADLINE_MAX`] is refused (nothing changes).
+    pub fn try_start(&self, deadline: Option<Duration>) -> Result<(), DrainError> {
+        let too_long = |d: Duration| DrainError::DeadlineTooLong {
+            deadline: d,
+            max: DEADLINE_MAX,
+        };
+        let deadline = match deadline {
+            None => None,
+            Some(d) if d > DEADLINE_MAX => return Err(too_long(d)),
+            Some(d) => Some(Instant::now().checked_add(d).ok_or_else(|| too_long(d))?),
+        };
         self.inner
             .state
             .send_replace(DrainState::Draining { deadline });
         self.inner.idle.notify_waiters();
+        Ok(())
+    }
+
+    /// Starts draining, as [`Drain::try_start`] does, with a deadline over [`DEADLINE_MAX`]
+    /// shortened to it.
+    pub fn start(&self, deadline: Option<Duration>) {
+        let deadline = deadline.map(|d| d.min(DEADLINE_MAX));
+        if let Err(e) = self.try_start(deadline) {
+            // Unreachable with a deadline within the bound; drain without one rather than not.
+            tracing::warn!(error = %e, "draining without a deadline");
+            let _ = self.try_start(None);
+        }
     }
 
     /// Stops draining: new connections are accepted again.
@@ -198,6 +230,35 @@ mod tests {
         assert_eq!(closing.await.unwrap() - t0, Duration::from_secs(10));
         d.stop();
         assert!(d.admit().is_some());
+    }
+
+    /// A deadline past the bound is refused (the error says the bound) and changes nothing; the
+    /// largest one the API can be sent never panics; the bound itself works.
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_are_bounded_and_never_overflow() {
+        let d = Drain::default();
+        for huge in [
+            DEADLINE_MAX + Duration::from_secs(1),
+            Duration::from_secs(u64::MAX),
+            Duration::MAX,
+        ] {
+            let e = d.try_start(Some(huge)).expect_err("refused");
+            assert!(e.to_string().contains("at most 1day"), "{e}");
+            assert!(!d.is_draining(), "a refused drain started");
+        }
+        // The embedding API shortens it instead, without panicking.
+        d.start(Some(Duration::MAX));
+        let deadline = d.deadline().expect("a deadline");
+        assert_eq!(deadline - Instant::now(), DEADLINE_MAX);
+        d.stop();
+        d.try_start(Some(DEADLINE_MAX)).expect("the bound itself");
+        let g = d.admit();
+        assert!(g.is_none(), "draining refuses connections");
+        d.stop();
+        let g = d.admit().expect("serving again");
+        d.try_start(Some(Duration::ZERO)).expect("zero");
+        assert_eq!(d.drained().await, DrainOutcome::DeadlinePassed { open: 1 });
+        drop(g);
     }
 
     #[tokio::test(start_paused = true)]

@@ -32,7 +32,7 @@ use crate::core::members::{self, Member, MEMBERS_DOC};
 use crate::core::proto::{Refusal, Request, Response, SYNC_ROUNDS_MAX};
 use crate::core::repl::{self, Dir, Docs, DocsError, Sessions};
 use crate::store::{LogOp, Prelogged, Store, StoreError, WriteTxn};
-use automerge::{ActorId, AutoCommit, ChangeHash};
+use automerge::{ActorId, AutoCommit, ChangeHash, ReadDoc, ScalarValue, Value as AmValue, ROOT};
 use crdt_schema::doc::{self, EntityState};
 use crdt_schema::typed::{self as typed, Security, Settings};
 use crdt_schema::{doc_id, Kind};
@@ -58,6 +58,240 @@ pub struct TokenRecord {
 
 pub fn token_key(secret_hash: &str) -> String {
     format!("token/{secret_hash}")
+}
+
+/// A token record as the driver stores it: [`TokenRecord`] and whether it was revoked (absent,
+/// so false, in records written before tokens could be revoked).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredToken {
+    expires_wall_ms: i64,
+    used: bool,
+    #[serde(default)]
+    revoked: bool,
+}
+
+/// The one rule on a presented join token: unknown (wrong, mistyped, another node's) gets one
+/// answer that names nothing; a token this node made gets the reason it cannot be used.
+fn judge_token(
+    rec: Option<StoredToken>,
+    secret_hash: &str,
+    now_wall_ms: i64,
+) -> Result<StoredToken, AdmitError> {
+    match rec {
+        None => Err(AdmitError::Token(
+            "the join token is not valid for this cluster member (wrong or mistyped token, or one made by another node)".into(),
+        )),
+        Some(r) if r.revoked => Err(AdmitError::Token(format!(
+            "the join token was revoked (token ID {}): create a new one",
+            token_id(secret_hash)
+        ))),
+        Some(r) if r.used => Err(AdmitError::Token(
+            "the join token was already used: create a new one".into(),
+        )),
+        Some(r) if r.expires_wall_ms <= now_wall_ms => Err(AdmitError::Token(format!(
+            "the join token expired {} s ago: create a new one",
+            now_wall_ms.saturating_sub(r.expires_wall_ms) / 1000
+        ))),
+        Some(r) => Ok(r),
+    }
+}
+
+/// A join token's stored row (`stored`, as read from the node-local table) judged by
+/// [`judge_token`], read-only: what a member checks before it reads anything else of a join
+/// request. The driver judges again, atomically, when it consumes the token.
+pub fn check_token(
+    stored: Option<&[u8]>,
+    secret_hash: &str,
+    now_wall_ms: i64,
+) -> Result<(), AdmitError> {
+    let rec = stored.and_then(|b| serde_json::from_slice::<StoredToken>(b).ok());
+    judge_token(rec, secret_hash, now_wall_ms).map(|_| ())
+}
+
+/// The node-local row listing the hashes of the tokens this node made (the store has no scan of
+/// node-local rows): what `peerconf token list` shows. Tokens made before it existed are not in
+/// it, and cannot be listed.
+const TOKENS_KEY: &str = "tokens";
+
+/// Hex digits of a token's stored hash that make its ID: enough to tell a node's tokens apart,
+/// nothing of the secret (the hash of a 256-bit secret).
+pub const TOKEN_ID_LEN: usize = 12;
+
+/// How long a token that expired stays listed.
+const TOKEN_LISTED_AFTER_EXPIRY_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// The ID of a token, from the hash of its secret.
+pub fn token_id(secret_hash: &str) -> String {
+    secret_hash.chars().take(TOKEN_ID_LEN).collect()
+}
+
+/// Where a token stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenState {
+    /// A join may still use it.
+    Valid,
+    Used,
+    Expired,
+    Revoked,
+}
+
+/// A join token as listed: its ID (a prefix of the stored hash, never the secret), its expiry
+/// and where it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub expires_wall_ms: i64,
+    pub used: bool,
+    pub revoked: bool,
+    pub state: TokenState,
+}
+
+impl TokenInfo {
+    fn of(secret_hash: &str, t: &StoredToken, now_ms: i64) -> TokenInfo {
+        TokenInfo {
+            id: token_id(secret_hash),
+            expires_wall_ms: t.expires_wall_ms,
+            used: t.used,
+            revoked: t.revoked,
+            state: if t.revoked {
+                TokenState::Revoked
+            } else if t.used {
+                TokenState::Used
+            } else if t.expires_wall_ms <= now_ms {
+                TokenState::Expired
+            } else {
+                TokenState::Valid
+            },
+        }
+    }
+}
+
+/// What revoking the token whose ID starts with a prefix found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revoked {
+    /// That token, now revoked (or revoked already).
+    Token(TokenInfo),
+    NotFound,
+    /// The prefix starts this many tokens' IDs: nothing was revoked.
+    Ambiguous(usize),
+}
+
+/// How the member list document breaks its layout (flat registers `<node id>/<field>` and
+/// `_kind`, see `core::members`). Messages name the key, never a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembersLayoutError {
+    #[error("{MEMBERS_DOC}: not a member list (its _kind register is missing, another, or written more than once)")]
+    NotMembers,
+    #[error("{MEMBERS_DOC}: key {key:?} is not <node id>/<field>")]
+    Key { key: String },
+    #[error("{MEMBERS_DOC}.{key}: holds {found}, expected {expected}")]
+    WrongType {
+        key: String,
+        expected: &'static str,
+        found: &'static str,
+    },
+    #[error("{MEMBERS_DOC}.{key}: the document cannot be read: {reason}")]
+    Unreadable { key: String, reason: String },
+}
+
+/// Why a document a peer changed or sent is not stored.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Invalid {
+    #[error(transparent)]
+    Layout(#[from] doc::LayoutError),
+    #[error(transparent)]
+    Members(#[from] MembersLayoutError),
+    #[error(transparent)]
+    Row(#[from] crate::core::index::RowError),
+}
+
+/// What a value is (for errors; never the value itself).
+fn am_type(v: &AmValue<'_>) -> &'static str {
+    match v {
+        AmValue::Object(_) => "an object",
+        AmValue::Scalar(s) => match s.as_ref() {
+            ScalarValue::Boolean(_) => "a boolean",
+            ScalarValue::Str(_) => "a string",
+            ScalarValue::Int(_) | ScalarValue::Uint(_) => "an integer",
+            _ => "another scalar",
+        },
+    }
+}
+
+/// Checks the member list's layout: `_kind` is `_members`, every other key `<node id>/<field>`
+/// holding a scalar (never an object: two nodes must never create competing containers), and
+/// the fields the list reads of the types it reads them as. Fields it does not know yet are
+/// left to the version that writes them.
+pub fn check_members_layout(d: &AutoCommit) -> Result<(), MembersLayoutError> {
+    let unreadable = |key: &str, e: automerge::AutomergeError| MembersLayoutError::Unreadable {
+        key: key.chars().take(128).collect(),
+        reason: e.to_string(),
+    };
+    let kinds = d
+        .get_all(ROOT, "_kind")
+        .map_err(|e| unreadable("_kind", e))?;
+    let is_members = matches!(
+        kinds.as_slice(),
+        [(AmValue::Scalar(s), _)] if matches!(s.as_ref(), ScalarValue::Str(k) if k.as_str() == "_members")
+    );
+    if !is_members {
+        return Err(MembersLayoutError::NotMembers);
+    }
+    for key in d.keys(ROOT) {
+        if key == "_kind" {
+            continue;
+        }
+        let short = || key.chars().take(128).collect::<String>();
+        let Some((id, field)) = key.split_once('/') else {
+            return Err(MembersLayoutError::Key { key: short() });
+        };
+        if id.is_empty() || field.is_empty() {
+            return Err(MembersLayoutError::Key { key: short() });
+        }
+        let expected = match field {
+            "name" | "addr" | "version" | "key" | "admission" => Some("a string"),
+            "removed" => Some("a boolean"),
+            _ => None,
+        };
+        for (v, _) in d
+            .get_all(ROOT, key.as_str())
+            .map_err(|e| unreadable(&key, e))?
+        {
+            let ok = match (&v, expected) {
+                (AmValue::Object(_), _) => false,
+                (AmValue::Scalar(_), None) => true,
+                (AmValue::Scalar(s), Some("a boolean")) => {
+                    matches!(s.as_ref(), ScalarValue::Boolean(_))
+                }
+                (AmValue::Scalar(s), Some(_)) => matches!(s.as_ref(), ScalarValue::Str(_)),
+            };
+            if !ok {
+                return Err(MembersLayoutError::WrongType {
+                    key: short(),
+                    expected: expected.unwrap_or("a scalar"),
+                    found: am_type(&v),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a document a peer changed or sent before it is stored: the layout of its kind (the
+/// member list: its own), and that it reads as its kind.
+pub fn check_received(id: &str, d: &mut AutoCommit) -> Result<IndexEntry, Invalid> {
+    if id == MEMBERS_DOC {
+        check_members_layout(d)?;
+    } else {
+        let (kind, _) =
+            crdt_schema::parse_doc_id(id).map_err(|e| crate::core::index::RowError::BadId {
+                id: id.chars().take(200).collect(),
+                reason: e.to_string(),
+            })?;
+        doc::check_layout(d, kind)?;
+    }
+    Ok(row_for(id, d)?)
 }
 
 /// Where the messages that follow a peer's answer go.
@@ -131,6 +365,16 @@ pub enum Cmd {
         record: TokenRecord,
         reply: oneshot::Sender<Result<(), Error>>,
     },
+    /// Lists the join tokens this node made (their IDs, never their secrets).
+    ListTokens {
+        reply: oneshot::Sender<Result<Vec<TokenInfo>, Error>>,
+    },
+    /// Revokes the join token whose ID starts with `id` (lowercase hex): a join with it is
+    /// refused from then on.
+    RevokeToken {
+        id: String,
+        reply: oneshot::Sender<Result<Revoked, Error>>,
+    },
     /// Consumes a join token and adds the member, atomically. Answers the saved member list.
     Admit {
         secret_hash: String,
@@ -164,9 +408,11 @@ impl IngestDoc {
     /// Loads the bytes and derives the document's heads and index row. Pure and CPU-bound: run
     /// it on a blocking thread.
     pub fn prepare(id: String, bytes: Vec<u8>) -> IngestDoc {
+        // A document that breaks its layout is not derived: it goes the merging path, which
+        // refuses it and counts it against the peer.
         let derived = if repl::valid_doc_id(&id) {
             AutoCommit::load(&bytes).ok().and_then(|mut d| {
-                let entry = row_for(&id, &mut d).ok()?;
+                let entry = check_received(&id, &mut d).ok()?;
                 Some((d.get_heads(), entry))
             })
         } else {
@@ -230,6 +476,9 @@ struct Batch {
     unlogged: bool,
     /// Node-local rows were written (they need a commit too).
     wrote_local: bool,
+    /// Documents a peer changed or sent that were refused (they break their layout): their
+    /// changes may be in a record started ahead, which must then never be replayed.
+    refused: usize,
     poisoned: Option<StoreError>,
 }
 
@@ -276,6 +525,14 @@ enum Deferred {
         oneshot::Sender<Result<Vec<u8>, AdmitError>>,
         Result<Vec<u8>, AdmitError>,
     ),
+    Tokens(
+        oneshot::Sender<Result<Vec<TokenInfo>, Error>>,
+        Result<Vec<TokenInfo>, Error>,
+    ),
+    Revoke(
+        oneshot::Sender<Result<Revoked, Error>>,
+        Result<Revoked, Error>,
+    ),
 }
 
 impl Deferred {
@@ -315,6 +572,10 @@ impl Deferred {
             (Deferred::Unit(r, _), Err(e)) => drop(r.send(Err(Error::Store(e.clone())))),
             (Deferred::Admit(r, v), Ok(())) => drop(r.send(v)),
             (Deferred::Admit(r, _), Err(e)) => drop(r.send(Err(AdmitError::Store(e.clone())))),
+            (Deferred::Tokens(r, v), Ok(())) => drop(r.send(v)),
+            (Deferred::Tokens(r, _), Err(e)) => drop(r.send(Err(Error::Store(e.clone())))),
+            (Deferred::Revoke(r, v), Ok(())) => drop(r.send(v)),
+            (Deferred::Revoke(r, _), Err(e)) => drop(r.send(Err(Error::Store(e.clone())))),
         }
     }
 }
@@ -630,6 +891,7 @@ impl Driver {
                 | Cmd::Shutdown
                 | Cmd::CheckDisk
                 | Cmd::RepairRows { .. }
+                | Cmd::ListTokens { .. }
                 | Cmd::Serve {
                     req: Request::Fetch { .. },
                     ..
@@ -660,6 +922,7 @@ impl Driver {
                         full(self).to_string(),
                     ))),
                 ),
+                Cmd::RevokeToken { reply, .. } => Deferred::Revoke(reply, Err(full(self))),
             };
             refused.send(&Ok(()), &self.published.metrics);
         }
@@ -758,6 +1021,7 @@ impl Driver {
             stored: HashMap::new(),
             unlogged: false,
             wrote_local: false,
+            refused: 0,
             poisoned: None,
         };
         let mut deferred = Vec::with_capacity(cmds.len());
@@ -774,8 +1038,12 @@ impl Driver {
             poisoned,
             unlogged,
             wrote_local,
+            refused,
             ..
         } = b;
+        // A record started ahead holds every change the peers sent, refused ones included: it
+        // must never be replayed, so the batch commits as a checkpoint, which covers it.
+        let refused_ahead = refused > 0 && matches!(prelogged, Some(Prelogged::Submitted));
         let prelogged = prelogged.filter(|_| !unlogged);
         let dirty = !entries.is_empty() || !changed.is_empty() || wrote_local;
         // A node whose log has failed pushes nothing: its commits will all fail.
@@ -809,6 +1077,7 @@ impl Driver {
             })
             .collect();
         let mode = match () {
+            _ if refused_ahead => Some(CommitMode::Checkpoint),
             // A batch that changed nothing does not pay for a disk write.
             _ if !dirty => None,
             // Membership changes go to redb durably at once, not only to the log: a node that
@@ -870,6 +1139,8 @@ impl Driver {
                 Deferred::Unit(reply, Err(Error::Store(e.clone())))
             }
             Cmd::Admit { reply, .. } => Deferred::Admit(reply, Err(AdmitError::Store(e.clone()))),
+            Cmd::ListTokens { reply } => Deferred::Tokens(reply, Err(Error::Store(e.clone()))),
+            Cmd::RevokeToken { reply, .. } => Deferred::Revoke(reply, Err(Error::Store(e.clone()))),
         }
     }
 
@@ -945,32 +1216,46 @@ impl Driver {
                 .filter(|(_, heads)| *heads == d.get_heads())
                 .map(|(bytes, _)| bytes);
             let stored = b.stored.get(&id).cloned().unwrap_or_default();
-            let r = match row_for(&id, d) {
-                Err(e) => Err(PersistError::Row(e)),
+            // What a peer changed or sent is checked against the layout of its kind before it
+            // is stored: a peer cannot plant what no node would write.
+            let checked = match origin {
+                Origin::Remote { .. } => check_received(&id, d),
+                Origin::Local => row_for(&id, d).map_err(Invalid::from),
+            };
+            let r = match checked {
+                Err(e) => Err(PersistError::Invalid(e)),
                 Ok(entry) => b
                     .txn
                     .put_doc(&id, d, entry.clone(), saved, &stored)
                     .map(|_| entry)
                     .map_err(PersistError::Store),
             };
-            b.stored.insert(id.clone(), d.get_heads());
             match r {
                 Ok(entry) => {
+                    b.stored.insert(id.clone(), d.get_heads());
                     b.entries.insert(id.clone(), entry);
                     b.changed.insert(id, origin.clone());
                 }
-                Err(PersistError::Row(e)) => {
-                    // A document that does not read as its kind is never stored; the rest of
-                    // the batch goes on.
-                    tracing::warn!(doc = %id, ?origin, error = %e, "a document from a peer is refused");
-                    if let Origin::Remote { peer } = origin {
-                        self.published
-                            .metrics
-                            .rejected
-                            .get_or_create(&PeerLabel { peer: peer.clone() })
-                            .inc();
+                Err(PersistError::Invalid(e)) => {
+                    // Never stored, and its in-memory copy (with the peer's changes) is dropped
+                    // so that nothing serves or builds on it; the rest of the batch goes on.
+                    match origin {
+                        Origin::Remote { peer } => {
+                            tracing::warn!(peer = %peer, doc = %id, reason = %e,
+                                "a document from a peer breaks its layout and was refused");
+                            self.published
+                                .metrics
+                                .rejected
+                                .get_or_create(&PeerLabel { peer: peer.clone() })
+                                .inc();
+                            b.refused += 1;
+                        }
+                        Origin::Local => {
+                            tracing::warn!(doc = %id, error = %e, "a document does not read as its kind: not stored");
+                        }
                     }
                     b.touched.remove(&id);
+                    self.cache.pop(&id);
                 }
                 Err(PersistError::Store(e)) => {
                     tracing::warn!(doc = %id, error = %e, "a document cannot be stored");
@@ -1088,17 +1373,9 @@ impl Driver {
                 secret_hash,
                 record,
                 reply,
-            } => {
-                let r = b
-                    .txn
-                    .local_put(
-                        &token_key(&secret_hash),
-                        &serde_json::to_vec(&record).expect("json"),
-                    )
-                    .map_err(Error::Store);
-                b.wrote_local = true;
-                Deferred::Unit(reply, r)
-            }
+            } => Deferred::Unit(reply, self.put_token(b, &secret_hash, &record)),
+            Cmd::ListTokens { reply } => Deferred::Tokens(reply, self.list_tokens(b)),
+            Cmd::RevokeToken { id, reply } => Deferred::Revoke(reply, self.revoke_token(b, &id)),
             Cmd::Admit {
                 secret_hash,
                 member,
@@ -1184,6 +1461,7 @@ impl Driver {
             }
         }
         let merge_count = merge.len();
+        let refused_before = b.refused;
         // Documents this node already has (or that did not load ahead) merge as usual.
         let rejected = self.with_docs(b, origin, |d, _| {
             merge
@@ -1194,7 +1472,94 @@ impl Driver {
         for r in &rejected {
             self.rejected(peer, r, "a fetched document");
         }
-        n + merge_count - rejected.len()
+        let refused = b.refused.saturating_sub(refused_before);
+        (n + merge_count).saturating_sub(rejected.len() + refused)
+    }
+
+    /// A token's stored record.
+    fn token(b: &Batch, secret_hash: &str) -> Result<Option<StoredToken>, StoreError> {
+        Ok(b.txn
+            .local_get(&token_key(secret_hash))?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// The hashes of the tokens this node made, as listed.
+    fn token_hashes(b: &Batch) -> Result<Vec<String>, StoreError> {
+        Ok(b.txn
+            .local_get(TOKENS_KEY)?
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or_default())
+    }
+
+    /// Stores a new token and lists it; tokens expired for a week leave the list.
+    fn put_token(
+        &mut self,
+        b: &mut Batch,
+        secret_hash: &str,
+        record: &TokenRecord,
+    ) -> Result<(), Error> {
+        let now = self.clock.wall_ms();
+        let stored = StoredToken {
+            expires_wall_ms: record.expires_wall_ms,
+            used: record.used,
+            revoked: false,
+        };
+        b.txn.local_put(
+            &token_key(secret_hash),
+            &serde_json::to_vec(&stored).expect("json"),
+        )?;
+        b.wrote_local = true;
+        let mut hashes = Vec::new();
+        for h in Self::token_hashes(b)? {
+            let keep = Self::token(b, &h)?.is_some_and(|t| {
+                t.expires_wall_ms
+                    .saturating_add(TOKEN_LISTED_AFTER_EXPIRY_MS)
+                    > now
+            });
+            if keep && h != secret_hash {
+                hashes.push(h);
+            }
+        }
+        hashes.push(secret_hash.to_string());
+        b.txn
+            .local_put(TOKENS_KEY, &serde_json::to_vec(&hashes).expect("json"))?;
+        Ok(())
+    }
+
+    fn list_tokens(&mut self, b: &mut Batch) -> Result<Vec<TokenInfo>, Error> {
+        let now = self.clock.wall_ms();
+        let mut out = Vec::new();
+        for h in Self::token_hashes(b)? {
+            if let Some(t) = Self::token(b, &h)? {
+                out.push(TokenInfo::of(&h, &t, now));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Revokes the one token whose ID starts with `prefix`.
+    fn revoke_token(&mut self, b: &mut Batch, prefix: &str) -> Result<Revoked, Error> {
+        let now = self.clock.wall_ms();
+        let matching: Vec<String> = Self::token_hashes(b)?
+            .into_iter()
+            .filter(|h| !prefix.is_empty() && token_id(h).starts_with(prefix))
+            .collect();
+        let hash = match matching.as_slice() {
+            [] => return Ok(Revoked::NotFound),
+            [h] => h,
+            more => return Ok(Revoked::Ambiguous(more.len())),
+        };
+        let Some(mut t) = Self::token(b, hash)? else {
+            return Ok(Revoked::NotFound);
+        };
+        if !t.revoked {
+            t.revoked = true;
+            b.txn
+                .local_put(&token_key(hash), &serde_json::to_vec(&t).expect("json"))?;
+            b.wrote_local = true;
+            tracing::info!(token = %token_id(hash), "a join token was revoked");
+        }
+        Ok(Revoked::Token(TokenInfo::of(hash, &t, now)))
     }
 
     fn admit(
@@ -1204,29 +1569,11 @@ impl Driver {
         member: &Member,
     ) -> Result<Vec<u8>, AdmitError> {
         let key = token_key(secret_hash);
-        let rec: Option<TokenRecord> = b
-            .txn
-            .local_get(&key)?
-            .and_then(|v| serde_json::from_slice(&v).ok());
+        let rec = Self::token(b, secret_hash)?;
         let now = self.clock.wall_ms();
-        match rec {
-            None => {
-                return Err(AdmitError::Token(
-                    "the join token is not valid for this cluster member (wrong or mistyped token, or one made by another node)".into(),
-                ))
-            }
-            Some(r) if r.used => {
-                return Err(AdmitError::Token(
-                    "the join token was already used: create a new one".into(),
-                ))
-            }
-            Some(r) if r.expires_wall_ms <= now => {
-                return Err(AdmitError::Token(format!(
-                    "the join token expired {} s ago: create a new one",
-                    (now - r.expires_wall_ms) / 1000
-                )))
-            }
-            Some(mut r) => {
+        match judge_token(rec, secret_hash, now) {
+            Err(e) => return Err(e),
+            Ok(mut r) => {
                 r.used = true;
                 b.txn
                     .local_put(&key, &serde_json::to_vec(&r).expect("json"))?;
@@ -1344,7 +1691,7 @@ impl Driver {
 }
 
 enum PersistError {
-    Row(crate::core::index::RowError),
+    Invalid(Invalid),
     Store(StoreError),
 }
 
@@ -1786,5 +2133,199 @@ mod tests {
         assert_eq!(b.get(Kind::Site, "s4").expect("read"), None, "deleted");
         rt.block_on(b.ingest("peer", docs)).expect("ingest again");
         assert!(entries(&b) == before, "a second copy changed the index");
+    }
+
+    /// What a peer changed or sent is checked against the layout of its kind before it is
+    /// stored: a hand-built change that nests a map where the schema has a register, or writes a
+    /// string to an integer field, or breaks the member list's flat layout, is refused. The
+    /// stored document stays as it was, nothing is cached or served from the refused copy, the
+    /// refusal is counted against the peer, and a valid change from the same peer still goes
+    /// through. A whole document planted by sync or by fetch is refused the same way.
+    #[test]
+    fn changes_that_break_the_layout_are_refused() {
+        use automerge::transaction::Transactable;
+        use automerge::ObjType;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        Node::init(dir.path(), &Default::default(), &opts(1)).expect("init");
+        let b = Node::open(dir.path(), opts(2)).expect("open");
+        let id = crdt_schema::doc_id(Kind::Site, "s1");
+        rt.block_on(b.put(Kind::Site, "s1", site("/one")))
+            .expect("put");
+        let stored = |b: &Node, id: &str| b.store().load_doc(id).expect("load");
+        let rejected = |b: &Node| {
+            b.published()
+                .metrics
+                .rejected
+                .get_or_create(&PeerLabel {
+                    peer: "evil".into(),
+                })
+                .get()
+        };
+        // A change on top of what `b` stores, by another actor, sent as a push.
+        let push = |base: &AutoCommit, edit: &dyn Fn(&mut AutoCommit)| {
+            let mut d = base.clone();
+            d.set_actor(ActorId::from(vec![0xee; 16]));
+            let before = d.get_heads();
+            edit(&mut d);
+            d.commit();
+            let heads = d.get_heads();
+            Sessions::push_message(heads.clone(), d.save_after(&before))
+        };
+        let base = stored(&b, &id).expect("stored");
+        let base_heads = base.clone().get_heads();
+        type Edit = Box<dyn Fn(&mut AutoCommit)>;
+        let bad: Vec<(&str, Edit)> = vec![
+            (
+                "a map where root_dir's register is",
+                Box::new(|d| {
+                    d.put_object(automerge::ROOT, "root_dir", ObjType::Map)
+                        .expect("put_object");
+                }),
+            ),
+            (
+                "a string in max_sessions",
+                Box::new(|d| {
+                    d.put(automerge::ROOT, "max_sessions", "lots").expect("put");
+                }),
+            ),
+            (
+                "a new protocols container",
+                Box::new(|d| {
+                    d.put_object(automerge::ROOT, "protocols", ObjType::Map)
+                        .expect("put_object");
+                }),
+            ),
+        ];
+        for (n, (what, edit)) in bad.iter().enumerate() {
+            let msgs = vec![(id.clone(), push(&base, edit.as_ref()))];
+            rt.block_on(b.serve("evil", Request::Sync { msgs }))
+                .expect("served");
+            assert_eq!(
+                stored(&b, &id).expect("stored").get_heads(),
+                base_heads,
+                "{what}: the refused change was stored"
+            );
+            assert_eq!(rejected(&b), n as u64 + 1, "{what}: not counted");
+            // What a crash leaves now (the database and the log as they are) must not bring
+            // the refused change back when the log is replayed: a record started ahead of the
+            // batch held it.
+            let crashed = dir.path().join(format!("crashed{n}"));
+            std::fs::create_dir(&crashed).expect("mkdir");
+            let db = dir.path().join(super::super::DB_FILE);
+            let copy = crashed.join(super::super::DB_FILE);
+            std::fs::copy(&db, &copy).expect("copy db");
+            std::fs::copy(crate::store::wal_path(&db), crate::store::wal_path(&copy))
+                .expect("copy wal");
+            let replayed = Store::open(&copy).expect("the crashed copy opens");
+            assert_eq!(
+                replayed
+                    .load_doc(&id)
+                    .expect("load")
+                    .expect("stored")
+                    .get_heads(),
+                base_heads,
+                "{what}: the refused change came back from the log"
+            );
+        }
+        let read = b.get(Kind::Site, "s1").expect("read").expect("exists");
+        assert_eq!(read["fields"]["root_dir"], json!("/one"));
+        // The cache holds nothing of a refused copy: a local write builds on what is stored.
+        rt.block_on(b.patch(Kind::Site, "s1", json!({"max_sessions": 7})))
+            .expect("patch");
+        let mut now = stored(&b, &id).expect("stored");
+        let doc_state = doc::read(&now, Kind::Site, "s1").expect("reads");
+        assert_eq!(doc_state.fields["max_sessions"], json!(7));
+        doc::check_layout(&now, Kind::Site).expect("what is stored has the layout");
+        let ours = now.get_heads();
+        // A valid change from the same peer is taken.
+        let msgs = vec![(
+            id.clone(),
+            push(&now, &|d: &mut AutoCommit| {
+                d.put(automerge::ROOT, "root_dir", "/two").expect("put");
+            }),
+        )];
+        rt.block_on(b.serve("evil", Request::Sync { msgs }))
+            .expect("served");
+        assert_ne!(stored(&b, &id).expect("stored").get_heads(), ours);
+        assert_eq!(
+            b.get(Kind::Site, "s1").expect("read").expect("exists")["fields"]["root_dir"],
+            json!("/two")
+        );
+        assert_eq!(rejected(&b), 3, "a valid change was refused");
+        // A whole document planted by sync, and by fetch.
+        let planted = crdt_schema::doc_id(Kind::Site, "planted");
+        let mut p = doc::genesis(Kind::Site);
+        p.set_actor(ActorId::from(vec![0xee; 16]));
+        p.put(automerge::ROOT, "_alive", true).expect("put");
+        p.put(automerge::ROOT, "enabled", 1i64).expect("put");
+        p.commit();
+        let whole = p.save();
+        let msgs = vec![(
+            planted.clone(),
+            Sessions::push_message(p.get_heads(), whole.clone()),
+        )];
+        rt.block_on(b.serve("evil", Request::Sync { msgs }))
+            .expect("served");
+        assert!(
+            stored(&b, &planted).is_none(),
+            "a planted document was stored"
+        );
+        assert_eq!(b.get(Kind::Site, "planted").expect("read"), None);
+        assert_eq!(rejected(&b), 4);
+        let n = rt
+            .block_on(b.ingest("evil", vec![(planted.clone(), whole)]))
+            .expect("ingest");
+        assert_eq!(n, 0, "a fetched document that breaks its layout was taken");
+        assert!(stored(&b, &planted).is_none());
+        assert_eq!(rejected(&b), 5);
+        // The member list has its own layout: flat registers, never a nested object.
+        let members = stored(&b, MEMBERS_DOC).expect("members");
+        let before = members.clone().get_heads();
+        let msgs = vec![(
+            MEMBERS_DOC.to_string(),
+            push(&members, &|d: &mut AutoCommit| {
+                d.put_object(automerge::ROOT, "x/name", ObjType::Map)
+                    .expect("put_object");
+            }),
+        )];
+        rt.block_on(b.serve("evil", Request::Sync { msgs }))
+            .expect("served");
+        assert_eq!(
+            stored(&b, MEMBERS_DOC).expect("members").get_heads(),
+            before
+        );
+        assert_eq!(b.members().len(), 1);
+        assert_eq!(rejected(&b), 6);
+    }
+
+    /// The member list's layout check accepts what `core::members` writes and refuses what it
+    /// never does.
+    #[test]
+    fn the_member_list_layout() {
+        use automerge::transaction::Transactable;
+        let mut d = members::genesis();
+        d.set_actor(ActorId::from(vec![1u8; 16]));
+        d.put(automerge::ROOT, "n1/name", "one").expect("put");
+        d.put(automerge::ROOT, "n1/removed", false).expect("put");
+        d.put(automerge::ROOT, "n1/future_field", 3i64)
+            .expect("put");
+        d.commit();
+        check_members_layout(&d).expect("valid");
+        for (key, v) in [
+            ("n1/removed", automerge::ScalarValue::Str("no".into())),
+            ("n1/name", automerge::ScalarValue::Int(1)),
+            ("noslash", automerge::ScalarValue::Int(1)),
+            ("_kind", automerge::ScalarValue::Str("site".into())),
+        ] {
+            let mut bad = d.clone();
+            bad.put(automerge::ROOT, key, v).expect("put");
+            bad.commit();
+            assert!(check_members_layout(&bad).is_err(), "{key} accepted");
+        }
+        assert!(check_members_layout(&doc::genesis(Kind::Site)).is_err());
     }
 }

@@ -26,6 +26,9 @@ pub enum Error {
     NotInitialised(String),
     #[error("{dir} is already initialised (node {node_id})")]
     AlreadyInitialised { dir: String, node_id: String },
+    /// A node name outside the safe set; nothing was created.
+    #[error("--name {0:?}: a node name is 1 to 64 of A-Z a-z 0-9 . _ -")]
+    BadName(String),
     /// A file of the data directory could not be made or read; nothing was initialised.
     #[error("{what} {path}: {source}")]
     Io {

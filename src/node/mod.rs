@@ -35,7 +35,7 @@ use crate::store::{Store, StoreError};
 use crdt_schema::doc::{self, EntityState, HistoryEntry};
 use crdt_schema::typed::Entity;
 use crdt_schema::{doc_id, Kind};
-use driver::{AdmitError, Cmd, Driver, IngestDoc, SyncThen, TokenRecord};
+use driver::{AdmitError, Cmd, Driver, IngestDoc, Revoked, SyncThen, TokenInfo, TokenRecord};
 use serde_json::Value;
 use state::Published;
 use std::path::{Path, PathBuf};
@@ -98,11 +98,15 @@ impl Node {
 
     /// The first half of [`Node::open`]: the database is open and the node's configuration
     /// known, the write-ahead log not replayed yet (which may take a while after a crash).
+    ///
+    /// Refuses a directory whose secrets others could read or change, as ssh's `StrictModes`
+    /// does (see [`check_permissions`]).
     pub fn opening(dir: &Path) -> Result<Opening, Error> {
         let db_path = dir.join(DB_FILE);
         if !db_path.exists() {
             return Err(Error::NotInitialised(dir.display().to_string()));
         }
+        check_permissions(dir)?;
         let store = Store::opening(&db_path).map_err(|e| match e {
             StoreError::Damaged(reason) => Error::Damaged {
                 dir: dir.display().to_string(),
@@ -311,6 +315,22 @@ impl Node {
         self.ask(|reply| Cmd::PutToken {
             secret_hash,
             record,
+            reply,
+        })
+        .await?
+    }
+
+    /// The join tokens this node made: their IDs (a prefix of the stored hash, never the
+    /// secret), expiry, and whether they were used or revoked.
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>, Error> {
+        self.ask(|reply| Cmd::ListTokens { reply }).await?
+    }
+
+    /// Revokes the join token whose ID starts with `id` (hex, as listed): joins with it are
+    /// refused from then on. Revoking one already revoked changes nothing.
+    pub async fn revoke_token(&self, id: &str) -> Result<Revoked, Error> {
+        self.ask(|reply| Cmd::RevokeToken {
+            id: id.to_ascii_lowercase(),
             reply,
         })
         .await?
@@ -578,6 +598,80 @@ fn watch_disk(tx: mpsc::Sender<Cmd>, published: Arc<Published>, store: std::sync
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the disk watcher: a full disk recovers at the next write");
     }
+}
+
+/// What refusing to start says, before the path.
+const TOO_OPEN: &str = "refusing to start: permissions too open on";
+
+/// Refuses to start on a data directory whose secrets other users could read or change, as ssh's
+/// `StrictModes` does: the database and its log (password hashes, private keys), `node.json`
+/// and the TLS keys must not be readable or writable by group or others, and the directory must
+/// not be writable by them (they could replace any file). A directory only readable by them
+/// (file names, not contents: every file in it is 0600) is reported and tolerated: copies made
+/// with ordinary tools (backups, `cp -r`) are often 0755. The error names the path, its mode
+/// and the `chmod` that fixes it.
+pub fn check_permissions(dir: &Path) -> Result<(), Error> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode_of = |path: &Path| -> Result<Option<u32>, Error> {
+            match std::fs::metadata(path) {
+                Ok(m) => Ok(Some(m.permissions().mode() & 0o7777)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(Error::io("cannot read the permissions of", path, e)),
+            }
+        };
+        let refuse = |path: &Path, mode: u32, who: &str, fix: u32| Error::Io {
+            what: TOO_OPEN,
+            path: path.display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "mode {mode:04o} lets {who}; run: chmod {fix:o} {}",
+                    path.display()
+                ),
+            ),
+        };
+        if let Some(mode) = mode_of(dir)? {
+            if mode & 0o022 != 0 {
+                return Err(refuse(dir, mode, "group or others write in it", 0o700));
+            }
+            if mode & 0o077 != 0 {
+                tracing::warn!(dir = %dir.display(), mode = format!("{mode:04o}"),
+                    "the data directory is readable by group or others (its files are not): chmod 700 it");
+            }
+        }
+        let db = dir.join(DB_FILE);
+        let mut files = vec![crate::store::wal_path(&db), db, dir.join("node.json")];
+        let tls = dir.join("tls");
+        match std::fs::read_dir(&tls) {
+            Ok(entries) => {
+                let mut keys: Vec<_> = entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "key"))
+                    .collect();
+                keys.sort();
+                files.extend(keys);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("cannot read the directory", &tls, e)),
+        }
+        for file in files {
+            if let Some(mode) = mode_of(&file)? {
+                if mode & 0o066 != 0 {
+                    return Err(refuse(
+                        &file,
+                        mode,
+                        "group or others read or write it",
+                        0o600,
+                    ));
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 fn prefix(kind: Kind) -> String {

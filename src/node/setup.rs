@@ -108,6 +108,11 @@ pub fn init(
     clock: &Arc<dyn Clock>,
     seed: Option<u64>,
 ) -> Result<NodeConfig, Error> {
+    if let Some(name) = &opts.name {
+        if !members::valid_node_name(name) {
+            return Err(Error::BadName(name.chars().take(80).collect()));
+        }
+    }
     let mut rng = seeded(seed);
     let node_id = random_hex(&mut rng);
     let cluster_id = random_hex(&mut rng);
@@ -154,7 +159,7 @@ pub fn create_dir(
     TlsFiles::new(dir)
         .write(material)
         .map_err(|e| Error::Tls(e.to_string()))?;
-    write_store(dir, cfg, members_doc, clock, rng)
+    write_store(dir, cfg, material, members_doc, clock, rng)
 }
 
 /// The identity file: a copy of the node-local configuration beside the database, read by
@@ -177,6 +182,7 @@ pub fn ensure_identity_file(dir: &Path, cfg: &NodeConfig) -> Result<(), Error> {
 fn write_store(
     dir: &Path,
     cfg: &NodeConfig,
+    material: &Material,
     members_doc: Option<&[u8]>,
     clock: &dyn Clock,
     rng: &mut ChaCha8Rng,
@@ -202,12 +208,24 @@ fn write_store(
             let mut actor = [0u8; 16];
             rng.fill_bytes(&mut actor);
             d.set_actor(ActorId::from(actor.as_slice()));
+            // The first member admits itself: its signature over its own key.
+            let tls = |e: crate::net::tls::TlsError| Error::Tls(e.to_string());
+            let key = material.node_public_key().map_err(tls)?;
+            let sig = material
+                .sign(&members::admission_message(
+                    &cfg.cluster_id,
+                    &cfg.node_id,
+                    &key,
+                ))
+                .map_err(tls)?;
             let me = Member {
                 id: cfg.node_id.clone(),
                 name: cfg.name.clone(),
                 addr: cfg.ipc_advertise.clone(),
                 version: crate::net::ipc::version(),
                 removed: false,
+                admission: format!("{}:{sig}", cfg.node_id),
+                key,
             };
             members::upsert(&mut d, &me, clock.wall_ms()).map_err(|e| {
                 Error::Row(crate::core::index::RowError::Unreadable {
@@ -253,7 +271,7 @@ pub fn repair(dir: &Path, clock: &dyn Clock) -> Result<Repaired, Error> {
     if !db_path.exists() && !dir.join(IDENTITY_FILE).exists() {
         return Err(Error::NotInitialised(dir.display().to_string()));
     }
-    TlsFiles::new(dir).read().map_err(|e| {
+    let material = TlsFiles::new(dir).read().map_err(|e| {
         Error::Tls(format!(
             "the node's certificate and keys are needed to repair it: {e}"
         ))
@@ -298,7 +316,14 @@ pub fn repair(dir: &Path, clock: &dyn Clock) -> Result<Repaired, Error> {
         }
     }
     let mut rng = seeded(None);
-    write_store(dir, &config, members_doc.as_deref(), clock, &mut rng)?;
+    write_store(
+        dir,
+        &config,
+        &material,
+        members_doc.as_deref(),
+        clock,
+        &mut rng,
+    )?;
     Ok(Repaired {
         config,
         moved_to,

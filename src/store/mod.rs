@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use wal::Wal;
 
 pub mod metrics;
+pub mod secrets;
 #[cfg(any(test, feature = "sim"))]
 pub mod simdisk;
 pub mod wal;

@@ -9,5 +9,6 @@ mod embedded;
 mod fuzz_regressions;
 mod health;
 mod process;
+mod security;
 mod simulation;
 mod storage;

@@ -162,6 +162,14 @@ pub enum TokenCommand {
         #[arg(long)]
         ttl: Option<String>,
     },
+    /// List the join tokens this node made: ID, expiry, and whether used or revoked (never the
+    /// token itself).
+    List,
+    /// Revoke a join token of this node: a join with it is refused from then on.
+    Revoke {
+        /// The token's ID as `peerconf token list` shows it (or its first 6 digits or more).
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -413,15 +421,26 @@ async fn admin_command(api: &str, cmd: Command) -> Result<Value, CallError> {
             c.call(Method::DELETE, &format!("/v1/nodes/{}", seg(&id)), None)
                 .await
         }
+        Command::Token {
+            what: TokenCommand::List,
+        } => c.call(Method::GET, "/v1/tokens", None).await,
+        Command::Token {
+            what: TokenCommand::Revoke { id },
+        } => {
+            c.call(Method::DELETE, &format!("/v1/tokens/{}", seg(&id)), None)
+                .await
+        }
         Command::Init { .. }
         | Command::Run { .. }
         | Command::Repair { .. }
         | Command::Bench { .. }
         | Command::Demo { .. }
         | Command::Join { .. }
-        | Command::Token { .. } => {
-            unreachable!("handled by main")
-        }
+        | Command::Token {
+            what: TokenCommand::Create { .. },
+        } => Err(CallError(
+            "this command does not talk to the admin API (internal error)".into(),
+        )),
     }
 }
 
