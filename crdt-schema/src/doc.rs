@@ -376,18 +376,6 @@ pub fn read(doc: &AutoCommit, kind: Kind, name: &str) -> Result<EntityState, Aut
     })
 }
 
-/// The stored value of a secret register (a password hash, a private key). For the embedding
-/// server's own use (checking a login, loading a key); no read path of peerconf calls it.
-pub fn read_secret(doc: &AutoCommit, field: &str) -> Option<String> {
-    match doc.get(ROOT, field).ok()?? {
-        (Value::Scalar(s), _) => match s.as_ref() {
-            ScalarValue::Str(s) => Some(s.to_string()),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
 fn scalar_json(s: &ScalarValue) -> Option<Json> {
     match s {
         ScalarValue::Boolean(b) => Some(json!(b)),
@@ -587,10 +575,20 @@ pub fn check_layout(doc: &AutoCommit, kind: Kind) -> Result<(), LayoutError> {
                         (Value::Scalar(s), Type::Int { .. }) => {
                             matches!(s.as_ref(), ScalarValue::Int(_))
                         }
+                        // A secret field holds a reference, never a value.
+                        (Value::Scalar(s), _) if field.secret => matches!(
+                            s.as_ref(),
+                            ScalarValue::Str(r) if crate::secret::is_ref(r)
+                        ),
                         (Value::Scalar(s), _) => matches!(s.as_ref(), ScalarValue::Str(_)),
                         (Value::Object(_), _) => false,
                     };
                     if !ok {
+                        let expected = if field.secret {
+                            "a secret reference"
+                        } else {
+                            expected
+                        };
                         return Err(wrong(field.name, expected, v));
                     }
                 }

@@ -87,6 +87,31 @@ pub fn current_ref(doc: &AutoCommit, field: &str) -> Option<String> {
     }
 }
 
+/// The secret field a change writes a value (not a reference) into, if any: such a change is
+/// refused from a peer, since no node of this version writes one and its value would stay in
+/// the history of every node.
+pub fn change_puts_value(change: &automerge::Change, kind: Kind) -> Option<&'static str> {
+    let mut fields = secret_fields(kind).peekable();
+    fields.peek()?;
+    let fields: Vec<&'static str> = fields.collect();
+    for op in change.decode().operations {
+        let (automerge::legacy::ObjectId::Root, automerge::legacy::Key::Map(key)) =
+            (&op.obj, &op.key)
+        else {
+            continue;
+        };
+        let Some(field) = fields.iter().find(|f| **f == key.as_str()) else {
+            continue;
+        };
+        match &op.action {
+            automerge::legacy::OpType::Put(ScalarValue::Str(v)) if is_ref(v.as_str()) => {}
+            automerge::legacy::OpType::Delete => {}
+            _ => return Some(field),
+        }
+    }
+    None
+}
+
 /// A document whose history was rewritten so that no change holds a secret value.
 pub struct Redacted {
     pub doc: AutoCommit,

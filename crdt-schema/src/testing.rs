@@ -158,8 +158,15 @@ pub fn random_write(src: &mut dyn Source, d: &mut AutoCommit, kind: Kind, node: 
         WriteMode::Patch
     };
     let body = random_body(src, kind, mode, &cur);
-    let values = crate::validate_write(kind, &body, mode, cur.alive)
+    let mut values = crate::validate_write(kind, &body, mode, cur.alive)
         .unwrap_or_else(|e| panic!("generator made an invalid body {body}: {e}"));
+    // Documents hold references to secrets, never their values (as the entity layer writes).
+    let id = crate::doc_id(kind, name);
+    for (field, value) in values.iter_mut() {
+        if let crate::FieldValue::Secret(v) = value {
+            *v = crate::secret::secret_ref(&id, field.name, v);
+        }
+    }
     let alive = (mode == WriteMode::Put).then_some(true);
     doc::apply(
         d,

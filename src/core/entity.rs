@@ -67,11 +67,27 @@ pub struct Context<'a> {
     pub salt: [u8; 16],
 }
 
-/// The result of a write: the entity as it now reads, and whether the document changed.
-#[derive(Debug)]
+/// The result of a write: the entity as it now reads, whether the document changed, and the
+/// secret values it wrote (field, value): the document holds only their references
+/// ([`crdt_schema::secret`]), the store keeps the values.
 pub struct Outcome {
     pub state: EntityState,
     pub changed: bool,
+    pub secrets: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret values.
+        f.debug_struct("Outcome")
+            .field("state", &self.state)
+            .field("changed", &self.changed)
+            .field(
+                "secrets",
+                &self.secrets.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 /// Accepts both a bare fields object and the wrapped form every read returns
@@ -129,7 +145,14 @@ pub fn execute(
             if !current.alive {
                 return Err(not_found());
             }
-            (Some(false), Vec::new())
+            // A deleted entity keeps no secret: its values are forgotten on every node.
+            let resets = kind
+                .fields()
+                .iter()
+                .filter(|f| f.secret && current.secrets_set.iter().any(|s| s == f.name))
+                .map(|f| (f, FieldValue::Reset))
+                .collect();
+            (Some(false), resets)
         }
     };
     check_references(kind, &values, world)?;
@@ -158,6 +181,15 @@ pub fn execute(
             }
         }
     }
+    // The document gets each secret's reference; the value goes to the store beside it.
+    let doc_id = crdt_schema::doc_id(kind, name);
+    let mut secrets = Vec::new();
+    for (field, value) in values.iter_mut() {
+        if let FieldValue::Secret(v) = value {
+            let r = crdt_schema::secret::secret_ref(&doc_id, field.name, v);
+            secrets.push((field.name.to_string(), std::mem::replace(v, r)));
+        }
+    }
     let note = ChangeNote {
         node: ctx.node_id.to_string(),
         op: op.name().to_string(),
@@ -179,9 +211,14 @@ pub fn execute(
     } else {
         doc::read(doc, kind, name).map_err(internal)?
     };
+    let changed = !written.is_empty();
+    if !changed {
+        secrets.clear();
+    }
     Ok(Outcome {
         state,
-        changed: !written.is_empty(),
+        changed,
+        secrets,
     })
 }
 
@@ -338,9 +375,24 @@ mod tests {
     /// The hash is of the normalized password: its full-width or decomposed spellings log in.
     #[test]
     fn a_password_verifies_in_every_spelling() {
-        let (d, r) = put_password("caf\u{e9}-ｐａｓｓ", 4);
-        r.expect("accepted");
-        let hash = doc::read_secret(&d, "password").expect("stored");
+        let (mut d, r) = put_password("caf\u{e9}-ｐａｓｓ", 4);
+        let outcome = r.expect("accepted");
+        let [(field, hash)] = &outcome.secrets[..] else {
+            panic!("one secret written: {outcome:?}")
+        };
+        assert_eq!(field, "password");
+        // The document holds only the hash's reference, in its whole history.
+        let r = crdt_schema::secret::current_ref(&d, "password").expect("a reference");
+        assert_eq!(
+            r,
+            crdt_schema::secret::secret_ref("admin/root", "password", hash)
+        );
+        for c in d.get_changes(&[]) {
+            assert_eq!(
+                crdt_schema::secret::change_puts_value(&c, Kind::Admin),
+                None
+            );
+        }
         assert!(
             hash.starts_with("$argon2id$"),
             "not a hash: stored as given"

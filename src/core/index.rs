@@ -23,6 +23,9 @@ pub struct IndexEntry {
     pub heads_hash: [u8; 32],
     /// The entity's public JSON (never a secret), as served by reads.
     pub json: Vec<u8>,
+    /// The references its secret fields show (field, reference): the values the store keeps
+    /// for it ([`crdt_schema::secret`]).
+    pub secrets: Vec<(String, String)>,
 }
 
 /// Why a document has no index row. Nothing was stored.
@@ -53,6 +56,10 @@ pub fn entity_row(doc: &mut AutoCommit, state: &EntityState) -> IndexEntry {
         chunks: 0,
         heads_hash: heads_hash(doc),
         json: serde_json::to_vec(&state.to_json()).expect("json serializes"),
+        secrets: crdt_schema::secret::live_refs(doc, state.kind)
+            .into_iter()
+            .map(|(f, r)| (f.to_string(), r))
+            .collect(),
     }
 }
 
@@ -66,6 +73,7 @@ pub fn row_for(id: &str, d: &mut AutoCommit) -> Result<IndexEntry, RowError> {
             chunks: 0,
             heads_hash: heads_hash(d),
             json: serde_json::to_vec(&list).expect("json serializes"),
+            secrets: Vec::new(),
         });
     }
     let (kind, name) = crdt_schema::parse_doc_id(id).map_err(|e| RowError::BadId {

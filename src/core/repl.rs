@@ -49,6 +49,80 @@ pub trait Docs {
     fn unlogged(&mut self) {}
     /// Its saved bytes, for a peer that lacks it.
     fn saved(&mut self, id: &str) -> Result<Option<Vec<u8>>, DocsError>;
+    /// The secret values its secret fields currently show (field, value), which travel with
+    /// every message that carries its changes ([`crdt_schema::secret`]).
+    fn secrets(&mut self, id: &str) -> Vec<(String, String)> {
+        let _ = id;
+        Vec::new()
+    }
+    /// Secret values a peer sent with a message for the document: kept if, once the batch is
+    /// applied, the document shows their references.
+    fn offer_secrets(&mut self, id: &str, secrets: Vec<(String, String)>) {
+        let _ = (id, secrets);
+    }
+}
+
+/// A message for one document as it travels: the Automerge bytes (a sync message, or a saved
+/// document in a fetch answer), followed, when the document has secret values to send, by those
+/// values. Bytes that do not start with [`FRAMED`] are Automerge bytes alone (an Automerge
+/// message or document never starts with it).
+const FRAMED: u8 = 0xF5;
+
+/// Frames Automerge bytes with the document's secret values (none: the bytes as they are).
+pub fn frame(bytes: Vec<u8>, secrets: &[(String, String)]) -> Vec<u8> {
+    if secrets.is_empty() {
+        return bytes;
+    }
+    let tail = super::wire::encode(&secrets.to_vec());
+    let mut out = Vec::with_capacity(1 + 4 + bytes.len() + tail.len());
+    out.push(FRAMED);
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(&bytes);
+    out.extend_from_slice(&tail);
+    out
+}
+
+/// A document message from a peer: its Automerge bytes and the secret values sent with them.
+pub type Unframed<'a> = (&'a [u8], Vec<(String, String)>);
+
+/// The parts of a framed message ([`frame`]).
+pub fn unframe(bytes: &[u8]) -> Result<Unframed<'_>, Reject> {
+    if bytes.first() != Some(&FRAMED) {
+        return Ok((bytes, Vec::new()));
+    }
+    let bad = |what: &str| Reject::Malformed(format!("framed message: {what}"));
+    let len = bytes
+        .get(1..5)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+        .ok_or_else(|| bad("truncated length"))?;
+    let body = bytes
+        .get(5..5usize.saturating_add(len))
+        .ok_or_else(|| bad("truncated body"))?;
+    let secrets: Vec<(String, String)> =
+        super::wire::decode(&bytes[5 + len..]).map_err(|e| bad(&e.to_string()))?;
+    Ok((body, secrets))
+}
+
+/// The secret field a chunk of Automerge bytes (one change, or a saved document) writes a value
+/// into rather than a reference: never accepted from a peer.
+pub fn secret_value_in(chunk: &[u8], id: &str) -> Option<&'static str> {
+    let Ok((kind, _)) = crdt_schema::parse_doc_id(id) else {
+        return None;
+    };
+    crdt_schema::secret::secret_fields(kind).next()?;
+    if let Ok(change) = automerge::Change::try_from(chunk) {
+        return crdt_schema::secret::change_puts_value(&change, kind);
+    }
+    let mut doc = AutoCommit::load(chunk).ok()?;
+    secret_value_in_doc(&mut doc, kind)
+}
+
+/// The secret field some change of `doc` writes a value into, if any.
+pub fn secret_value_in_doc(doc: &mut AutoCommit, kind: crdt_schema::Kind) -> Option<&'static str> {
+    crdt_schema::secret::secret_fields(kind).next()?;
+    doc.get_changes(&[])
+        .into_iter()
+        .find_map(|c| crdt_schema::secret::change_puts_value(&c, kind))
 }
 
 /// A document access failed below the core (the store); the message says why.
@@ -67,6 +141,8 @@ pub enum Reject {
     Apply(String),
     #[error("storage: {0}")]
     Storage(DocsError),
+    #[error("a change writes a secret value into {0} (only references travel)")]
+    SecretValue(&'static str),
 }
 
 /// A peer's message for one document that was not applied.
@@ -133,10 +209,14 @@ impl Sessions {
     /// records that our heads were announced, so the peer's answer ends the exchange when it has
     /// everything. The changes are deliberately not recorded as sent: should the peer lose them,
     /// nothing stops them from being sent again.
-    pub fn push_message(heads: Vec<automerge::ChangeHash>, changes: Vec<u8>) -> Vec<u8> {
+    pub fn push_message(
+        heads: Vec<automerge::ChangeHash>,
+        changes: Vec<u8>,
+        secrets: &[(String, String)],
+    ) -> Vec<u8> {
         let mut flags = sync::MessageFlags::new();
         flags.set(sync::MessageFlags::SUPPORTS_SYNC_RESET);
-        sync::Message {
+        let m = sync::Message {
             heads,
             need: Vec::new(),
             have: Vec::new(),
@@ -144,7 +224,8 @@ impl Sessions {
             flags: Some(flags),
             version: sync::MessageVersion::V2,
         }
-        .encode()
+        .encode();
+        frame(m, secrets)
     }
 
     /// Records in `peer`'s session for `id` that a push announcing `heads` went out.
@@ -165,6 +246,12 @@ impl Sessions {
     /// it is used. Anything else (a need, changes, other heads, bytes that do not decode) goes
     /// through the session as usual.
     pub fn ends_push(answer: &[u8], pushed: &[automerge::ChangeHash]) -> bool {
+        let Ok((answer, secrets)) = unframe(answer) else {
+            return false;
+        };
+        if !secrets.is_empty() {
+            return false;
+        }
         let Ok(m) = sync::Message::decode(answer) else {
             return false;
         };
@@ -192,9 +279,17 @@ impl Sessions {
         let st = self
             .map
             .get_or_insert_mut((peer.to_string(), dir, id.to_string()), sync::State::new);
-        if let Some(m) = doc.sync().generate_sync_message(st) {
-            out.push((id.to_string(), m.encode()));
-        }
+        let Some(m) = doc.sync().generate_sync_message(st) else {
+            return;
+        };
+        let carries = !m.changes.is_empty();
+        let bytes = m.encode();
+        let secrets = if carries {
+            docs.secrets(id)
+        } else {
+            Vec::new()
+        };
+        out.push((id.to_string(), frame(bytes, &secrets)));
     }
 
     /// Applies a peer's sync messages. Malformed ones are skipped and their session reset; the
@@ -212,7 +307,15 @@ impl Sessions {
                 errors.push(Rejected::new(&id, Reject::BadId));
                 continue;
             }
-            let mut msg = match sync::Message::decode(&bytes) {
+            let (body, secrets) = match unframe(&bytes) {
+                Ok(x) => x,
+                Err(e) => {
+                    self.reset(peer, dir, &id);
+                    errors.push(Rejected::new(&id, e));
+                    continue;
+                }
+            };
+            let mut msg = match sync::Message::decode(body) {
                 Ok(m) => m,
                 Err(e) => {
                     self.reset(peer, dir, &id);
@@ -220,6 +323,16 @@ impl Sessions {
                     continue;
                 }
             };
+            // A change that puts a secret value (not a reference) into the history would keep it
+            // there on every node for ever: the whole message is refused.
+            if let Some(field) = msg.changes.iter().find_map(|c| secret_value_in(c, &id)) {
+                self.reset(peer, dir, &id);
+                errors.push(Rejected::new(&id, Reject::SecretValue(field)));
+                continue;
+            }
+            if !secrets.is_empty() {
+                docs.offer_secrets(&id, secrets);
+            }
             // A document new here that arrives whole (a push of a new document): load it from
             // the bytes and keep them as its stored save, instead of saving it again. The session
             // then takes the message without its changes, which leaves it as if it had applied
@@ -292,16 +405,30 @@ fn reset_state(st: &sync::State) -> sync::State {
 }
 
 /// Applies saved bytes of a document fetched from a peer (merging with what is here).
-pub fn ingest(docs: &mut dyn Docs, id: &str, bytes: &[u8]) -> Result<(), Rejected> {
+/// `bytes`: the document's saved bytes, unframed; `secrets`: the values that came with them.
+pub fn ingest(
+    docs: &mut dyn Docs,
+    id: &str,
+    bytes: &[u8],
+    secrets: Vec<(String, String)>,
+) -> Result<(), Rejected> {
     if !valid_doc_id(id) {
         return Err(Rejected::new(id, Reject::BadId));
     }
     let storage = |e| Rejected::new(id, Reject::Storage(e));
+    let mut doc =
+        AutoCommit::load(bytes).map_err(|e| Rejected::new(id, Reject::Malformed(e.to_string())))?;
+    if let Ok((kind, _)) = crdt_schema::parse_doc_id(id) {
+        if let Some(field) = secret_value_in_doc(&mut doc, kind) {
+            return Err(Rejected::new(id, Reject::SecretValue(field)));
+        }
+    }
+    if !secrets.is_empty() {
+        docs.offer_secrets(id, secrets);
+    }
     if docs.get(id).map_err(storage)?.is_none() {
         // A document new to this node loads whole: several times cheaper than applying the same
         // bytes to an empty document.
-        let doc = AutoCommit::load(bytes)
-            .map_err(|e| Rejected::new(id, Reject::Malformed(e.to_string())))?;
         docs.insert_loaded(id, doc, bytes);
         return Ok(());
     }
@@ -357,7 +484,8 @@ pub fn serve(req: Request, peer: &str, sessions: &mut Sessions, docs: &mut dyn D
                 }
                 if let Ok(Some(b)) = docs.saved(&id) {
                     bytes += b.len();
-                    out.push((id, b));
+                    let secrets = docs.secrets(&id);
+                    out.push((id, frame(b, &secrets)));
                     if bytes > FETCH_BYTES_MAX {
                         break;
                     }
@@ -497,7 +625,7 @@ mod tests {
         let answer = exchange(
             &mut b,
             &mut bs,
-            Sessions::push_message(heads.clone(), a.save()),
+            Sessions::push_message(heads.clone(), a.save(), &[]),
         );
         assert_eq!(b.0.get_mut(ID).expect("b has it").get_heads(), heads);
         assert!(
@@ -508,7 +636,7 @@ mod tests {
         let before = a.get_heads();
         edit(&mut a, "/two");
         let heads = a.get_heads();
-        let push = Sessions::push_message(heads.clone(), a.save_after(&before));
+        let push = Sessions::push_message(heads.clone(), a.save_after(&before), &[]);
         let answer = exchange(&mut b, &mut bs, push);
         assert_eq!(b.0.get_mut(ID).expect("b has it").get_heads(), heads);
         assert!(Sessions::ends_push(&answer, &heads));
@@ -522,7 +650,7 @@ mod tests {
         let before = doc.get_heads();
         edit(&mut doc, "/two");
         let heads = doc.get_heads();
-        let push = Sessions::push_message(heads.clone(), doc.save_after(&before));
+        let push = Sessions::push_message(heads.clone(), doc.save_after(&before), &[]);
         a.insert(ID, doc);
         let mut a_sessions = Sessions::default();
         a_sessions.pushed("b", ID, &heads);

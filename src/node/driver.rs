@@ -399,7 +399,10 @@ impl Cmd {
 /// storing a document new here is then two inserts.
 pub struct IngestDoc {
     pub id: String,
+    /// The document's saved bytes (unframed).
     pub bytes: Vec<u8>,
+    /// The secret values that came with it (field, value).
+    pub secrets: Vec<(String, String)>,
     /// None when the bytes do not load (the driver's own path reports why).
     pub derived: Option<(Vec<ChangeHash>, IndexEntry)>,
 }
@@ -407,18 +410,34 @@ pub struct IngestDoc {
 impl IngestDoc {
     /// Loads the bytes and derives the document's heads and index row. Pure and CPU-bound: run
     /// it on a blocking thread.
-    pub fn prepare(id: String, bytes: Vec<u8>) -> IngestDoc {
-        // A document that breaks its layout is not derived: it goes the merging path, which
-        // refuses it and counts it against the peer.
+    pub fn prepare(id: String, framed: Vec<u8>) -> IngestDoc {
+        let (bytes, secrets) = match repl::unframe(&framed) {
+            Ok((b, s)) if b.len() == framed.len() => (framed, s),
+            Ok((b, s)) => (b.to_vec(), s),
+            // Bytes that do not unframe do not load either: the merging path says why.
+            Err(_) => (framed, Vec::new()),
+        };
+        // A document that breaks its layout, or whose history holds a secret value, is not
+        // derived: it goes the merging path, which refuses it and counts it against the peer.
         let derived = if repl::valid_doc_id(&id) {
             AutoCommit::load(&bytes).ok().and_then(|mut d| {
                 let entry = check_received(&id, &mut d).ok()?;
+                if let Ok((kind, _)) = crdt_schema::parse_doc_id(&id) {
+                    if repl::secret_value_in_doc(&mut d, kind).is_some() {
+                        return None;
+                    }
+                }
                 Some((d.get_heads(), entry))
             })
         } else {
             None
         };
-        IngestDoc { id, bytes, derived }
+        IngestDoc {
+            id,
+            bytes,
+            secrets,
+            derived,
+        }
     }
 }
 
@@ -461,8 +480,12 @@ struct Batch {
     entries: BTreeMap<String, IndexEntry>,
     /// Whether any peer exists to push to (pushes are made only then).
     has_peers: bool,
-    /// What each local write changed, in order, to push: document, heads after, changes.
-    pushes: Vec<(String, Vec<ChangeHash>, Vec<u8>)>,
+    /// What each local write changed, in order, to push: document, heads after, changes, the
+    /// secret values it wrote.
+    pushes: Vec<Push>,
+    /// Secret values peers sent with their messages, by document: stored when the document is,
+    /// if it shows their references.
+    offered: HashMap<String, Vec<(String, String)>>,
     /// Messages that peers' answers called for: peer, messages, round.
     follow_ups: Vec<(String, Msgs, usize)>,
     /// Saved bytes that documents new to this node were loaded from, with the heads they load
@@ -482,9 +505,13 @@ struct Batch {
     poisoned: Option<StoreError>,
 }
 
+/// One local write's push: document, heads after, changes, secret values written.
+type Push = (String, Vec<ChangeHash>, Vec<u8>, Vec<(String, String)>);
+
 /// The record of a batch made only of sync messages from peers, known before it runs: the
-/// changes the messages carry. None for any other batch (its changes are known only once made).
-fn received_changes(cmds: &[Cmd]) -> Option<Vec<LogOp>> {
+/// changes the messages carry, and the secret values sent with them (sealed: replay keeps those
+/// the documents show). None for any other batch (its changes are known only once made).
+fn received_changes(cmds: &[Cmd], store: &Store) -> Option<Vec<LogOp>> {
     let mut ops = Vec::new();
     for c in cmds {
         let msgs = match c {
@@ -495,11 +522,17 @@ fn received_changes(cmds: &[Cmd]) -> Option<Vec<LogOp>> {
             Cmd::SyncBack { msgs, .. } => msgs,
             _ => return None,
         };
-        for (id, bytes) in msgs {
+        for (id, framed) in msgs {
+            let Ok((bytes, secrets)) = repl::unframe(framed) else {
+                continue;
+            };
             if let Ok(m) = automerge::sync::Message::decode(bytes) {
                 for chunk in m.changes.iter() {
                     ops.push(LogOp::Changes(id.clone(), chunk.to_vec()));
                 }
+            }
+            for (field, value) in secrets {
+                ops.push(store.log_secret(id, &field, &value).ok()?);
             }
         }
     }
@@ -700,6 +733,44 @@ impl Docs for BatchDocs<'_> {
             .txn
             .doc_bytes(id)
             .map_err(|e| DocsError(e.to_string()))
+    }
+    fn secrets(&mut self, id: &str) -> Vec<(String, String)> {
+        // The references the document shows as it now stands in this batch; each value from
+        // what peers offered in this batch, or from the store.
+        let live: Vec<(String, String)> =
+            match (self.batch.touched.get(id), crdt_schema::parse_doc_id(id)) {
+                (Some(d), Ok((kind, _))) => crdt_schema::secret::live_refs(d, kind)
+                    .into_iter()
+                    .map(|(f, r)| (f.to_string(), r))
+                    .collect(),
+                (None, Ok(_)) => match self.batch.txn.index_get(id) {
+                    Ok(Some(e)) => e.secrets,
+                    _ => return Vec::new(),
+                },
+                (_, Err(_)) => return Vec::new(),
+            };
+        let mut out = Vec::new();
+        for (field, r) in live {
+            let offered = self.batch.offered.get(id).and_then(|o| {
+                o.iter()
+                    .find(|(f, v)| *f == field && crdt_schema::secret::secret_ref(id, f, v) == r)
+            });
+            let value = match offered {
+                Some((_, v)) => Some(v.clone()),
+                None => self.batch.txn.secret_value(id, &r).ok().flatten(),
+            };
+            if let Some(v) = value {
+                out.push((field, v));
+            }
+        }
+        out
+    }
+    fn offer_secrets(&mut self, id: &str, secrets: Vec<(String, String)>) {
+        self.batch
+            .offered
+            .entry(id.to_string())
+            .or_default()
+            .extend(secrets);
     }
 }
 
@@ -991,7 +1062,8 @@ impl Driver {
     pub fn execute(&mut self, cmds: Vec<Cmd>) -> Staged {
         // Changes received from peers start going to the log before the batch runs (io_uring), so
         // the disk write overlaps applying them instead of following it.
-        let prelogged = received_changes(&cmds).and_then(|ops| self.store.prelog(&ops));
+        let prelogged =
+            received_changes(&cmds, &self.store).and_then(|ops| self.store.prelog(&ops));
         // Bulk ingestion (a new node seeded with whole documents) commits straight to redb: its
         // records would fill the log at once, and every byte would be written twice.
         let bulk = cmds.iter().any(|c| matches!(c, Cmd::Ingest { .. }));
@@ -1015,6 +1087,7 @@ impl Driver {
             changed: BTreeMap::new(),
             entries: BTreeMap::new(),
             pushes: Vec::new(),
+            offered: HashMap::new(),
             has_peers: !peers.is_empty(),
             follow_ups: Vec::new(),
             loaded: HashMap::new(),
@@ -1151,10 +1224,10 @@ impl Driver {
     fn push_local(
         &mut self,
         changed: &BTreeMap<String, Origin>,
-        pushes: Vec<(String, Vec<ChangeHash>, Vec<u8>)>,
+        pushes: Vec<Push>,
         peers: &[(String, Arc<dyn PeerInbox>)],
     ) -> Vec<(Arc<dyn PeerInbox>, LinkWork)> {
-        let pushed: BTreeSet<&str> = pushes.iter().map(|(id, _, _)| id.as_str()).collect();
+        let pushed: BTreeSet<&str> = pushes.iter().map(|(id, ..)| id.as_str()).collect();
         let listed: Vec<String> = changed
             .iter()
             .filter(|(id, origin)| **origin == Origin::Local && !pushed.contains(id.as_str()))
@@ -1162,8 +1235,8 @@ impl Driver {
             .collect();
         let msgs: Vec<(String, Vec<ChangeHash>, Vec<u8>)> = pushes
             .into_iter()
-            .map(|(id, heads, changes)| {
-                let m = Sessions::push_message(heads.clone(), changes);
+            .map(|(id, heads, changes, secrets)| {
+                let m = Sessions::push_message(heads.clone(), changes, &secrets);
                 (id, heads, m)
             })
             .collect();
@@ -1224,11 +1297,13 @@ impl Driver {
             };
             let r = match checked {
                 Err(e) => Err(PersistError::Invalid(e)),
-                Ok(entry) => b
-                    .txn
-                    .put_doc(&id, d, entry.clone(), saved, &stored)
-                    .map(|_| entry)
-                    .map_err(PersistError::Store),
+                Ok(entry) => {
+                    let offered = b.offered.remove(&id).unwrap_or_default();
+                    b.txn
+                        .put_doc(&id, d, entry.clone(), saved, &stored, &offered)
+                        .map(|_| entry)
+                        .map_err(PersistError::Store)
+                }
             };
             match r {
                 Ok(entry) => {
@@ -1279,15 +1354,21 @@ impl Driver {
                 return StoreNew::Failed;
             }
         }
-        let IngestDoc { id, bytes, derived } = doc;
+        let IngestDoc {
+            id,
+            bytes,
+            secrets,
+            derived,
+        } = doc;
         let Some((heads, entry)) = derived else {
             return StoreNew::Merge(IngestDoc {
                 id,
                 bytes,
+                secrets,
                 derived: None,
             });
         };
-        match b.txn.put_new_doc(&id, bytes, entry.clone()) {
+        match b.txn.put_new_doc(&id, bytes, entry.clone(), &secrets) {
             Ok(()) => {
                 b.stored.insert(id.clone(), heads);
                 b.entries.insert(id.clone(), entry);
@@ -1466,7 +1547,7 @@ impl Driver {
         let rejected = self.with_docs(b, origin, |d, _| {
             merge
                 .into_iter()
-                .filter_map(|x| repl::ingest(d, &x.id, &x.bytes).err())
+                .filter_map(|x| repl::ingest(d, &x.id, &x.bytes, x.secrets).err())
                 .collect::<Vec<_>>()
         });
         for r in &rejected {
@@ -1667,20 +1748,24 @@ impl Driver {
             let entry = index::entity_row(&mut d, &outcome.state);
             // What the peers need comes back: a document new here whole (the full save just
             // stored, which loads fastest), otherwise the changes this write made.
-            let changes = match b.txn.put_doc(&id, &mut d, entry.clone(), None, &before) {
-                Ok(c) => c,
-                Err(e) => {
-                    // The document holds a change the transaction may not: never reuse it, and
-                    // commit nothing of this batch.
-                    b.poisoned.get_or_insert(e.clone());
-                    return Err(e.into());
-                }
-            };
+            let changes =
+                match b
+                    .txn
+                    .put_doc(&id, &mut d, entry.clone(), None, &before, &outcome.secrets)
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // The document holds a change the transaction may not: never reuse it, and
+                        // commit nothing of this batch.
+                        b.poisoned.get_or_insert(e.clone());
+                        return Err(e.into());
+                    }
+                };
             let heads = d.get_heads();
             b.stored.insert(id.clone(), heads.clone());
             // A node with no peers makes no pushes.
             if b.has_peers {
-                b.pushes.push((id.clone(), heads, changes));
+                b.pushes.push((id.clone(), heads, changes, outcome.secrets));
             }
             b.entries.insert(id.clone(), entry);
             b.changed.insert(id.clone(), Origin::Local);
@@ -1934,13 +2019,13 @@ mod tests {
             a.put(Kind::Site, "s1", site("/one")).await.expect("put");
             let mut d = a.store().load_doc(&id).expect("load").expect("doc");
             let h1 = d.get_heads();
-            let push1 = Sessions::push_message(h1.clone(), d.save());
+            let push1 = Sessions::push_message(h1.clone(), d.save(), &[]);
             a.patch(Kind::Site, "s1", json!({"root_dir": "/two"}))
                 .await
                 .expect("patch");
             let mut d = a.store().load_doc(&id).expect("load").expect("doc");
             let h2 = d.get_heads();
-            let push2 = Sessions::push_message(h2.clone(), d.save_after(&h1));
+            let push2 = Sessions::push_message(h2.clone(), d.save_after(&h1), &[]);
             (push1, push2, h2)
         });
         let msgs = vec![(id.clone(), push1), (id.clone(), push2)];
@@ -2173,7 +2258,7 @@ mod tests {
             edit(&mut d);
             d.commit();
             let heads = d.get_heads();
-            Sessions::push_message(heads.clone(), d.save_after(&before))
+            Sessions::push_message(heads.clone(), d.save_after(&before), &[])
         };
         let base = stored(&b, &id).expect("stored");
         let base_heads = base.clone().get_heads();
@@ -2266,7 +2351,7 @@ mod tests {
         let whole = p.save();
         let msgs = vec![(
             planted.clone(),
-            Sessions::push_message(p.get_heads(), whole.clone()),
+            Sessions::push_message(p.get_heads(), whole.clone(), &[]),
         )];
         rt.block_on(b.serve("evil", Request::Sync { msgs }))
             .expect("served");

@@ -548,11 +548,7 @@ impl Node {
             Some(e) if e.alive => {}
             _ => return Ok(None),
         }
-        Ok(self
-            .inner
-            .store
-            .load_doc(&doc_id(kind, name))?
-            .and_then(|d| doc::read_secret(&d, field)))
+        Ok(self.inner.store.secret(&doc_id(kind, name), field)?)
     }
 
     /// Checks a user's or admin's password against its stored hash.

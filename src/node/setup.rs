@@ -238,7 +238,7 @@ fn write_store(
     };
     let entry = row_for(MEMBERS_DOC, &mut members)?;
     let mut txn = store.write()?;
-    txn.put_doc(MEMBERS_DOC, &mut members, entry, None, &[])?;
+    txn.put_doc(MEMBERS_DOC, &mut members, entry, None, &[], &[])?;
     let json = serde_json::to_vec_pretty(cfg).expect("config serializes");
     txn.local_put(CONFIG_KEY, &json)?;
     txn.commit(None)?;

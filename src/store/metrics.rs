@@ -16,6 +16,12 @@ pub struct StoreMetrics {
     pub checkpoints: Counter,
     pub replayed_records: Counter,
     pub commit_failures: Counter,
+    /// Secret references a document shows whose value this node does not hold (yet).
+    pub secrets_missing: Counter,
+    /// Secret values dropped because their document no longer shows them.
+    pub secrets_forgotten: Counter,
+    /// Rotations of the at-rest key (each one makes every dropped value unreadable).
+    pub key_rotations: Counter,
 }
 
 impl Default for StoreMetrics {
@@ -28,12 +34,30 @@ impl Default for StoreMetrics {
             checkpoints: Counter::default(),
             replayed_records: Counter::default(),
             commit_failures: Counter::default(),
+            secrets_missing: Counter::default(),
+            secrets_forgotten: Counter::default(),
+            key_rotations: Counter::default(),
         }
     }
 }
 
 impl StoreMetrics {
     pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "peerconf_secrets_missing",
+            "Secret references a stored document showed whose value this node did not hold",
+            self.secrets_missing.clone(),
+        );
+        r.register(
+            "peerconf_secrets_forgotten",
+            "Secret values dropped because their document no longer shows them",
+            self.secrets_forgotten.clone(),
+        );
+        r.register(
+            "peerconf_key_rotations",
+            "Rotations of the at-rest key that seals secret values",
+            self.key_rotations.clone(),
+        );
         r.register(
             "peerconf_log_appends",
             "Write-ahead log records made durable",

@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use secrets::{KeyFile, Keyring};
 use wal::Wal;
 
 pub mod metrics;
@@ -39,7 +40,14 @@ const CHUNKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("chunks
 const INDEX: TableDefinition<&str, &[u8]> = TableDefinition::new("index");
 const LOCAL: TableDefinition<&str, &[u8]> = TableDefinition::new("local");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Secret values, sealed ([`secrets`]): `"<document ID>\n<reference>"` -> sealed value.
+const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
 const WAL_SEQ: &str = "wal_seq";
+/// `META[FORMAT]`: the layout of what is stored. 3: documents hold secret references, the
+/// values are sealed in `SECRETS`, index rows list the references. Absent: an older store,
+/// migrated at open ([`migrate`]).
+const FORMAT: &str = "format";
+const FORMAT_NOW: u64 = 3;
 
 /// One entry of a log record. Records are logical: what a document gained, as Automerge bytes
 /// (changes or a whole save), and node-local rows. Replaying merges the bytes into the stored
@@ -49,6 +57,9 @@ const WAL_SEQ: &str = "wal_seq";
 pub enum LogOp {
     Changes(String, Vec<u8>),
     Local(String, Vec<u8>),
+    /// A secret value offered with a document's changes (document, field, value sealed under
+    /// the at-rest key): replay keeps it if the document shows its reference.
+    Secret(String, String, Vec<u8>),
 }
 
 /// A batch's record, started ahead of the batch ([`Store::prelog`]).
@@ -103,6 +114,9 @@ pub enum StoreError {
     /// node started: it does not start (the node is rebuilt from its peers by `peerconf repair`).
     #[error("the store is damaged: {0}")]
     Damaged(String),
+    /// The at-rest key ring cannot be read or written.
+    #[error("at-rest keys: {0}")]
+    Keys(#[from] secrets::KeyringError),
 }
 
 impl From<wal::WalError> for StoreError {
@@ -234,6 +248,10 @@ pub struct Store {
     metrics: Arc<StoreMetrics>,
     /// Set by [`Store::crash`]: dropped as a crash leaves it, without a checkpoint.
     crashed: std::sync::atomic::AtomicBool,
+    /// The at-rest keys that seal secret values.
+    keys: Arc<Mutex<Keyring>>,
+    /// A secret value was dropped since the last key rotation: rotating makes it unreadable.
+    forgot: Arc<std::sync::atomic::AtomicBool>,
     /// Tests: every commit fails while set.
     #[cfg(test)]
     fail_commits: std::sync::atomic::AtomicBool,
@@ -243,6 +261,7 @@ pub struct Store {
 pub struct Opening {
     db: Database,
     path: Option<PathBuf>,
+    keys: KeyFile,
     #[allow(clippy::type_complexity)]
     open_wal: Box<dyn FnOnce(u64) -> Result<(Wal, Vec<Vec<u8>>), wal::WalError> + Send>,
 }
@@ -268,21 +287,67 @@ impl Opening {
 
     /// Recovery: replays what the log holds after the last checkpoint, and checkpoints.
     pub fn recover(self) -> Result<Store, StoreError> {
-        let Opening { db, path, open_wal } = self;
+        let Opening {
+            mut db,
+            path,
+            keys,
+            open_wal,
+        } = self;
         let metrics = Arc::new(StoreMetrics::default());
         let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let wal = replay_log(&db, open_wal, &metrics, &broken)?;
-        Ok(Store {
+        let has_sealed = {
+            let txn = db.begin_read()?;
+            match txn.open_table(SECRETS) {
+                Ok(t) => !t.is_empty()?,
+                Err(redb::TableError::TableDoesNotExist(_)) => false,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let keys = Arc::new(Mutex::new(Keyring::open(
+            keys,
+            has_sealed,
+            secrets::os_fill(),
+        )?));
+        let forgot = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shared = Shared {
+            metrics: &metrics,
+            broken: &broken,
+            keys: &keys,
+            forgot: &forgot,
+        };
+        let wal = Arc::new(Mutex::new(replay_log(&db, open_wal, &shared)?));
+        db = migrate(db, path.as_deref(), wal.clone(), &shared)?;
+        let store = Store {
             db: std::sync::RwLock::new(db),
             path,
             broken,
-            wal: Arc::new(Mutex::new(wal)),
+            wal,
             metrics,
             crashed: Default::default(),
+            keys,
+            forgot,
             #[cfg(test)]
             fail_commits: Default::default(),
-        })
+        };
+        // A rotation a crash interrupted is finished before anything else is sealed.
+        if store.keys.lock().map_err(|_| poisoned())?.rotating() {
+            store.rotate_keys()?;
+        }
+        Ok(store)
     }
+}
+
+/// What a store's transactions share besides the database.
+struct Shared<'a> {
+    metrics: &'a Arc<StoreMetrics>,
+    broken: &'a Arc<std::sync::atomic::AtomicBool>,
+    keys: &'a Arc<Mutex<Keyring>>,
+    forgot: &'a Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The additional data a secret value is sealed with in a log record.
+fn log_aad(id: &str, field: &str) -> Vec<u8> {
+    format!("log\n{id}\n{field}").into_bytes()
 }
 
 /// Replays what the log holds after the database's last checkpoint into it, and checkpoints;
@@ -290,15 +355,21 @@ impl Opening {
 fn replay_log(
     db: &Database,
     open_wal: impl FnOnce(u64) -> Result<(Wal, Vec<Vec<u8>>), wal::WalError>,
-    metrics: &Arc<StoreMetrics>,
-    broken: &Arc<std::sync::atomic::AtomicBool>,
+    shared: &Shared<'_>,
 ) -> Result<Wal, StoreError> {
+    let Shared {
+        metrics,
+        broken,
+        keys,
+        forgot,
+    } = *shared;
     let txn = db.begin_write()?;
     let checkpoint = {
         txn.open_table(DOCS)?;
         txn.open_table(CHUNKS)?;
         txn.open_table(INDEX)?;
         txn.open_table(LOCAL)?;
+        txn.open_table(SECRETS)?;
         let meta = txn.open_table(META)?;
         let v = meta.get(WAL_SEQ)?.map(|v| v.value()).unwrap_or(0);
         v
@@ -312,6 +383,8 @@ fn replay_log(
         wal: wal.clone(),
         metrics: metrics.clone(),
         broken: broken.clone(),
+        keys: keys.clone(),
+        forgot: forgot.clone(),
         #[cfg(test)]
         fail: false,
     };
@@ -326,6 +399,7 @@ fn replay_log(
     // once however often it was written: replay costs one load per document, not one per
     // change (a document patched 8,000 times made recovery take 40 s).
     let mut docs: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+    let mut offered: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     for r in &records {
         let ops: Vec<LogOp> = crate::core::wire::decode(r)
             .map_err(|e| StoreError::Corrupt(format!("write-ahead log record: {e}")))?;
@@ -333,13 +407,24 @@ fn replay_log(
             match op {
                 LogOp::Local(k, v) => replay.local_put(&k, &v)?,
                 LogOp::Changes(id, bytes) => docs.entry(id).or_default().push(bytes),
+                LogOp::Secret(id, field, sealed) => {
+                    let plain = keys
+                        .lock()
+                        .map_err(|_| poisoned())?
+                        .open_sealed(&log_aad(&id, &field), &sealed)?;
+                    let value = String::from_utf8(plain).map_err(|_| {
+                        StoreError::Corrupt(format!("a logged secret of {id} is not UTF-8"))
+                    })?;
+                    offered.entry(id).or_default().push((field, value));
+                }
             }
         }
     }
     let total = docs.len();
     let mut last_report = started;
     for (n, (id, chunks)) in docs.into_iter().enumerate() {
-        replay.replay_doc(&id, &chunks)?;
+        let offer = offered.remove(&id).unwrap_or_default();
+        replay.replay_doc(&id, &chunks, &offer)?;
         if last_report.elapsed() >= std::time::Duration::from_secs(1) {
             last_report = std::time::Instant::now();
             tracing::info!(done = n + 1, of = total, "replaying the write-ahead log");
@@ -358,6 +443,149 @@ fn replay_log(
     let wal = Arc::try_unwrap(wal)
         .map_err(|_| StoreError::Redb("the log is still in use after replay".into()))?;
     wal.into_inner().map_err(|_| poisoned())
+}
+
+/// Brings a store written before secret references ([`FORMAT`]) to the current layout, once:
+/// every document whose history holds a secret value is rewritten so that it holds references
+/// instead ([`crdt_schema::secret::redact_history`], the same rewrite on every node), the values
+/// its fields show move to `SECRETS`, every index row is derived again, and then the database
+/// file is rewritten into a fresh file and the log zero-filled, so that no freed page or old
+/// record still holds a value. Returns the database to use from now on.
+fn migrate(
+    db: Database,
+    path: Option<&Path>,
+    wal: Arc<Mutex<Wal>>,
+    shared: &Shared<'_>,
+) -> Result<Database, StoreError> {
+    let format = {
+        let txn = db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let v = meta.get(FORMAT)?.map(|v| v.value());
+        v
+    };
+    if format == Some(FORMAT_NOW) {
+        return Ok(db);
+    }
+    let started = std::time::Instant::now();
+    let ids: Vec<String> = {
+        let txn = db.begin_read()?;
+        let index = txn.open_table(INDEX)?;
+        let mut ids = Vec::new();
+        for row in index.iter()? {
+            ids.push(row?.0.value().to_string());
+        }
+        ids
+    };
+    if !ids.is_empty() {
+        tracing::info!(
+            documents = ids.len(),
+            "migrating the store: secret values move out of the documents' history"
+        );
+    }
+    let mut txn = WriteTxn {
+        txn: db.begin_write()?,
+        ops: Vec::new(),
+        wal: wal.clone(),
+        metrics: shared.metrics.clone(),
+        broken: shared.broken.clone(),
+        keys: shared.keys.clone(),
+        forgot: shared.forgot.clone(),
+        #[cfg(test)]
+        fail: false,
+    };
+    let mut redacted = 0usize;
+    for id in &ids {
+        let Some(mut doc) = txn.load_doc(id)? else {
+            continue;
+        };
+        let mut values = Vec::new();
+        if let Ok((kind, _)) = crdt_schema::parse_doc_id(id) {
+            if let Some(r) = crdt_schema::secret::redact_history(&mut doc, id, kind)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?
+            {
+                doc = r.doc;
+                values = r
+                    .values
+                    .into_iter()
+                    .map(|(f, v)| (f.to_string(), v))
+                    .collect();
+                redacted += 1;
+            }
+        }
+        let entry = match crate::core::index::row_for(id, &mut doc) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(doc = %id, error = %e, "a stored document has no index row; left out of the migration");
+                continue;
+            }
+        };
+        txn.replace_doc(id, &mut doc, entry, &values)?;
+    }
+    txn.txn.open_table(META)?.insert(FORMAT, FORMAT_NOW)?;
+    // Durable (redb's default): nothing of this commit is in the log.
+    txn.txn.commit()?;
+    if ids.is_empty() {
+        return Ok(db);
+    }
+    let db = match path {
+        Some(p) => rewrite_file(db, p)?,
+        None => db,
+    };
+    wal.lock().map_err(|_| poisoned())?.scrub()?;
+    tracing::info!(
+        documents = ids.len(),
+        rewritten = redacted,
+        ms = started.elapsed().as_millis() as u64,
+        "store migrated: no document history holds a secret value"
+    );
+    Ok(db)
+}
+
+/// Copies every table into a fresh file that replaces the database (so that no freed page of
+/// the old file survives), with the old file's permissions. Returns the new database.
+fn rewrite_file(db: Database, path: &Path) -> Result<Database, StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".rewrite");
+    let tmp = path.with_file_name(name);
+    let _ = std::fs::remove_file(&tmp);
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o7777;
+    {
+        let fresh = redb::Builder::new().create(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        let r = db.begin_read()?;
+        let w = fresh.begin_write()?;
+        macro_rules! copy {
+            ($t:expr) => {{
+                let mut to = w.open_table($t)?;
+                match r.open_table($t) {
+                    Ok(from) => {
+                        for row in from.iter()? {
+                            let (k, v) = row?;
+                            to.insert(k.value(), v.value())?;
+                        }
+                    }
+                    Err(redb::TableError::TableDoesNotExist(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }};
+        }
+        copy!(DOCS);
+        copy!(CHUNKS);
+        copy!(INDEX);
+        copy!(LOCAL);
+        copy!(META);
+        copy!(SECRETS);
+        w.commit()?;
+    }
+    drop(db);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all())?;
+    }
+    Ok(redb::Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)?)
 }
 
 /// `PEERCONF_BENCH_COMMIT=redb` makes every commit a durable redb commit (fsync) instead of a
@@ -399,6 +627,7 @@ impl Store {
         Ok(Opening {
             db,
             path: Some(path.to_path_buf()),
+            keys: KeyFile::beside(path),
             open_wal: Box::new(move |checkpoint| Wal::open(&wal_file, checkpoint)),
         })
     }
@@ -414,6 +643,7 @@ impl Store {
         Opening {
             db,
             path: None,
+            keys: KeyFile::Mem(disk.keys()),
             open_wal: Box::new(move |checkpoint| Wal::open_sim(&disk, log_bytes, checkpoint)),
         }
         .recover()
@@ -462,8 +692,12 @@ impl Store {
         let replayed = replay_log(
             &fresh,
             |checkpoint| Wal::open(&wal_file, checkpoint),
-            &self.metrics,
-            &self.broken,
+            &Shared {
+                metrics: &self.metrics,
+                broken: &self.broken,
+                keys: &self.keys,
+                forgot: &self.forgot,
+            },
         )?;
         *db = fresh;
         *wal = replayed;
@@ -518,8 +752,105 @@ impl Store {
             wal: self.wal.clone(),
             metrics: self.metrics.clone(),
             broken: self.broken.clone(),
+            keys: self.keys.clone(),
+            forgot: self.forgot.clone(),
             #[cfg(test)]
             fail: self.fail_commits.load(std::sync::atomic::Ordering::SeqCst),
+        })
+    }
+
+    /// A secret value offered with a peer's changes, as a log entry (sealed): for a record
+    /// written ahead of its batch ([`Store::prelog`]).
+    pub fn log_secret(&self, id: &str, field: &str, value: &str) -> Result<LogOp, StoreError> {
+        let sealed = self
+            .keys
+            .lock()
+            .map_err(|_| poisoned())?
+            .seal(&log_aad(id, field), value.as_bytes());
+        Ok(LogOp::Secret(id.to_string(), field.to_string(), sealed))
+    }
+
+    /// The current value of a secret field of a committed document (the winning reference's
+    /// value). For the embedding server's own use (a login, loading a key); no read path of
+    /// peerconf serves it.
+    pub fn secret(&self, id: &str, field: &str) -> Result<Option<String>, StoreError> {
+        let txn = self.db().begin_read()?;
+        let Some(entry) = txn
+            .open_table(INDEX)?
+            .get(id)?
+            .map(|v| decode_entry(id, v.value()))
+            .transpose()?
+        else {
+            return Ok(None);
+        };
+        let Some((_, r)) = entry.secrets.iter().find(|(f, _)| f == field) else {
+            return Ok(None);
+        };
+        let table = match txn.open_table(SECRETS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let row = secret_row(id, r);
+        let Some(sealed) = table.get(row.as_str())? else {
+            return Ok(None);
+        };
+        let keys = self.keys.lock().map_err(|_| poisoned())?;
+        open_value(&keys, &row, sealed.value()).map(Some)
+    }
+
+    /// Whether a secret value was dropped since the last key rotation.
+    pub fn rotation_due(&self) -> bool {
+        self.forgot.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Rotates the at-rest key: every secret value is sealed again under a fresh key in one
+    /// durable commit (a checkpoint, so no log record needs the old key), then the key file
+    /// drops the old key. Every copy of a dropped value left in the files is then unreadable.
+    /// Callers hold no write transaction.
+    pub fn rotate_keys(&self) -> Result<Rotation, StoreError> {
+        self.forgot
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let r = self.rotate_inner();
+        if r.is_err() {
+            self.forgot.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        r
+    }
+
+    fn rotate_inner(&self) -> Result<Rotation, StoreError> {
+        let txn = self.write()?;
+        let retired = {
+            let mut keys = self.keys.lock().map_err(|_| poisoned())?;
+            let retired = keys.key_ids();
+            keys.add_key()?;
+            retired
+        };
+        let mut resealed = 0;
+        {
+            let mut table = txn.txn.open_table(SECRETS)?;
+            let mut rows = Vec::new();
+            for row in table.iter()? {
+                let (k, v) = row?;
+                rows.push((k.value().to_string(), v.value().to_vec()));
+            }
+            let mut keys = self.keys.lock().map_err(|_| poisoned())?;
+            for (row, sealed) in rows {
+                let plain = keys.open_sealed(row.as_bytes(), &sealed)?;
+                table.insert(row.as_str(), keys.seal(row.as_bytes(), &plain).as_slice())?;
+                resealed += 1;
+            }
+        }
+        txn.commit_to_redb()?;
+        let mut keys = self.keys.lock().map_err(|_| poisoned())?;
+        keys.drop_old_keys()?;
+        self.metrics.key_rotations.inc();
+        let key = keys.current();
+        tracing::info!(key, retired = ?retired, resealed, "the at-rest key was rotated");
+        Ok(Rotation {
+            key,
+            retired,
+            resealed,
         })
     }
 
@@ -648,6 +979,28 @@ fn poisoned() -> StoreError {
     StoreError::Redb("the write-ahead log's lock is poisoned".into())
 }
 
+/// The `SECRETS` row of a reference.
+fn secret_row(id: &str, r: &str) -> String {
+    format!("{id}\n{r}")
+}
+
+fn open_value(keys: &Keyring, row: &str, sealed: &[u8]) -> Result<String, StoreError> {
+    let plain = keys.open_sealed(row.as_bytes(), sealed)?;
+    String::from_utf8(plain)
+        .map_err(|_| StoreError::Corrupt(format!("the secret value of {row:?} is not UTF-8")))
+}
+
+/// What a key rotation did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rotation {
+    /// The key that seals from now on.
+    pub key: u32,
+    /// The keys that no longer exist anywhere.
+    pub retired: Vec<u32>,
+    /// Values sealed again under the new key.
+    pub resealed: usize,
+}
+
 impl Drop for Store {
     fn drop(&mut self) {
         if self.crashed.load(std::sync::atomic::Ordering::SeqCst) {
@@ -667,6 +1020,8 @@ pub struct WriteTxn {
     wal: Arc<Mutex<Wal>>,
     metrics: Arc<StoreMetrics>,
     broken: Arc<std::sync::atomic::AtomicBool>,
+    keys: Arc<Mutex<Keyring>>,
+    forgot: Arc<std::sync::atomic::AtomicBool>,
     #[cfg(test)]
     fail: bool,
 }
@@ -713,6 +1068,7 @@ impl WriteTxn {
         mut entry: IndexEntry,
         saved: Option<Vec<u8>>,
         stored: &[automerge::ChangeHash],
+        offered: &[(String, String)],
     ) -> Result<Vec<u8>, StoreError> {
         let prev = match self.index_get(id) {
             Ok(p) => p,
@@ -761,9 +1117,95 @@ impl WriteTxn {
             self.ops
                 .push(LogOp::Changes(id.to_string(), gained.clone()));
         }
+        drop((docs, chunks));
         let mut index = self.txn.open_table(INDEX)?;
         index.insert(id, encode_entry(&entry).as_slice())?;
+        drop(index);
+        self.keep_secrets(id, &entry.secrets, offered)?;
         Ok(gained)
+    }
+
+    /// Keeps exactly the secret values the document shows (`live`: field, reference): a value
+    /// not stored yet is taken from `offered` (field, value) when it matches its reference; a
+    /// value the document no longer shows is dropped (and the at-rest key is then due for
+    /// rotation). One rule for local writes, peers' messages and the log's replay.
+    fn keep_secrets(
+        &mut self,
+        id: &str,
+        live: &[(String, String)],
+        offered: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        let prefix = format!("{id}\n");
+        let mut table = self.txn.open_table(SECRETS)?;
+        let mut existing = Vec::new();
+        for row in table.range(prefix.as_str()..)? {
+            let (k, _) = row?;
+            if !k.value().starts_with(&prefix) {
+                break;
+            }
+            existing.push(k.value().to_string());
+        }
+        for row in &existing {
+            let r = &row[prefix.len()..];
+            if !live.iter().any(|(_, l)| l == r) {
+                table.remove(row.as_str())?;
+                self.metrics.secrets_forgotten.inc();
+                self.forgot.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        for (field, r) in live {
+            let row = secret_row(id, r);
+            if existing.contains(&row) {
+                continue;
+            }
+            let value = offered
+                .iter()
+                .find(|(f, v)| f == field && crdt_schema::secret::secret_ref(id, f, v) == *r);
+            let Some((_, value)) = value else {
+                self.metrics.secrets_missing.inc();
+                tracing::debug!(doc = %id, field = %field, "a secret reference without its value (it comes with a later message)");
+                continue;
+            };
+            let mut keys = self.keys.lock().map_err(|_| poisoned())?;
+            let sealed = keys.seal(row.as_bytes(), value.as_bytes());
+            table.insert(row.as_str(), sealed.as_slice())?;
+            let logged = keys.seal(&log_aad(id, field), value.as_bytes());
+            self.ops
+                .push(LogOp::Secret(id.to_string(), field.clone(), logged));
+        }
+        Ok(())
+    }
+
+    /// The stored value of one secret reference of a document, as this transaction sees it.
+    pub fn secret_value(&self, id: &str, r: &str) -> Result<Option<String>, StoreError> {
+        let table = self.txn.open_table(SECRETS)?;
+        let row = secret_row(id, r);
+        let Some(sealed) = table.get(row.as_str())? else {
+            return Ok(None);
+        };
+        let keys = self.keys.lock().map_err(|_| poisoned())?;
+        open_value(&keys, &row, sealed.value()).map(Some)
+    }
+
+    /// The values of the secret fields the stored document shows (field, value): what travels
+    /// with its changes to a peer.
+    pub fn secrets_of(&self, id: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let Some(entry) = self.index_get(id)? else {
+            return Ok(Vec::new());
+        };
+        if entry.secrets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let table = self.txn.open_table(SECRETS)?;
+        let keys = self.keys.lock().map_err(|_| poisoned())?;
+        let mut out = Vec::new();
+        for (field, r) in &entry.secrets {
+            let row = secret_row(id, r);
+            if let Some(sealed) = table.get(row.as_str())? {
+                out.push((field.clone(), open_value(&keys, &row, sealed.value())?));
+            }
+        }
+        Ok(out)
     }
 
     fn chunk_count(&self, id: &str) -> Result<u32, StoreError> {
@@ -792,6 +1234,33 @@ impl WriteTxn {
         Ok(Some(entry))
     }
 
+    /// Replaces a document's stored bytes with one whole save of `doc` (its chunks dropped) and
+    /// its index row, keeping the secret values it shows ([`WriteTxn::keep_secrets`]). Not
+    /// logged: for the migration, which commits durably itself.
+    fn replace_doc(
+        &mut self,
+        id: &str,
+        doc: &mut AutoCommit,
+        mut entry: IndexEntry,
+        offered: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        let n = self.chunk_count(id)?;
+        {
+            let mut chunks = self.txn.open_table(CHUNKS)?;
+            for i in 0..n {
+                chunks.remove((id, i))?;
+            }
+        }
+        self.txn
+            .open_table(DOCS)?
+            .insert(id, doc.save().as_slice())?;
+        entry.chunks = 0;
+        self.txn
+            .open_table(INDEX)?
+            .insert(id, encode_entry(&entry).as_slice())?;
+        self.keep_secrets(id, &entry.secrets, offered)
+    }
+
     /// Stores a document new to this node as the saved bytes it came in, with its index row
     /// derived by the caller. The caller checked that the document is not stored yet.
     pub fn put_new_doc(
@@ -799,6 +1268,7 @@ impl WriteTxn {
         id: &str,
         bytes: Vec<u8>,
         mut entry: IndexEntry,
+        offered: &[(String, String)],
     ) -> Result<(), StoreError> {
         entry.chunks = 0;
         self.txn.open_table(DOCS)?.insert(id, bytes.as_slice())?;
@@ -806,7 +1276,7 @@ impl WriteTxn {
             .open_table(INDEX)?
             .insert(id, encode_entry(&entry).as_slice())?;
         self.ops.push(LogOp::Changes(id.to_string(), bytes));
-        Ok(())
+        self.keep_secrets(id, &entry.secrets, offered)
     }
 
     pub fn local_put(&mut self, key: &str, value: &[u8]) -> Result<(), StoreError> {
@@ -916,7 +1386,12 @@ impl WriteTxn {
     /// Merges every logged chunk of one document into what redb holds, then stores it once.
     /// Bytes that do not merge, and a document whose index row cannot be derived, were never
     /// committed (their batch failed): they are skipped.
-    fn replay_doc(&mut self, id: &str, chunks: &[Vec<u8>]) -> Result<(), StoreError> {
+    fn replay_doc(
+        &mut self,
+        id: &str,
+        chunks: &[Vec<u8>],
+        offered: &[(String, String)],
+    ) -> Result<(), StoreError> {
         let mut doc = self.load_doc(id)?.unwrap_or_default();
         let before = doc.get_heads();
         for bytes in chunks {
@@ -928,7 +1403,9 @@ impl WriteTxn {
             return Ok(());
         }
         match crate::core::index::row_for(id, &mut doc) {
-            Ok(entry) => self.put_doc(id, &mut doc, entry, None, &before).map(|_| ()),
+            Ok(entry) => self
+                .put_doc(id, &mut doc, entry, None, &before, offered)
+                .map(|_| ()),
             Err(e) => {
                 tracing::warn!(doc = %id, error = %e, "a logged document has no index row; skipped");
                 Ok(())
@@ -950,6 +1427,7 @@ mod tests {
             chunks: 0,
             heads_hash: [0; 32],
             json: b"{}".to_vec(),
+            secrets: Vec::new(),
         }
     }
 
@@ -976,7 +1454,8 @@ mod tests {
             d.commit();
         }
         let mut txn = store.write().expect("txn");
-        txn.put_doc(id, &mut d, entry(), None, &[]).expect("put");
+        txn.put_doc(id, &mut d, entry(), None, &[], &[])
+            .expect("put");
         txn.commit(None).expect("commit");
         let full = stored_len(&store, id);
 
@@ -987,7 +1466,7 @@ mod tests {
         let mut txn = store.write().expect("txn");
         let mut e = entry();
         e.chunks = 0;
-        txn.put_doc(id, &mut d, e, None, &before).expect("put");
+        txn.put_doc(id, &mut d, e, None, &before, &[]).expect("put");
         txn.commit(None).expect("commit");
         let grown = stored_len(&store, id) - full;
         assert!(
@@ -1013,7 +1492,8 @@ mod tests {
         d.put(ROOT, "text", text).expect("put");
         d.commit();
         let mut txn = store.write().expect("txn");
-        txn.put_doc(id, &mut d, entry(), None, &[]).expect("put");
+        txn.put_doc(id, &mut d, entry(), None, &[], &[])
+            .expect("put");
         txn.local_put(&format!("local-{id}"), text.as_bytes())
             .expect("local");
         txn.commit(None).expect("commit");
@@ -1087,7 +1567,7 @@ mod tests {
         let mut d = AutoCommit::load(&bytes).expect("load");
         let entry = crate::core::index::row_for(id, &mut d).expect("entry");
         let mut txn = store.write().expect("txn");
-        txn.put_doc(id, &mut d, entry, Some(bytes), &[])
+        txn.put_doc(id, &mut d, entry, Some(bytes), &[], &[])
             .expect("put");
         txn.commit(prelogged).expect("commit");
         let back = crash(store, &db);
@@ -1142,7 +1622,7 @@ mod tests {
             d.put(ROOT, "text", format!("v{written}")).expect("put");
             d.commit();
             let mut txn = store.write().expect("txn");
-            txn.put_doc(id, &mut d, entry(), None, &before)
+            txn.put_doc(id, &mut d, entry(), None, &before, &[])
                 .expect("put");
             txn.commit(None).expect("commit");
             written += 1;
@@ -1176,7 +1656,7 @@ mod tests {
             d.commit();
             let mut txn = store.write().expect("txn");
             let gained = txn
-                .put_doc(id, &mut d, entry(), None, &before)
+                .put_doc(id, &mut d, entry(), None, &before, &[])
                 .expect("put");
             assert!(gained.len() < 200, "edit {i} logged {} bytes", gained.len());
             txn.commit(None).expect("commit");

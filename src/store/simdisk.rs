@@ -32,6 +32,9 @@ struct State {
 #[derive(Clone, Default)]
 pub struct SimDisk {
     state: Arc<Mutex<State>>,
+    /// The at-rest key file: replaced atomically and durably (write, fsync, rename), so every
+    /// write survives as soon as it returns.
+    keys: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 impl fmt::Debug for SimDisk {
@@ -79,6 +82,11 @@ impl SimDisk {
     /// Database syncs so far (durable redb commits).
     pub fn syncs(&self) -> u64 {
         self.lock().syncs
+    }
+
+    /// The key file's contents, shared with the store opened on this disk.
+    pub(crate) fn keys(&self) -> Arc<Mutex<Option<Vec<u8>>>> {
+        self.keys.clone()
     }
 
     pub(crate) fn backend(&self) -> Backend {

@@ -460,6 +460,25 @@ impl Wal {
         self.offset = PAGE;
     }
 
+    /// Overwrites the whole log with zeros, then starts it over ([`Wal::reset`]): after a
+    /// checkpoint, so that no record written before (which may hold a value that must be
+    /// forgotten) survives in the file. Used once, when an old store is migrated.
+    pub fn scrub(&mut self) -> io::Result<()> {
+        self.finish()?;
+        const CHUNK: usize = 1 << 20;
+        // Aligned, as the log's direct writes need.
+        let raw = vec![0u8; CHUNK + PAGE as usize];
+        let start = raw.as_ptr().align_offset(PAGE as usize);
+        let mut offset = PAGE;
+        while offset < self.bytes {
+            let n = ((self.bytes - offset) as usize).min(CHUNK);
+            self.write_sync(&raw[start..start + n], offset)?;
+            offset += n as u64;
+        }
+        self.reset();
+        Ok(())
+    }
+
     /// Whether records are waiting for a checkpoint.
     pub fn pending(&self) -> bool {
         self.offset > PAGE

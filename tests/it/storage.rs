@@ -381,9 +381,10 @@ fn a_store_that_ran_out_of_space_reopens_and_replays() {
             chunks: 0,
             heads_hash: [1; 32],
             json: b"{}".to_vec(),
+            secrets: Vec::new(),
         };
         let mut txn = store.write()?;
-        txn.put_doc(id, &mut d, entry, None, &[])?;
+        txn.put_doc(id, &mut d, entry, None, &[], &[])?;
         txn.commit(None)
     };
     put(&store, "user/kept", 1000).unwrap();
