@@ -46,6 +46,7 @@ pub fn router(cluster: Arc<ClusterState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/drain", axum::routing::post(drain))
         .route("/v1/undrain", axum::routing::post(undrain))
+        .route("/v1/compact", axum::routing::post(compact))
         .route("/v1/node", get(node_info))
         .route("/v1/schema", get(schema_all))
         .route("/v1/schema/{kind}", get(schema_kind))
@@ -470,6 +471,18 @@ async fn undrain(State(st): State<ApiState>, Extension(_who): Extension<Principa
     st.node.drain().stop();
     tracing::info!("undrained: client connections are accepted again");
     Ok(Json(json!({"draining": false})).into_response())
+}
+
+/// Rotates the at-rest key now (see [`crate::node::Node::compact`]): answers the new key's ID,
+/// the IDs of the keys deleted and how many secret values were sealed again.
+async fn compact(State(st): State<ApiState>, Extension(_who): Extension<Principal>) -> ApiResult {
+    let rotation = st.node.compact().await?;
+    Ok(Json(json!({
+        "key": rotation.key,
+        "retired": rotation.retired,
+        "resealed": rotation.resealed,
+    }))
+    .into_response())
 }
 
 async fn metrics(State(st): State<ApiState>) -> Response {

@@ -9,7 +9,7 @@ use super::members::Member;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change to these types.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Documents in one sync request: bounds one request's size and the work of one commit.
 pub const SYNC_DOCS_MAX: usize = 512;
 /// Documents in one fetch: a batch of saved documents stays around a few MB.

@@ -31,7 +31,7 @@ use crate::core::link::{Msgs, Ready};
 use crate::core::members::{self, Member, MEMBERS_DOC};
 use crate::core::proto::{Refusal, Request, Response, SYNC_ROUNDS_MAX};
 use crate::core::repl::{self, Dir, Docs, DocsError, Sessions};
-use crate::store::{LogOp, Prelogged, Store, StoreError, WriteTxn};
+use crate::store::{LogOp, Prelogged, Rotation, Store, StoreError, WriteTxn};
 use automerge::{ActorId, AutoCommit, ChangeHash, ReadDoc, ScalarValue, Value as AmValue, ROOT};
 use crdt_schema::doc::{self, EntityState};
 use crdt_schema::typed::{self as typed, Security, Settings};
@@ -386,6 +386,13 @@ pub enum Cmd {
         id: String,
         reply: oneshot::Sender<Result<(), Error>>,
     },
+    /// Rotates the at-rest key so that secret values replaced or deleted become unreadable in
+    /// every file ([`Store::rotate_keys`]). Asked by an operator (`reply` is some: it always
+    /// runs) or by the store watcher when a secret was forgotten (at most once per
+    /// [`ROTATE_EVERY_MS`]).
+    Compact {
+        reply: Option<oneshot::Sender<Result<Rotation, Error>>>,
+    },
 }
 
 impl Cmd {
@@ -455,7 +462,14 @@ pub struct Driver {
     /// The disk is full: commands that write are refused before they run.
     full: bool,
     last_disk_check: Option<std::time::Instant>,
+    /// When the at-rest key was last rotated without being asked (monotonic ms).
+    last_rotation_ms: Option<u64>,
 }
+
+/// Forgotten secrets make the at-rest key rotate by itself at most this often (milliseconds):
+/// a rotation seals every secret again in one durable commit, so a burst of password changes
+/// costs one rotation, not one each. `POST /v1/compact` rotates at once.
+pub const ROTATE_EVERY_MS: u64 = 10_000;
 
 /// How often the free space is read before a batch while the disk is fine (a statvfs costs
 /// about a microsecond; this only bounds how far a filling disk can get ahead of the check).
@@ -869,6 +883,7 @@ impl Driver {
             dir: None,
             full: false,
             last_disk_check: None,
+            last_rotation_ms: None,
         }
     }
 
@@ -963,6 +978,7 @@ impl Driver {
                 | Cmd::CheckDisk
                 | Cmd::RepairRows { .. }
                 | Cmd::ListTokens { .. }
+                | Cmd::Compact { .. }
                 | Cmd::Serve {
                     req: Request::Fetch { .. },
                     ..
@@ -1027,6 +1043,13 @@ impl Driver {
     pub fn step(&mut self, cmds: Vec<Cmd>) -> Result<(), StoreError> {
         self.check_disk();
         let cmds = self.refuse_when_full(cmds);
+        let (compacts, cmds): (Vec<Cmd>, Vec<Cmd>) = cmds
+            .into_iter()
+            .partition(|c| matches!(c, Cmd::Compact { .. }));
+        if cmds.is_empty() {
+            self.compact(compacts);
+            return Ok(());
+        }
         let started = std::time::Instant::now();
         let m = &self.published.metrics;
         m.batches.inc();
@@ -1042,7 +1065,49 @@ impl Driver {
             .metrics
             .batch_seconds
             .observe(started.elapsed().as_secs_f64());
+        self.compact(compacts);
         r
+    }
+
+    /// Key rotations asked for, after the batch committed (a rotation holds the store's only
+    /// write transaction). One rotation answers every caller in the batch.
+    fn compact(&mut self, cmds: Vec<Cmd>) {
+        let mut replies = Vec::new();
+        for c in cmds {
+            if let Cmd::Compact { reply: Some(reply) } = c {
+                replies.push(reply);
+            }
+        }
+        let now = self.clock.mono_ms();
+        if replies.is_empty() {
+            // The watcher's nudge: only when something was forgotten, and not too often.
+            let recent = self
+                .last_rotation_ms
+                .is_some_and(|t| now.saturating_sub(t) < ROTATE_EVERY_MS);
+            if !self.store.rotation_due() || recent || self.full {
+                return;
+            }
+        }
+        self.last_rotation_ms = Some(now);
+        if self.full {
+            for reply in replies {
+                let _ = reply.send(Err(self.full_error()));
+            }
+            return;
+        }
+        let r = self.store.rotate_keys();
+        match &r {
+            Ok(rot) => tracing::info!(
+                key = rot.key,
+                retired = ?rot.retired,
+                resealed = rot.resealed,
+                "at-rest key rotated: replaced and deleted secrets are unreadable in every file"
+            ),
+            Err(e) => tracing::warn!(error = %e, "at-rest key rotation failed; it is retried"),
+        }
+        for reply in replies {
+            let _ = reply.send(r.clone().map_err(Error::Store));
+        }
     }
 
     /// A peer's message or document refused: counted, and logged with the peer's ID.
@@ -1200,9 +1265,11 @@ impl Driver {
                 then: SyncThen::Reply(reply),
                 ..
             } => Deferred::MsgsR(reply, Err(Error::Store(e.clone()))),
-            Cmd::SyncBack { .. } | Cmd::ResetPeer { .. } | Cmd::Shutdown | Cmd::CheckDisk => {
-                Deferred::Nothing
-            }
+            Cmd::SyncBack { .. }
+            | Cmd::ResetPeer { .. }
+            | Cmd::Shutdown
+            | Cmd::CheckDisk
+            | Cmd::Compact { .. } => Deferred::Nothing,
             Cmd::RepairRows { reply: None, .. } => Deferred::Nothing,
             Cmd::RepairRows {
                 reply: Some(reply), ..
@@ -1442,7 +1509,7 @@ impl Driver {
                 self.sessions.reset_peer(&peer);
                 Deferred::Nothing
             }
-            Cmd::Shutdown | Cmd::CheckDisk => Deferred::Nothing,
+            Cmd::Shutdown | Cmd::CheckDisk | Cmd::Compact { .. } => Deferred::Nothing,
             Cmd::RepairRows { ids, reply } => {
                 let r = self.repair_rows(b, &ids);
                 match reply {

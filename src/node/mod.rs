@@ -326,6 +326,15 @@ impl Node {
         self.ask(|reply| Cmd::ListTokens { reply }).await?
     }
 
+    /// Rotates the at-rest key now: every secret value this node holds is sealed again under a
+    /// fresh key and the old keys are deleted, so values replaced or deleted since (still in
+    /// freed database pages or old log records) can no longer be read from any file. The node
+    /// also does this by itself within [`driver::ROTATE_EVERY_MS`] of forgetting a secret.
+    pub async fn compact(&self) -> Result<crate::store::Rotation, Error> {
+        self.ask(|reply| Cmd::Compact { reply: Some(reply) })
+            .await?
+    }
+
     /// Revokes the join token whose ID starts with `id` (hex, as listed): joins with it are
     /// refused from then on. Revoking one already revoked changes nothing.
     pub async fn revoke_token(&self, id: &str) -> Result<Revoked, Error> {
@@ -576,8 +585,8 @@ impl Node {
 }
 
 /// While the disk is full or the store needs reopening, asks the driver every second to look at
-/// the disk again, so the node recovers once space is freed even if no write comes. Ends with the
-/// driver.
+/// the disk again, so the node recovers once space is freed even if no write comes; otherwise,
+/// once a secret was forgotten, asks it to rotate the at-rest key. Ends with the driver.
 fn watch_disk(tx: mpsc::Sender<Cmd>, published: Arc<Published>, store: std::sync::Weak<Store>) {
     let spawned = std::thread::Builder::new()
         .name("peerconf-disk".into())
@@ -586,9 +595,14 @@ fn watch_disk(tx: mpsc::Sender<Cmd>, published: Arc<Published>, store: std::sync
             if tx.is_closed() {
                 return;
             }
-            let broken = store.upgrade().is_some_and(|s| s.broken());
-            if broken || published.storage() == disk::Storage::Full {
+            let Some(store) = store.upgrade() else {
+                return;
+            };
+            if store.broken() || published.storage() == disk::Storage::Full {
                 let _ = tx.try_send(Cmd::CheckDisk);
+            } else if store.rotation_due() {
+                // The driver rotates at most once per ROTATE_EVERY_MS.
+                let _ = tx.try_send(Cmd::Compact { reply: None });
             }
         });
     if let Err(e) = spawned {
@@ -600,7 +614,8 @@ fn watch_disk(tx: mpsc::Sender<Cmd>, published: Arc<Published>, store: std::sync
 const TOO_OPEN: &str = "refusing to start: permissions too open on";
 
 /// Refuses to start on a data directory whose secrets other users could read or change, as ssh's
-/// `StrictModes` does: the database and its log (password hashes, private keys), `node.json`
+/// `StrictModes` does: the database, its log and its key file (sealed secrets and the key that
+/// opens them), `node.json`
 /// and the TLS keys must not be readable or writable by group or others, and the directory must
 /// not be writable by them (they could replace any file). A directory only readable by them
 /// (file names, not contents: every file in it is 0600) is reported and tolerated: copies made
@@ -638,7 +653,12 @@ pub fn check_permissions(dir: &Path) -> Result<(), Error> {
             }
         }
         let db = dir.join(DB_FILE);
+        let keys = match crate::store::secrets::KeyFile::beside(&db) {
+            crate::store::secrets::KeyFile::Path(p) => Some(p),
+            crate::store::secrets::KeyFile::Mem(_) => None,
+        };
         let mut files = vec![crate::store::wal_path(&db), db, dir.join("node.json")];
+        files.extend(keys);
         let tls = dir.join("tls");
         match std::fs::read_dir(&tls) {
             Ok(entries) => {

@@ -263,7 +263,7 @@ pub struct Repaired {
 }
 
 /// Rebuilds a stopped node whose store is damaged: keeps its identity (node ID, certificate,
-/// node-local settings), moves the damaged database and log aside, and starts an empty store
+/// node-local settings), moves the damaged database, log and key file aside, and starts an empty store
 /// holding only the member list. Started again, the node draws a fresh actor (as at every start)
 /// and fetches everything from its peers.
 pub fn repair(dir: &Path, clock: &dyn Clock) -> Result<Repaired, Error> {
@@ -306,7 +306,15 @@ pub fn repair(dir: &Path, clock: &dyn Clock) -> Result<Repaired, Error> {
     let members_doc = members_doc.filter(|b| AutoCommit::load(b).is_ok());
     let stamp = clock.wall_ms();
     let mut moved_to = Vec::new();
-    for file in [db_path.clone(), crate::store::wal_path(&db_path)] {
+    // The key file goes with the database it opens: the damaged copy stays readable by whoever
+    // investigates it, and the new store draws a fresh key.
+    let mut files = vec![db_path.clone(), crate::store::wal_path(&db_path)];
+    if let crate::store::secrets::KeyFile::Path(keys) =
+        crate::store::secrets::KeyFile::beside(&db_path)
+    {
+        files.push(keys);
+    }
+    for file in files {
         if file.exists() {
             let mut to = file.clone().into_os_string();
             to.push(format!(".damaged-{stamp}"));

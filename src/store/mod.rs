@@ -984,6 +984,35 @@ fn secret_row(id: &str, r: &str) -> String {
     format!("{id}\n{r}")
 }
 
+/// How many copies of `value`, the secret `field` of document `id`, sealed as this store seals
+/// it (in its table, under the row of the value's reference, or in a log record) can be opened
+/// with `keys` anywhere in `bytes` (a database, log or backup file, read raw). For audits and
+/// tests: after a secret was replaced or deleted and the key rotated, this is 0 for the old value
+/// in every file of every node, while the current value is still found.
+pub fn sealed_copies(bytes: &[u8], keys: &Keyring, id: &str, field: &str, value: &str) -> usize {
+    let rows = [
+        secret_row(id, &crdt_schema::secret::secret_ref(id, field, value)).into_bytes(),
+        log_aad(id, field),
+    ];
+    let len = secrets::sealed_len(value.len());
+    let mut found = 0;
+    // Only where a key this ring holds is named: the cheap search before an AEAD open.
+    for key in keys.key_ids() {
+        for start in memchr::memmem::find_iter(bytes, &key.to_le_bytes()) {
+            let Some(blob) = bytes.get(start..start + len) else {
+                break;
+            };
+            if rows.iter().any(|row| {
+                keys.open_sealed(row, blob)
+                    .is_ok_and(|p| p == value.as_bytes())
+            }) {
+                found += 1;
+            }
+        }
+    }
+    found
+}
+
 fn open_value(keys: &Keyring, row: &str, sealed: &[u8]) -> Result<String, StoreError> {
     let plain = keys.open_sealed(row.as_bytes(), sealed)?;
     String::from_utf8(plain)

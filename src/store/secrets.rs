@@ -152,6 +152,11 @@ impl std::fmt::Debug for Keyring {
     }
 }
 
+/// The length of a sealed value of `plain_len` bytes: key ID, nonce, ciphertext, tag.
+pub fn sealed_len(plain_len: usize) -> usize {
+    4 + NONCE_LEN + plain_len + 16
+}
+
 impl Keyring {
     /// Opens the key ring, creating it with one fresh key when the file does not exist yet.
     /// `has_sealed` says whether the database already holds sealed values: then a missing file

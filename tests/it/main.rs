@@ -9,6 +9,7 @@ mod embedded;
 mod fuzz_regressions;
 mod health;
 mod process;
+mod secrets;
 mod security;
 mod simulation;
 mod storage;

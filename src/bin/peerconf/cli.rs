@@ -74,6 +74,10 @@ pub enum Command {
     },
     /// Take client connections again.
     Undrain,
+    /// Make replaced and deleted secrets unreadable in this node's files now: seals every secret
+    /// value again under a fresh at-rest key and deletes the old key (the node also does this by
+    /// itself within 10 s of forgetting a secret).
+    Compact,
     /// Start a local cluster of N nodes on loopback in a temporary directory, until Ctrl-C.
     Demo {
         #[arg(long, default_value_t = 3)]
@@ -415,6 +419,7 @@ async fn admin_command(api: &str, cmd: Command) -> Result<Value, CallError> {
             c.call(Method::POST, "/v1/drain", Some(body)).await
         }
         Command::Undrain => c.call(Method::POST, "/v1/undrain", None).await,
+        Command::Compact => c.call(Method::POST, "/v1/compact", None).await,
         Command::Node {
             what: NodeCommand::Remove { id },
         } => {
@@ -448,9 +453,9 @@ async fn admin_command(api: &str, cmd: Command) -> Result<Value, CallError> {
 fn status_table(v: &Value) -> String {
     let mut out = format!(
         "cluster {}  state {}  (seen from {})\n",
-        v["cluster_id"].as_str().unwrap_or("?"),
-        v["state"].as_str().unwrap_or("?"),
-        v["name"].as_str().unwrap_or("?")
+        v["cluster_id"].as_str().map_or("?".into(), printable),
+        v["state"].as_str().map_or("?".into(), printable),
+        v["name"].as_str().map_or("?".into(), printable)
     );
     out.push_str(&format!(
         "{:<16} {:<12} {:<22} {:<8} {:>9} {:>8} {:>10} {:>8}  {}\n",
@@ -474,15 +479,18 @@ fn status_table(v: &Value) -> String {
         } else {
             ""
         };
-        let err = n["last_error"]["cause"]
-            .as_str()
-            .map(|c| format!("{c}: {}", n["last_error"]["message"].as_str().unwrap_or("")));
+        let err = n["last_error"]["cause"].as_str().map(|c| {
+            printable(&format!(
+                "{c}: {}",
+                n["last_error"]["message"].as_str().unwrap_or("")
+            ))
+        });
         out.push_str(&format!(
             "{:<16} {:<12} {:<22} {:<8} {:>9} {:>8} {:>10} {:>8}  {}\n",
-            format!("{}{me}", n["name"].as_str().unwrap_or("?")),
-            n["status"].as_str().unwrap_or("?"),
-            n["address"].as_str().unwrap_or("?"),
-            n["version"].as_str().unwrap_or("?"),
+            format!("{}{me}", n["name"].as_str().map_or("?".into(), printable)),
+            n["status"].as_str().map_or("?".into(), printable),
+            n["address"].as_str().map_or("?".into(), printable),
+            n["version"].as_str().map_or("?".into(), printable),
             n["last_heartbeat_ms_ago"]
                 .as_u64()
                 .map_or("-".into(), |x| x.to_string()),
@@ -495,4 +503,46 @@ fn status_table(v: &Value) -> String {
         ));
     }
     out
+}
+
+/// `s` with every control character escaped (`\u{1b}`, `\n`, ...): what a node reports about
+/// itself or its peers (names, addresses, error messages) never moves the cursor, clears the
+/// screen or starts a new line in a terminal.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_table_escapes_what_nodes_report() {
+        let v = serde_json::json!({
+            "cluster_id": "c1",
+            "state": "healthy",
+            "name": "a\u{1b}[2Jb",
+            "nodes": [{
+                "name": "evil\u{1b}]0;owned\u{7}\nforged log line",
+                "status": "ONLINE",
+                "address": "127.0.0.1:1\r",
+                "version": "0.1.0",
+                "last_error": {"cause": "tls", "message": "bad\u{9b}31m"}
+            }]
+        });
+        let table = status_table(&v);
+        assert!(!table.contains('\u{1b}'), "{table:?}");
+        assert!(!table.contains('\u{7}') && !table.contains('\r') && !table.contains('\u{9b}'));
+        // The header, the column titles and one row: the name's newline did not add a line.
+        assert_eq!(table.lines().count(), 3, "{table}");
+        assert!(table.contains("evil\\u{1b}]0;owned\\u{7}\\nforged log line"));
+    }
 }
