@@ -2454,6 +2454,71 @@ mod tests {
         assert_eq!(rejected(&b), 6);
     }
 
+    /// A peer's change that writes a secret's value into a document (where only references may
+    /// be) is refused and counted, and nothing of it is stored; the same change made properly (a
+    /// reference, the value offered beside it) is taken, and the value is held sealed.
+    #[test]
+    fn a_peer_change_holding_a_secret_value_is_refused() {
+        use automerge::transaction::Transactable;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        Node::init(dir.path(), &Default::default(), &opts(1)).expect("init");
+        let b = Node::open(dir.path(), opts(2)).expect("open");
+        let id = crdt_schema::doc_id(Kind::User, "u1");
+        rt.block_on(b.put(Kind::User, "u1", json!({"password": "first-Passw0rd!"})))
+            .expect("put");
+        let base = b.store().load_doc(&id).expect("load").expect("stored");
+        let base_heads = base.clone().get_heads();
+        let mine = b.store().secret(&id, "password").expect("secret");
+        assert!(mine.is_some());
+        let push = |value: &str, offered: &[(String, String)]| {
+            let mut d = base.clone();
+            d.set_actor(ActorId::from(vec![0xee; 16]));
+            let before = d.get_heads();
+            d.put(automerge::ROOT, "password", value).expect("put");
+            d.commit();
+            Sessions::push_message(d.get_heads(), d.save_after(&before), offered)
+        };
+        let rejected = |b: &Node| {
+            b.published()
+                .metrics
+                .rejected
+                .get_or_create(&PeerLabel {
+                    peer: "evil".into(),
+                })
+                .get()
+        };
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$planted-by-a-peer";
+        let msgs = vec![(id.clone(), push(hash, &[]))];
+        rt.block_on(b.serve("evil", Request::Sync { msgs }))
+            .expect("served");
+        assert_eq!(rejected(&b), 1, "not counted");
+        let mut now = b.store().load_doc(&id).expect("load").expect("stored");
+        assert_eq!(now.get_heads(), base_heads, "the refused change was stored");
+        assert_eq!(b.store().secret(&id, "password").expect("secret"), mine);
+        // Done properly: a reference, and the value beside it.
+        let r = crdt_schema::secret::secret_ref(&id, "password", hash);
+        let msgs = vec![(
+            id.clone(),
+            push(&r, &[("password".to_string(), hash.to_string())]),
+        )];
+        rt.block_on(b.serve("evil", Request::Sync { msgs }))
+            .expect("served");
+        assert_eq!(rejected(&b), 1, "a proper change was refused");
+        now = b.store().load_doc(&id).expect("load").expect("stored");
+        assert_ne!(now.get_heads(), base_heads);
+        assert_eq!(
+            b.store()
+                .secret(&id, "password")
+                .expect("secret")
+                .as_deref(),
+            Some(hash)
+        );
+    }
+
     /// The member list's layout check accepts what `core::members` writes and refuses what it
     /// never does.
     #[test]

@@ -1610,6 +1610,94 @@ mod tests {
         assert!(String::from_utf8_lossy(&row.json).contains("from a peer"));
     }
 
+    /// A store written before secret references held password hashes in its documents' history.
+    /// Opened, it is migrated: the current value moves to the sealed table, every change of the
+    /// history holds a reference instead, and no file of the store (database, log) holds either
+    /// value in the clear any more, while it did before.
+    #[test]
+    fn a_store_from_before_secret_references_is_migrated_on_open() {
+        use crdt_schema::doc::{apply, ChangeNote, Edit};
+        use crdt_schema::{FieldValue, Kind};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("db");
+        let old = "$argon2id$v=19$m=19456,t=2,p=1$b2xkc2FsdG9sZHNhbHQ$first-hash-value-0123456789";
+        let new = "$argon2id$v=19$m=19456,t=2,p=1$bmV3c2FsdG5ld3NhbHQ$second-hash-value-987654321";
+        let files = |dir: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+            std::fs::read_dir(dir)
+                .expect("dir")
+                .map(|e| e.expect("entry").path())
+                .map(|p| (p.clone(), std::fs::read(&p).expect("read")))
+                .collect()
+        };
+        let holds = |b: &[u8], v: &str| b.windows(v.len()).any(|w| w == v.as_bytes());
+        {
+            let store = Store::open(&db).expect("open");
+            let password = Kind::User.field("password").expect("field");
+            let mut d = crdt_schema::doc::genesis(Kind::User);
+            for (t, hash) in [old, new].into_iter().enumerate() {
+                let note = ChangeNote {
+                    node: "n1".into(),
+                    op: "put".into(),
+                    fields: Vec::new(),
+                };
+                let edit = Edit {
+                    alive: Some(true),
+                    values: &[(password, FieldValue::Secret(hash.into()))],
+                };
+                apply(&mut d, Kind::User, &edit, &note, t as i64).expect("apply");
+            }
+            let mut txn = store.write().expect("txn");
+            txn.put_doc("user/alice", &mut d, entry(), None, &[], &[])
+                .expect("put");
+            txn.commit(None).expect("commit");
+            store.checkpoint().expect("checkpoint");
+            // As versions before secret references left it: format 2.
+            let w = store.db().begin_write().expect("write");
+            w.open_table(META)
+                .expect("meta")
+                .insert(FORMAT, 2)
+                .expect("insert");
+            w.commit().expect("commit");
+        }
+        assert!(
+            files(dir.path()).iter().any(|(_, b)| holds(b, old)),
+            "control: the old layout holds the first hash in the clear"
+        );
+        let store = Store::open(&db).expect("migrating open");
+        assert_eq!(
+            store.secret("user/alice", "password").expect("secret"),
+            Some(new.to_string())
+        );
+        let mut doc = store.load_doc("user/alice").expect("load").expect("kept");
+        for c in doc.get_changes(&[]) {
+            assert_eq!(
+                crdt_schema::secret::change_puts_value(&c, Kind::User),
+                None,
+                "a change of the migrated history still holds a value"
+            );
+        }
+        assert_eq!(
+            crdt_schema::secret::current_ref(&doc, "password"),
+            Some(crdt_schema::secret::secret_ref(
+                "user/alice",
+                "password",
+                new
+            ))
+        );
+        drop(store);
+        for (p, b) in files(dir.path()) {
+            for v in [old, new] {
+                assert!(!holds(&b, v), "{} holds a hash in the clear", p.display());
+            }
+        }
+        // Migrated once: a second open finds the current format and changes nothing.
+        let store = Store::open(&db).expect("open again");
+        assert_eq!(
+            store.secret("user/alice", "password").expect("secret"),
+            Some(new.to_string())
+        );
+    }
+
     /// Reopening (what a full disk's I/O error calls for) closes redb, replays the log and goes
     /// on: what was committed through the log is there, and commits work after it.
     #[test]

@@ -436,6 +436,78 @@ fn a_removed_node_is_cut_off() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // n3's data directory holds the cluster CA's key. With it: n3's own certificate, and a
+    // certificate minted for n2 (a current member), are both refused by n1 before any request
+    // is served: nothing is read (a fetch, a digest) and nothing is written (a sync message).
+    let n3_tls = TlsFiles::new(&ns[2].dir).read().expect("n3's TLS files");
+    let n1_tls = TlsFiles::new(&ns[0].dir).read().expect("n1's TLS files");
+    let (minted_key, csr) = peerconf::net::tls::new_node_key_and_csr(&ns[1].id).unwrap();
+    let minted_cert =
+        peerconf::net::tls::sign_csr(&n3_tls.ca_cert_pem, &n3_tls.ca_key_pem, &ns[1].id, &csr)
+            .unwrap();
+    let cluster = http_json(&ns[0].api, "/v1/nodes").expect("GET /v1/nodes on n1")["cluster_id"]
+        .as_str()
+        .expect("cluster_id")
+        .to_string();
+    let evil = {
+        use automerge::sync::SyncDoc;
+        let mut d = crdt_schema::doc::genesis(crdt_schema::Kind::Group);
+        let m = d
+            .sync()
+            .generate_sync_message(&mut automerge::sync::State::new());
+        m.map(|m| m.encode()).unwrap_or_default()
+    };
+    let before = entities(&ns[0].api, "group").expect("n1 answers");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cases = [
+            (
+                "n3's own certificate (removed)",
+                foreign_client(&n1_tls, &n3_tls.node_cert_pem, &n3_tls.node_key_pem),
+                ns[2].id.clone(),
+            ),
+            (
+                "a certificate minted with n3's copy of the CA key for n2's ID",
+                foreign_client(&n1_tls, &minted_cert, &minted_key),
+                ns[1].id.clone(),
+            ),
+        ];
+        for (label, tls, from) in cases {
+            for req in [
+                Request::Fetch {
+                    ids: vec!["group/before".into(), "members".into()],
+                },
+                Request::DigestRoot { root: [0; 32] },
+                Request::Sync {
+                    msgs: vec![("group/evil".into(), evil.clone())],
+                },
+            ] {
+                let mut c = PeerClient::new(&ns[0].ipc, tls.clone(), &cluster, &from);
+                let r = c.call(req.clone()).await;
+                assert!(
+                    matches!(r, Err(_) | Ok(Response::Refused { .. })),
+                    "{label}: {req:?} was answered: {}",
+                    short(&r)
+                );
+            }
+        }
+    });
+    assert_eq!(
+        entities(&ns[0].api, "group").expect("n1 answers"),
+        before,
+        "a refused peer changed n1's groups"
+    );
+    let log = ns[0].d.log_text();
+    assert!(
+        log.contains("refused a certificate whose key is not the one pinned for its node")
+            && log.contains(&ns[1].id),
+        "n1 did not log the minted certificate: {}",
+        tail(&log)
+    );
 }
 
 /// Every join failure exits 1 with a message that says why, and leaves no usable node behind.
