@@ -86,7 +86,7 @@ impl NodeMetrics {
         );
         r.register(
             "peerconf_peer_rejections",
-            "Peers' sync messages and documents refused (malformed or not of their kind)",
+            "Peers' sync messages and documents refused (malformed, not of their layout, or holding a secret value)",
             self.rejected.clone(),
         );
     }
