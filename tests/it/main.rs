@@ -8,6 +8,7 @@ mod cluster;
 mod embedded;
 mod fuzz_regressions;
 mod health;
+mod ipc_abuse;
 mod process;
 mod secrets;
 mod security;
