@@ -72,8 +72,112 @@ pub fn router(cluster: Arc<ClusterState>) -> Router {
             )
         })
         .layer(middleware::from_fn(authorize))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(Hosts::of(node.config())),
+            hygiene,
+        ))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(ApiState { node, cluster })
+}
+
+/// The host names a request may name (`Host`, or the authority of an HTTP/2 request): any IP
+/// literal, `localhost`, this machine's host name and the host the node advertises. A page on
+/// another origin whose name an attacker re-points at this address (DNS rebinding) names its
+/// own host, and is answered 421.
+#[derive(Debug, Clone)]
+pub struct Hosts {
+    names: Vec<String>,
+}
+
+impl Hosts {
+    pub fn of(cfg: &crate::node::setup::NodeConfig) -> Hosts {
+        let mut names = vec!["localhost".to_string()];
+        if let Some((host, _)) = cfg.ipc_advertise.rsplit_once(':') {
+            names.push(host.trim_matches(['[', ']']).to_ascii_lowercase());
+        }
+        if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+            names.push(h.trim().to_ascii_lowercase());
+        }
+        names.retain(|n| !n.is_empty());
+        Hosts { names }
+    }
+
+    /// Whether `authority` (`host[:port]`) names this node.
+    fn allows(&self, authority: &str) -> bool {
+        let host = match authority.rsplit_once(':') {
+            // `[v6]:port`, `[v6]`, `name:port`, `v4:port`; a bare v6 literal has several colons.
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
+            _ => authority,
+        };
+        let host = host.trim_matches(['[', ']']).trim_end_matches('.');
+        if host.parse::<std::net::IpAddr>().is_ok() {
+            return true;
+        }
+        let host = host.to_ascii_lowercase();
+        self.names.iter().any(|n| *n == host)
+    }
+}
+
+/// Request hygiene, before anything else runs: the host named must be this node's (421), a
+/// request from a browser page of another origin is refused (403), and a body must be JSON (415),
+/// so that neither a DNS-rebinding page nor a cross-site form can read or change anything.
+async fn hygiene(State(hosts): State<Arc<Hosts>>, req: Request, next: Next) -> Response {
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    if let Some(a) = &authority {
+        if !hosts.allows(a) {
+            let shown: String = a.chars().take(100).filter(|c| !c.is_control()).collect();
+            return ApiError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected",
+                format!(
+                    "this node does not answer for host {shown:?}: use its address, localhost or its host name"
+                ),
+            )
+            .into_response();
+        }
+    }
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        // A browser names the page's origin; only a page served by this very API may call it.
+        let same = origin.to_str().ok().is_some_and(|o| {
+            let rest = o
+                .strip_prefix("http://")
+                .or_else(|| o.strip_prefix("https://"));
+            rest.zip(authority.as_deref())
+                .is_some_and(|(r, a)| r.eq_ignore_ascii_case(a))
+        });
+        if !same {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "cross_origin",
+                "requests from pages of another origin are refused".into(),
+            )
+            .into_response();
+        }
+    }
+    let has_body = {
+        use axum::body::HttpBody;
+        let b = req.body();
+        !b.is_end_stream() && b.size_hint().exact() != Some(0)
+    };
+    let content_type = req.headers().get(header::CONTENT_TYPE);
+    let json = content_type
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    if (content_type.is_some() || has_body) && !json {
+        return ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "request bodies must be JSON (Content-Type: application/json)".into(),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// The API before and after the node is ready: until [`Gate::open`], `/livez` answers 200 and
@@ -561,6 +665,101 @@ mod tests {
             status,
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),
         )
+    }
+
+    async fn raw(
+        app: &Router,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> StatusCode {
+        let mut req = axum::http::Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(axum::body::Body::from(body.to_string()))
+            .expect("request");
+        app.clone().oneshot(req).await.expect("infallible").status()
+    }
+
+    /// A DNS-rebinding page (a host name that is not this node's), a cross-site page (another
+    /// Origin) and a form post (not JSON) are refused before anything runs; the node's own
+    /// names and addresses, same-origin pages and JSON are served.
+    #[tokio::test]
+    async fn requests_for_other_hosts_origins_or_media_types_are_refused() {
+        let (app, node, _dir) = app();
+        let ok = StatusCode::OK;
+        for (host, want) in [
+            ("evil.example", StatusCode::MISDIRECTED_REQUEST),
+            ("evil.example:7700", StatusCode::MISDIRECTED_REQUEST),
+            (
+                "localhost.evil.example:7700",
+                StatusCode::MISDIRECTED_REQUEST,
+            ),
+            ("127.0.0.1:7700", ok),
+            ("[::1]:7700", ok),
+            ("localhost:7700", ok),
+            ("LOCALHOST", ok),
+        ] {
+            let got = raw(&app, "GET", "/v1/entities/user", &[("host", host)], "").await;
+            assert_eq!(got, want, "Host: {host}");
+        }
+        let host = ("host", "127.0.0.1:7700");
+        for (origin, want) in [
+            ("http://evil.example", StatusCode::FORBIDDEN),
+            ("null", StatusCode::FORBIDDEN),
+            ("http://127.0.0.1:7701", StatusCode::FORBIDDEN),
+            ("http://127.0.0.1:7700", ok),
+        ] {
+            let got = raw(&app, "GET", "/v1/node", &[host, ("origin", origin)], "").await;
+            assert_eq!(got, want, "Origin: {origin}");
+        }
+        // A cross-site form can post only these media types: refused, and nothing happens.
+        for ct in [
+            "application/x-www-form-urlencoded",
+            "text/plain",
+            "multipart/form-data; boundary=x",
+        ] {
+            let got = raw(
+                &app,
+                "POST",
+                "/v1/drain",
+                &[host, ("content-type", ct)],
+                "a=b",
+            )
+            .await;
+            assert_eq!(got, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct}");
+            let got = raw(
+                &app,
+                "POST",
+                "/v1/tokens",
+                &[host, ("content-type", ct)],
+                "",
+            )
+            .await;
+            assert_eq!(got, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct}, empty body");
+        }
+        let got = raw(&app, "POST", "/v1/drain", &[host], "{}").await;
+        assert_eq!(
+            got,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "a body without a type"
+        );
+        assert!(
+            !node.drain().is_draining(),
+            "a refused request drained the node"
+        );
+        assert!(
+            node.tokens().await.expect("tokens").is_empty(),
+            "a refused request made a token"
+        );
+        let json = ("content-type", "application/json; charset=utf-8");
+        let got = raw(&app, "PUT", "/v1/entities/group/g1", &[host, json], "{}").await;
+        assert_eq!(got, ok);
+        // No body, no type (what `peerconf undrain` sends): served.
+        assert_eq!(raw(&app, "POST", "/v1/undrain", &[host], "").await, ok);
     }
 
     /// A drain deadline past 24 h is refused with a 400 naming the bound (it used to panic the
