@@ -114,7 +114,7 @@ impl Hosts {
             return true;
         }
         let host = host.to_ascii_lowercase();
-        self.names.iter().any(|n| *n == host)
+        self.names.contains(&host)
     }
 }
 

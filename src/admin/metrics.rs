@@ -107,6 +107,53 @@ fn peer_families(r: &mut Registry, report: &StatusReport) {
     );
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Class {
+    class: &'static str,
+}
+
+/// The IPC port's connection counters (`net::admission::CONNECTIONS`, one set per process).
+fn ipc_families(r: &mut Registry) {
+    use crate::net::admission::CONNECTIONS;
+    let refused = Family::<Reason, Counter>::default();
+    for (reason, n) in CONNECTIONS.refused_all() {
+        refused
+            .get_or_create(&Reason {
+                reason: reason.label(),
+            })
+            .inc_by(n);
+    }
+    let open = Family::<Class, Gauge>::default();
+    for class in crate::net::admission::Class::ALL {
+        open.get_or_create(&Class {
+            class: class.label(),
+        })
+        .set(CONNECTIONS.open(class) as i64);
+    }
+    let accept_failed: Counter = Counter::default();
+    accept_failed.inc_by(CONNECTIONS.accept_failed());
+    r.register(
+        "peerconf_ipc_connections_refused",
+        "IPC connections closed before or after one refused request, by reason (limits before authentication)",
+        refused,
+    );
+    r.register(
+        "peerconf_ipc_connections_open",
+        "IPC connections open now: in their TLS handshake, without a certificate (join only), certified",
+        open,
+    );
+    r.register(
+        "peerconf_ipc_accept_failures",
+        "Failed accepts on the IPC port (EMFILE and the like)",
+        accept_failed,
+    );
+}
+
 /// The whole exposition, as of now.
 pub fn encode(state: &ClusterState) -> String {
     let node = &state.node;
@@ -129,6 +176,7 @@ pub fn encode(state: &ClusterState) -> String {
     let draining: Gauge = Gauge::default();
     draining.set(i64::from(node.drain().is_draining()));
     r.register("peerconf_draining", "1 while this node drains", draining);
+    ipc_families(&mut r);
     node.published().metrics.register(&mut r);
     node.store().metrics().register(&mut r);
     state.metrics.register(&mut r);
@@ -185,5 +233,30 @@ mod tests {
         assert!(drift.ends_with(" 1"), "{drift}");
         assert!(out.contains("peerconf_peer_flaps_total{"), "{out}");
         assert!(out.ends_with("# EOF\n"));
+    }
+
+    /// Every refusal reason and connection class has its series, so a dashboard sees zeros
+    /// rather than missing series before the first refusal.
+    #[test]
+    fn ipc_connection_series_exist_for_every_reason_and_class() {
+        let mut r = Registry::default();
+        ipc_families(&mut r);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &r).expect("encodes");
+        for reason in crate::net::admission::Reason::ALL {
+            let series = format!(
+                "peerconf_ipc_connections_refused_total{{reason=\"{}\"}}",
+                reason.label()
+            );
+            assert!(out.contains(&series), "{series} missing:\n{out}");
+        }
+        for class in crate::net::admission::Class::ALL {
+            let series = format!(
+                "peerconf_ipc_connections_open{{class=\"{}\"}}",
+                class.label()
+            );
+            assert!(out.contains(&series), "{series} missing:\n{out}");
+        }
+        assert!(out.contains("peerconf_ipc_accept_failures_total"));
     }
 }
