@@ -2,8 +2,11 @@
 //!
 //! `peerconf run`: a node with its admin API, until SIGINT or SIGTERM.
 
+use crate::node::setup::NodeConfig;
 use crate::node::{Node, NodeOptions};
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Resolves when the process is asked to stop (SIGINT or SIGTERM).
 pub async fn stop_signal() {
@@ -42,6 +45,118 @@ pub enum ServeError {
     Cluster(#[from] crate::cluster::StartError),
     #[error("admin API failed: {0}")]
     Api(#[source] std::io::Error),
+    #[error("cannot make the admin API's HTTPS certificate: {0}")]
+    Tls(#[from] crate::net::tls::TlsError),
+}
+
+/// The admin API's listener, and its TLS configuration when it serves HTTPS.
+struct ApiListener {
+    tcp: tokio::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// Binds the admin API. Off loopback (or with `api_tls`) it serves HTTPS only, with a certificate
+/// issued by the cluster CA at each start for the addresses and names the node is reached by;
+/// there is no way to serve plain HTTP off loopback.
+async fn listen_api(cfg: &NodeConfig, dir: &Path) -> Result<ApiListener, ServeError> {
+    let tls = if cfg.api_https() {
+        let material = crate::net::tls::TlsFiles::new(dir).read()?;
+        let (dns, ips) = api_names(cfg);
+        Some(crate::net::tls::api_server_config(
+            &material,
+            &cfg.node_id,
+            &dns,
+            &ips,
+        )?)
+    } else {
+        None
+    };
+    let tcp = tokio::net::TcpListener::bind(cfg.api_listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: cfg.api_listen,
+            source,
+        })?;
+    Ok(ApiListener { tcp, tls })
+}
+
+/// The names and addresses the admin API's certificate holds: loopback, `localhost`, the
+/// machine's host name, the listen address (unless it is unspecified) and the advertised host.
+fn api_names(cfg: &NodeConfig) -> (Vec<String>, Vec<std::net::IpAddr>) {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let mut dns = vec!["localhost".to_string()];
+    let mut ips = vec![
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ];
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let h = h.trim();
+        if !h.is_empty() {
+            dns.push(h.to_string());
+        }
+    }
+    let listen = cfg.api_listen.ip();
+    if !listen.is_unspecified() {
+        ips.push(listen);
+    }
+    if let Some((host, _)) = cfg.ipc_advertise.rsplit_once(':') {
+        let host = host.trim_matches(['[', ']']);
+        match host.parse::<IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() => ips.push(ip),
+            Ok(_) => {}
+            Err(_) => dns.push(host.to_string()),
+        }
+    }
+    dns.sort();
+    dns.dedup();
+    ips.sort();
+    ips.dedup();
+    (dns, ips)
+}
+
+/// How long a client has to finish its TLS handshake with the admin API.
+const API_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `app` on the listener until `stop` resolves: plain HTTP through `axum::serve`, or
+/// HTTPS, one task per connection (HTTP/1.1 or HTTP/2 as the client's ALPN asks).
+async fn serve_api(
+    l: ApiListener,
+    app: axum::Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let Some(tls) = l.tls else {
+        return axum::serve(l.tcp, app).with_graceful_shutdown(stop).await;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::pin!(stop);
+    loop {
+        let tcp = tokio::select! {
+            r = l.tcp.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // EMFILE and the like: wait a little rather than spin.
+                    tracing::warn!(error = %e, "admin API accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => return Ok(()),
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(API_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+        });
+    }
 }
 
 /// Runs the node in `dir` until `stop` resolves, then shuts down cleanly: the API stops taking
@@ -59,23 +174,14 @@ pub async fn run(
         .await
         .map_err(|_| crate::node::Error::ShuttingDown)??;
     let cfg = opening.config().clone();
-    let listener = tokio::net::TcpListener::bind(cfg.api_listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: cfg.api_listen,
-            source,
-        })?;
+    let listener = listen_api(&cfg, dir).await?;
     let gate = super::api::Gate::default();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut api_stop = stop_rx.clone();
     let app = gate.router();
-    let api = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = api_stop.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let api = tokio::spawn(serve_api(listener, app, async move {
+        let _ = api_stop.wait_for(|s| *s).await;
+    }));
     tokio::spawn(async move {
         stop.await;
         let _ = stop_tx.send(true);
@@ -108,19 +214,10 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let cfg = node.config().clone();
-    let listener = tokio::net::TcpListener::bind(cfg.api_listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: cfg.api_listen,
-            source,
-        })?;
+    let listener = listen_api(&cfg, node.data_dir()).await?;
     let gate = super::api::Gate::default();
     let app = gate.router();
-    let api = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-    });
+    let api = tokio::spawn(serve_api(listener, app, stop));
     serve_on(node, gate, api, std::future::pending()).await
 }
 
@@ -142,8 +239,9 @@ async fn serve_on(
     };
     gate.open(super::api::router(cluster.state().clone()));
     tracing::info!(node = %cfg.node_id, name = %cfg.name, api = %cfg.api_listen, "node running");
+    let scheme = if cfg.api_https() { "https" } else { "http" };
     eprintln!(
-        "peerconf: node {} ({}) of cluster {}: admin API on http://{}, IPC on {}",
+        "peerconf: node {} ({}) of cluster {}: admin API on {scheme}://{}, IPC on {}",
         cfg.node_id, cfg.name, cfg.cluster_id, cfg.api_listen, cfg.ipc_listen
     );
     let served = tokio::select! {

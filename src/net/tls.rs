@@ -314,6 +314,66 @@ pub fn server_config(m: &Material) -> Result<Arc<ServerConfig>, TlsError> {
     Ok(Arc::new(c))
 }
 
+/// The admin API's HTTPS server: a certificate for this node issued by the cluster CA at each
+/// start (its key never leaves memory), naming `dns` and `ips` as subject alternative names,
+/// served with the CA certificate so a client holding only that (`peerconf ca show`) verifies it.
+/// No client certificate is asked for: admins authenticate over HTTP.
+pub fn api_server_config(
+    m: &Material,
+    node_id: &str,
+    dns: &[String],
+    ips: &[std::net::IpAddr],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let key = KeyPair::generate().map_err(err("API key"))?;
+    let mut p = CertificateParams::new(dns.to_vec()).map_err(err("API certificate names"))?;
+    for ip in ips {
+        p.subject_alt_names.push(rcgen::SanType::IpAddress(*ip));
+    }
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name
+        .push(DnType::CommonName, format!("{node_id} admin API"));
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2200, 1, 1);
+    let ca_key = KeyPair::from_pem(&m.ca_key_pem).map_err(err("CA key"))?;
+    let issuer = Issuer::from_ca_cert_pem(&m.ca_cert_pem, ca_key).map_err(err("CA certificate"))?;
+    let cert = p.signed_by(&key, &issuer).map_err(err("API certificate"))?;
+    let mut c = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone(), pem_der(&m.ca_cert_pem)?],
+            key_der(&key.serialize_pem())?,
+        )
+        .map_err(|e| TlsError(format!("API certificate: {e}")))?;
+    c.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(c))
+}
+
+/// A client of the admin API over HTTPS that trusts only the CA certificate(s) in `ca_pem`.
+pub fn api_client_config(ca_pem: &str) -> Result<Arc<ClientConfig>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = RootCertStore::empty();
+    for der in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let der = der.map_err(|e| TlsError(format!("bad CA certificate PEM: {e}")))?;
+        roots
+            .add(der)
+            .map_err(|e| TlsError(format!("CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError("no certificate in the CA file".into()));
+    }
+    let mut c = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(c))
+}
+
 /// A member's client: presents the node certificate, trusts only the cluster CA.
 pub fn client_config(m: &Material) -> Result<Arc<ClientConfig>, TlsError> {
     let mut c = ClientConfig::builder_with_provider(provider())

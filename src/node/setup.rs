@@ -38,6 +38,17 @@ pub struct NodeConfig {
     pub ipc_advertise: String,
     pub created_wall_ms: i64,
     pub schema_version: u32,
+    /// Serve the admin API over HTTPS even on a loopback address (it always is on any other).
+    #[serde(default)]
+    pub api_tls: bool,
+}
+
+impl NodeConfig {
+    /// Whether the admin API is served over HTTPS: always off loopback (`0.0.0.0` included), and
+    /// on loopback when asked for (`init --api-tls`).
+    pub fn api_https(&self) -> bool {
+        self.api_tls || !self.api_listen.ip().is_loopback()
+    }
 }
 
 /// Options of `peerconf init` and `peerconf join`.
@@ -48,6 +59,8 @@ pub struct InitOptions {
     pub ipc_listen: SocketAddr,
     /// Defaults to `ipc_listen`.
     pub ipc_advertise: Option<String>,
+    /// HTTPS on loopback too ([`NodeConfig::api_tls`]).
+    pub api_tls: bool,
 }
 
 impl Default for InitOptions {
@@ -57,6 +70,7 @@ impl Default for InitOptions {
             api_listen: DEFAULT_API_LISTEN.parse().expect("valid default"),
             ipc_listen: DEFAULT_IPC_LISTEN.parse().expect("valid default"),
             ipc_advertise: None,
+            api_tls: false,
         }
     }
 }
@@ -97,6 +111,7 @@ pub fn new_config(
         ipc_listen: opts.ipc_listen,
         created_wall_ms: clock.wall_ms(),
         schema_version: crdt_schema::SCHEMA_VERSION,
+        api_tls: opts.api_tls,
     }
 }
 

@@ -8,6 +8,7 @@ mod cluster;
 mod embedded;
 mod fuzz_regressions;
 mod health;
+mod https;
 mod ipc_abuse;
 mod process;
 mod secrets;

@@ -437,6 +437,7 @@ pub async fn cluster(
         api_listen: free_loopback(),
         ipc_listen: free_loopback(),
         ipc_advertise: None,
+        api_tls: false,
     };
     let dir = |i: usize| tmp.path().join(format!("n{i}"));
     let first = mk(1);

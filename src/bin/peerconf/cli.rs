@@ -27,6 +27,10 @@ pub struct Cli {
         default_value = "http://127.0.0.1:7700"
     )]
     pub api: String,
+    /// The CA certificate (PEM) that an https:// admin API's certificate must chain to:
+    /// `peerconf ca show --data-dir DIR` prints the cluster's.
+    #[arg(long, global = true, env = "PEERCONF_CACERT")]
+    pub cacert: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -74,6 +78,11 @@ pub enum Command {
     },
     /// Take client connections again.
     Undrain,
+    /// The cluster CA.
+    Ca {
+        #[command(subcommand)]
+        what: CaCommand,
+    },
     /// Make replaced and deleted secrets unreadable in this node's files now: seals every secret
     /// value again under a fresh at-rest key and deletes the old key (the node also does this by
     /// itself within 10 s of forgetting a secret).
@@ -145,6 +154,9 @@ pub struct NodeArgs {
     /// Address the other nodes reach the IPC port at (default: --ipc-listen).
     #[arg(long)]
     ipc_advertise: Option<String>,
+    /// Serve the admin API over HTTPS on a loopback address too (off loopback it always is).
+    #[arg(long)]
+    api_tls: bool,
 }
 
 impl NodeArgs {
@@ -154,8 +166,19 @@ impl NodeArgs {
             api_listen: self.api_listen,
             ipc_listen: self.ipc_listen,
             ipc_advertise: self.ipc_advertise.clone(),
+            api_tls: self.api_tls,
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Print the cluster CA certificate (PEM) of the node in DIR: what `--cacert` wants to
+    /// verify an admin API served over HTTPS.
+    Show {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -304,7 +327,7 @@ pub fn main(cli: Cli) -> i32 {
             what: TokenCommand::Create { ttl },
         } => runtime().and_then(|rt| {
             rt.block_on(async {
-                let c = ApiClient::new(&cli.api).map_err(|e| e.0)?;
+                let c = ApiClient::new(&cli.api, cli.cacert.as_deref()).map_err(|e| e.0)?;
                 let body = serde_json::to_vec(&serde_json::json!({ "ttl": ttl })).expect("json");
                 let v = c.call(Method::POST, "/v1/tokens", Some(body)).await.map_err(|e| e.0)?;
                 eprintln!(
@@ -318,13 +341,19 @@ pub fn main(cli: Cli) -> i32 {
         }),
         Command::Status { json: false } => runtime().and_then(|rt| {
             rt.block_on(async {
-                let c = ApiClient::new(&cli.api).map_err(|e| e.0)?;
+                let c = ApiClient::new(&cli.api, cli.cacert.as_deref()).map_err(|e| e.0)?;
                 let v = c.call(Method::GET, "/v1/status", None).await.map_err(|e| e.0)?;
                 print!("{}", status_table(&v));
                 Ok(())
             })
         }),
         Command::Demo { nodes } => runtime().and_then(|rt| rt.block_on(crate::demo::run(nodes))),
+        Command::Ca {
+            what: CaCommand::Show { data_dir },
+        } => peerconf::net::tls::TlsFiles::new(&data_dir)
+            .read()
+            .map(|m| print!("{}", m.ca_cert_pem))
+            .map_err(|e| format!("{}: {e}", data_dir.display())),
         Command::Bench { what } => match what {
             BenchCommand::Store { entities, writers } => {
                 runtime().and_then(|rt| rt.block_on(crate::bench::store(entities, writers)))
@@ -341,7 +370,7 @@ pub fn main(cli: Cli) -> i32 {
             }
         },
         admin => runtime().and_then(|rt| {
-            rt.block_on(admin_command(&cli.api, admin))
+            rt.block_on(admin_command(&cli.api, cli.cacert.as_deref(), admin))
                 .map(|v| {
                     println!(
                         "{}",
@@ -367,8 +396,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
-async fn admin_command(api: &str, cmd: Command) -> Result<Value, CallError> {
-    let c = ApiClient::new(api)?;
+async fn admin_command(
+    api: &str,
+    cacert: Option<&std::path::Path>,
+    cmd: Command,
+) -> Result<Value, CallError> {
+    let c = ApiClient::new(api, cacert)?;
     let entity = |k: &str, n: &str| -> Result<String, CallError> {
         Ok(format!("/v1/entities/{}/{}", kind_arg(k)?, seg(n)))
     };
@@ -441,6 +474,7 @@ async fn admin_command(api: &str, cmd: Command) -> Result<Value, CallError> {
         | Command::Bench { .. }
         | Command::Demo { .. }
         | Command::Join { .. }
+        | Command::Ca { .. }
         | Command::Token {
             what: TokenCommand::Create { .. },
         } => Err(CallError(

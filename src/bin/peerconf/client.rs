@@ -17,6 +17,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct ApiClient {
     base: String,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    /// For an https:// API: trusts only the CA given with `--cacert`.
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// A failed call: the message is what the user is shown.
@@ -24,24 +26,78 @@ pub struct ApiClient {
 pub struct CallError(pub String);
 
 impl ApiClient {
-    pub fn new(api: &str) -> Result<ApiClient, CallError> {
+    pub fn new(api: &str, cacert: Option<&std::path::Path>) -> Result<ApiClient, CallError> {
         let base = if api.contains("://") {
             api.to_string()
         } else {
             format!("http://{api}")
         };
-        if !base.starts_with("http://") {
+        let tls = if base.starts_with("https://") {
+            let Some(path) = cacert else {
+                return Err(CallError(format!(
+                    "--api {api}: an https:// admin API is verified against the cluster CA: pass --cacert FILE or set PEERCONF_CACERT (peerconf ca show --data-dir DIR prints it)"
+                )));
+            };
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| CallError(format!("--cacert {}: {e}", path.display())))?;
+            Some(
+                peerconf::net::tls::api_client_config(&pem)
+                    .map_err(|e| CallError(format!("--cacert {}: {e}", path.display())))?,
+            )
+        } else if base.starts_with("http://") {
+            None
+        } else {
             return Err(CallError(format!(
-                "--api {api}: only http:// URLs are supported (the admin API listens on loopback)"
+                "--api {api}: the URL must start with http:// or https://"
             )));
-        }
+        };
         let base = base.trim_end_matches('/').to_string();
         base.parse::<hyper::Uri>()
             .map_err(|e| CallError(format!("--api {api}: not a URL: {e}")))?;
         Ok(ApiClient {
             base,
             client: Client::builder(TokioExecutor::new()).build_http(),
+            tls,
         })
+    }
+
+    /// One request over a fresh TLS connection (the CLI makes one or two per run).
+    async fn send_tls(
+        &self,
+        tls: std::sync::Arc<rustls::ClientConfig>,
+        req: Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, CallError> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            CallError(format!(
+                "cannot reach the node API at {}: {what}: {e} (is `peerconf run` running? is --cacert the cluster's CA?)",
+                self.base
+            ))
+        };
+        let uri = req.uri().clone();
+        let host = uri
+            .host()
+            .unwrap_or("localhost")
+            .trim_matches(['[', ']'])
+            .to_string();
+        let port = uri.port_u16().unwrap_or(443);
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| fail("connect", &e))?;
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| fail("server name", &e))?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| fail("TLS", &e))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| fail("HTTP", &e))?;
+        tokio::spawn(conn);
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| fail("HTTP", &root_cause(&e)))
     }
 
     /// Sends a request; returns the JSON answer of a 2xx, or the error message the node gave.
@@ -56,19 +112,37 @@ impl ApiClient {
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
+        if let Some(host) = url
+            .parse::<hyper::Uri>()
+            .ok()
+            .and_then(|u| u.authority().map(|a| a.to_string()))
+        {
+            // HTTP/1 over our own TLS connection sends no Host unless asked.
+            req = req.header("host", host);
+        }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| CallError(format!("bad request to {url}: {e}")))?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(req))
+        let sent = async {
+            match &self.tls {
+                Some(tls) => self.send_tls(tls.clone(), req).await,
+                None => self.client.request(req).await.map_err(|e| {
+                    CallError(format!(
+                        "cannot reach the node API at {}: {} (is `peerconf run` running? set --api or PEERCONF_API)",
+                        self.base,
+                        root_cause(&e)
+                    ))
+                }),
+            }
+        };
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, sent)
             .await
-            .map_err(|_| CallError(format!("no answer from {} within {REQUEST_TIMEOUT:?}", self.base)))?
-            .map_err(|e| {
+            .map_err(|_| {
                 CallError(format!(
-                    "cannot reach the node API at {}: {} (is `peerconf run` running? set --api or PEERCONF_API)",
-                    self.base,
-                    root_cause(&e)
+                    "no answer from {} within {REQUEST_TIMEOUT:?}",
+                    self.base
                 ))
-            })?;
+            })??;
         let status = resp.status();
         let bytes = resp
             .into_body()

@@ -45,6 +45,7 @@ pub async fn run(nodes: usize) -> Result<(), String> {
             api_listen: loopback_port(7700 + 10 * i as u16),
             ipc_listen: loopback_port(7701 + 10 * i as u16),
             ipc_advertise: None,
+            api_tls: false,
         };
         match first_ipc {
             None => {
@@ -52,7 +53,8 @@ pub async fn run(nodes: usize) -> Result<(), String> {
                 first_ipc = Some((opts.ipc_listen, apis.len()));
             }
             Some((ipc, _)) => {
-                let api = crate::client::ApiClient::new(&apis[0].to_string()).map_err(|e| e.0)?;
+                let api =
+                    crate::client::ApiClient::new(&apis[0].to_string(), None).map_err(|e| e.0)?;
                 let t = api
                     .call(hyper::Method::POST, "/v1/tokens", Some(b"{}".to_vec()))
                     .await

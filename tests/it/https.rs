@@ -1,0 +1,141 @@
+//! The admin API over HTTPS: a node asked for it (and every node off loopback) serves a
+//! certificate issued by the cluster CA, which the CLI verifies with `--cacert` (printed by
+//! `peerconf ca show`); plain HTTP gets nothing, and another cluster's CA does not verify it.
+
+use crate::support::*;
+use peerconf::node::setup::NodeConfig;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn pc(api: &str, cacert: Option<&Path>, args: &[&str]) -> Output {
+    let mut c = Command::new(BIN);
+    c.arg("--api").arg(api).env_remove("PEERCONF_CACERT");
+    if let Some(p) = cacert {
+        c.arg("--cacert").arg(p);
+    }
+    c.args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn peerconf")
+}
+
+fn ca_show(dir: &Path) -> String {
+    let o = Command::new(BIN)
+        .args(["ca", "show", "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("spawn");
+    assert!(o.status.success(), "ca show: {}", stderr(&o));
+    let pem = String::from_utf8(o.stdout).expect("utf-8");
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    pem
+}
+
+#[test]
+fn off_loopback_or_when_asked_the_api_is_https_only() {
+    let cfg = |listen: &str, tls: bool| NodeConfig {
+        node_id: "n".into(),
+        name: "n".into(),
+        cluster_id: "c".into(),
+        api_listen: listen.parse().unwrap(),
+        ipc_listen: "127.0.0.1:1".parse().unwrap(),
+        ipc_advertise: "127.0.0.1:1".into(),
+        created_wall_ms: 0,
+        schema_version: 1,
+        api_tls: tls,
+    };
+    assert!(!cfg("127.0.0.1:7700", false).api_https());
+    assert!(!cfg("[::1]:7700", false).api_https());
+    assert!(cfg("127.0.0.1:7700", true).api_https());
+    assert!(cfg("0.0.0.0:7700", false).api_https());
+    assert!(cfg("[::]:7700", false).api_https());
+    assert!(cfg("10.1.2.3:7700", false).api_https());
+}
+
+#[test]
+fn an_api_served_over_https_is_verified_with_the_cluster_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n1");
+    let api = free_addr();
+    let ipc = free_addr();
+    let o = Command::new(BIN)
+        .args(["init", "--data-dir"])
+        .arg(&dir)
+        .args([
+            "--name",
+            "n1",
+            "--api-listen",
+            &api,
+            "--ipc-listen",
+            &ipc,
+            "--api-tls",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "init: {}", stderr(&o));
+    let ca = tmp.path().join("ca.pem");
+    std::fs::write(&ca, ca_show(&dir)).unwrap();
+    // Another cluster's CA, to show that verification is real.
+    let other = tmp.path().join("other");
+    init(&other, "other");
+    let other_ca = tmp.path().join("other-ca.pem");
+    std::fs::write(&other_ca, ca_show(&other)).unwrap();
+
+    let log = tmp.path().join("n1.log");
+    let child = Command::new(BIN)
+        .args(["run", "--data-dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut d = Daemon {
+        child: Some(child),
+        api: api.clone(),
+        log,
+    };
+    let https = format!("https://{api}");
+    wait_for(Duration::from_secs(20), || {
+        pc(&https, Some(&ca), &["list", "group"])
+            .status
+            .success()
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("no HTTPS answer; log: {}", d.log_text()));
+    let o = pc(
+        &https,
+        Some(&ca),
+        &[
+            "put",
+            "group",
+            "g1",
+            "--json",
+            r#"{"description":"over tls"}"#,
+        ],
+    );
+    assert!(o.status.success(), "put over https: {}", stderr(&o));
+    let g = stdout_json(&pc(&https, Some(&ca), &["get", "group", "g1"]));
+    assert_eq!(g["fields"]["description"], "over tls", "{g}");
+    // The certificate names localhost too.
+    let port = api.rsplit_once(':').unwrap().1;
+    let o = pc(
+        &format!("https://localhost:{port}"),
+        Some(&ca),
+        &["list", "group"],
+    );
+    assert!(o.status.success(), "https://localhost: {}", stderr(&o));
+    // Plain HTTP gets no answer.
+    if let Ok((status, body)) = try_http(&api, "GET", "/livez", None) {
+        panic!("plain HTTP was answered {status}: {body}");
+    }
+    // Without a CA the CLI says what it needs; with another cluster's CA it does not connect.
+    let o = pc(&https, None, &["list", "group"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--cacert"), "{}", stderr(&o));
+    let o = pc(&https, Some(&other_ca), &["list", "group"]);
+    assert!(!o.status.success(), "another cluster's CA verified the API");
+    assert!(stderr(&o).contains("TLS"), "{}", stderr(&o));
+    assert!(d.stop().success(), "{}", d.log_text());
+}
