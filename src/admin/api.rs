@@ -294,6 +294,9 @@ impl From<Error> for ApiError {
                 err.body["error"]["field"] = json!(field);
                 err
             }
+            Error::Write(WriteError::LastSuperAdmin { .. }) => {
+                ApiError::new(StatusCode::CONFLICT, "last_superadmin", e.to_string())
+            }
             Error::NotMember(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
             Error::ShuttingDown => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -760,6 +763,60 @@ mod tests {
         assert_eq!(got, ok);
         // No body, no type (what `peerconf undrain` sends): served.
         assert_eq!(raw(&app, "POST", "/v1/undrain", &[host], "").await, ok);
+    }
+
+    /// The last enabled SuperAdmin cannot be deleted, disabled or demoted (409 naming why);
+    /// with a second one, it can; ordinary admins come and go.
+    #[tokio::test]
+    async fn the_last_superadmin_stays() {
+        let (app, _node, _dir) = app();
+        let put = |name: &str, body: Value| {
+            let app = app.clone();
+            let path = format!("/v1/entities/admin/{name}");
+            async move { call(&app, "PUT", &path, &body.to_string()).await }
+        };
+        let su = json!({"role": "superadmin", "password": "Root-password-1"});
+        assert_eq!(put("root", su.clone()).await.0, StatusCode::OK);
+        assert_eq!(
+            put(
+                "ops",
+                json!({"role": "admin", "password": "Ops-password-1"})
+            )
+            .await
+            .0,
+            StatusCode::OK
+        );
+        for (method, body) in [
+            ("DELETE", "".to_string()),
+            ("PATCH", json!({"enabled": false}).to_string()),
+            ("PATCH", json!({"role": "admin"}).to_string()),
+            ("PUT", json!({"role": "admin"}).to_string()),
+        ] {
+            let (status, err) = call(&app, method, "/v1/entities/admin/root", &body).await;
+            assert_eq!(status, StatusCode::CONFLICT, "{method} {body}: {err}");
+            assert_eq!(err["error"]["code"], "last_superadmin", "{err}");
+        }
+        let (status, root) = call(&app, "GET", "/v1/entities/admin/root", "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(root["fields"]["role"], "superadmin", "{root}");
+        assert_eq!(
+            call(&app, "DELETE", "/v1/entities/admin/ops", "").await.0,
+            StatusCode::OK
+        );
+        assert_eq!(put("second", su).await.0, StatusCode::OK);
+        let demote = json!({"role": "admin"}).to_string();
+        assert_eq!(
+            call(&app, "PATCH", "/v1/entities/admin/root", &demote)
+                .await
+                .0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            call(&app, "DELETE", "/v1/entities/admin/second", "")
+                .await
+                .0,
+            StatusCode::CONFLICT
+        );
     }
 
     /// A drain deadline past 24 h is refused with a 400 naming the bound (it used to panic the

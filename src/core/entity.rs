@@ -46,6 +46,9 @@ pub enum WriteError {
         target_kind: Kind,
         target: String,
     },
+    /// The write would leave the cluster without an enabled SuperAdmin (as this node knows it).
+    #[error("admin {name:?} is the last enabled superadmin: it cannot be deleted, disabled or demoted (make another superadmin first)")]
+    LastSuperAdmin { name: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -56,6 +59,14 @@ pub trait World {
     fn exists(&self, kind: Kind, name: &str) -> Result<bool, WriteError>;
     /// `security/global.password_min_length`.
     fn password_min_length(&self) -> Result<usize, WriteError>;
+    /// Names of the admin accounts that are alive, enabled and superadmins, as of this write.
+    fn enabled_superadmins(&self) -> Result<Vec<String>, WriteError>;
+}
+
+/// Whether an admin account's fields (as read, defaults filled in) make an enabled SuperAdmin.
+fn enabled_superadmin(fields: &Map<String, Value>) -> bool {
+    fields.get("role").and_then(Value::as_str) == Some("superadmin")
+        && fields.get("enabled").and_then(Value::as_bool) != Some(false)
 }
 
 /// Who writes and when.
@@ -156,7 +167,20 @@ pub fn execute(
         }
     };
     check_references(kind, &values, world)?;
-    check_entity(kind, &view_after(&current, &values))?;
+    let after = view_after(&current, &values);
+    check_entity(kind, &after)?;
+    if kind == Kind::Admin && current.alive {
+        // The last enabled SuperAdmin stays one: no write leaves the cluster without (as far as
+        // this node knows; two nodes cut off from each other can still each demote one, which
+        // `peerconf admin reset` repairs).
+        let before = enabled_superadmin(&view_after(&current, &[]));
+        let stays = alive != Some(false) && enabled_superadmin(&after);
+        if before && !stays && !world.enabled_superadmins()?.iter().any(|n| n != name) {
+            return Err(WriteError::LastSuperAdmin {
+                name: name.to_string(),
+            });
+        }
+    }
     for (field, value) in values.iter_mut() {
         if let FieldValue::Secret(clear) = value {
             if field.name == "password" {
@@ -321,6 +345,9 @@ mod tests {
     impl World for Policy {
         fn exists(&self, _: Kind, _: &str) -> Result<bool, WriteError> {
             Ok(false)
+        }
+        fn enabled_superadmins(&self) -> Result<Vec<String>, WriteError> {
+            Ok(Vec::new())
         }
         fn password_min_length(&self) -> Result<usize, WriteError> {
             Ok(self.0)

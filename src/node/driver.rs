@@ -811,6 +811,24 @@ impl World for TxnWorld<'_> {
         let sec: Security = typed::singleton(fields.as_ref());
         Ok(sec.password_min_length.max(0) as usize)
     }
+
+    fn enabled_superadmins(&self) -> Result<Vec<String>, WriteError> {
+        let prefix = format!("{}/", Kind::Admin.as_str());
+        let mut names = Vec::new();
+        self.txn
+            .index_scan(&prefix, |id, e| {
+                let Some(f) = e.alive.then(|| fields_of(&e)).flatten() else {
+                    return;
+                };
+                let superadmin = f["role"].as_str() == Some("superadmin");
+                let enabled = f["enabled"].as_bool() != Some(false);
+                if superadmin && enabled {
+                    names.push(id[prefix.len()..].to_string());
+                }
+            })
+            .map_err(|e| WriteError::Internal(e.to_string()))?;
+        Ok(names)
+    }
 }
 
 /// The `fields` object of an entity's index row.

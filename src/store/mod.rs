@@ -1056,6 +1056,24 @@ pub struct WriteTxn {
 }
 
 impl WriteTxn {
+    /// Calls `f` with every index row whose ID starts with `prefix`, as this transaction sees
+    /// them (its own writes included). Fails at the first damaged row.
+    pub fn index_scan(
+        &self,
+        prefix: &str,
+        mut f: impl FnMut(&str, IndexEntry),
+    ) -> Result<(), StoreError> {
+        let t = self.txn.open_table(INDEX)?;
+        for row in t.range(prefix..)? {
+            let (k, v) = row?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            f(k.value(), decode_entry(k.value(), v.value())?);
+        }
+        Ok(())
+    }
+
     pub fn index_get(&self, id: &str) -> Result<Option<IndexEntry>, StoreError> {
         let t = self.txn.open_table(INDEX)?;
         let r = t.get(id)?.map(|v| decode_entry(id, v.value())).transpose();
