@@ -23,6 +23,10 @@ use std::sync::Arc;
 
 /// Largest request body: a script of 1 MiB as JSON, escaped, with room to spare.
 pub const BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// A request (its body read, its answer made) that takes longer is answered 408: a client that
+/// announces a body and sends a few bytes of it does not hold its request for good. Writes wait
+/// for a commit (milliseconds); listing 100,000 entities takes a fraction of a second.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Who is making a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +81,21 @@ pub fn router(cluster: Arc<ClusterState>) -> Router {
             hygiene,
         ))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .layer(middleware::from_fn_with_state(REQUEST_TIMEOUT, deadline))
         .with_state(ApiState { node, cluster })
+}
+
+/// Answers 408 when the request is not done within `limit` (reading its body included).
+async fn deadline(State(limit): State<std::time::Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request was not complete within {limit:?}"),
+        )
+        .into_response(),
+    }
 }
 
 /// The host names a request may name (`Host`, or the authority of an HTTP/2 request): any IP
@@ -763,6 +781,36 @@ mod tests {
         assert_eq!(got, ok);
         // No body, no type (what `peerconf undrain` sends): served.
         assert_eq!(raw(&app, "POST", "/v1/undrain", &[host], "").await, ok);
+    }
+
+    /// A client that announces a body and sends a few bytes of it is answered 408 at the
+    /// deadline, not held for good.
+    #[tokio::test]
+    async fn a_stalled_body_is_answered_408() {
+        let app: Router = Router::new()
+            .route(
+                "/echo",
+                axum::routing::put(|b: Bytes| async move { b.len().to_string() }),
+            )
+            .layer(middleware::from_fn_with_state(
+                std::time::Duration::from_millis(200),
+                deadline,
+            ));
+        let first: Result<Bytes, std::io::Error> = Ok(Bytes::from_static(b"{\"a\": "));
+        let stalled = futures_util::StreamExt::chain(
+            futures_util::stream::iter([first]),
+            futures_util::stream::pending(),
+        );
+        let req = axum::http::Request::builder()
+            .method("PUT")
+            .uri("/echo")
+            .header("content-length", "1000000")
+            .body(axum::body::Body::from_stream(stalled))
+            .expect("request");
+        let started = std::time::Instant::now();
+        let resp = app.oneshot(req).await.expect("infallible");
+        assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     /// The last enabled SuperAdmin cannot be deleted, disabled or demoted (409 naming why);

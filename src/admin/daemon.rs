@@ -116,18 +116,36 @@ fn api_names(cfg: &NodeConfig) -> (Vec<String>, Vec<std::net::IpAddr>) {
 
 /// How long a client has to finish its TLS handshake with the admin API.
 const API_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to send a request's headers (HTTP/1; idle keep-alive connections are
+/// closed after this too).
+pub const API_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections the admin API holds at once at most (a quarter of the open-file limit if that is
+/// less): past it, new ones are closed at once, so slow or idle clients cannot take the
+/// descriptors the store and the IPC port need.
+pub const API_CONNECTIONS_MAX: usize = 512;
 
-/// Serves `app` on the listener until `stop` resolves: plain HTTP through `axum::serve`, or
-/// HTTPS, one task per connection (HTTP/1.1 or HTTP/2 as the client's ALPN asks).
+/// Serves `app` on the listener until `stop` resolves, one task per connection (HTTP/1.1 or
+/// HTTP/2; over TLS when the listener has it), with a cap on connections and a header-read
+/// timeout; the request timeout and body limit are the router's.
 async fn serve_api(
     l: ApiListener,
     app: axum::Router,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let Some(tls) = l.tls else {
-        return axum::serve(l.tcp, app).with_graceful_shutdown(stop).await;
-    };
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let acceptor = l.tls.map(tokio_rustls::TlsAcceptor::from);
+    let quarter = crate::net::limits::nofile()
+        .map(|l| usize::try_from(l.soft / 4).unwrap_or(usize::MAX))
+        .unwrap_or(API_CONNECTIONS_MAX);
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        quarter.clamp(16, API_CONNECTIONS_MAX),
+    ));
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(API_HEADER_TIMEOUT);
+    let builder = Arc::new(builder);
     tokio::pin!(stop);
     loop {
         let tcp = tokio::select! {
@@ -142,19 +160,31 @@ async fn serve_api(
             },
             _ = &mut stop => return Ok(()),
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Over the cap: closed at once (dropped).
+            continue;
+        };
         let acceptor = acceptor.clone();
         let app = app.clone();
+        let builder = builder.clone();
         tokio::spawn(async move {
-            let Ok(Ok(stream)) =
-                tokio::time::timeout(API_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            else {
-                return;
-            };
+            let _slot = slot;
             let svc = hyper_util::service::TowerToHyperService::new(app);
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
+            match acceptor {
+                Some(acceptor) => {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(API_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                    else {
+                        return;
+                    };
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = builder.serve_connection(io, svc).await;
+                }
+                None => {
+                    let io = hyper_util::rt::TokioIo::new(tcp);
+                    let _ = builder.serve_connection(io, svc).await;
+                }
+            }
         });
     }
 }
