@@ -119,12 +119,19 @@ fn build_genesis(kind: Kind) -> AutoCommit {
 }
 
 /// Who made a change and why: stored as the change message, read back by [`history`].
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChangeNote {
     pub node: String,
     pub op: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fields: Vec<String>,
+    /// The principal that asked for the change (an admin account, the local operator, the
+    /// embedding server), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// The client address the change was asked from, when it came over the network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 /// What one write does to a document.
@@ -396,6 +403,10 @@ pub struct HistoryEntry {
     pub node: Option<String>,
     pub op: Option<String>,
     pub fields: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 /// Every change of the document after genesis, in causal order.
@@ -416,6 +427,8 @@ pub fn history(doc: &mut AutoCommit) -> Vec<HistoryEntry> {
                 time_ms: c.timestamp,
                 node: note.as_ref().map(|n| n.node.clone()),
                 op: note.as_ref().map(|n| n.op.clone()),
+                by: note.as_ref().and_then(|n| n.by.clone()),
+                from: note.as_ref().and_then(|n| n.from.clone()),
                 fields: note.map(|n| n.fields).unwrap_or_default(),
             }
         })

@@ -136,6 +136,7 @@ pub fn random_write(src: &mut dyn Source, d: &mut AutoCommit, kind: Kind, node: 
         node: node.into(),
         op: op.into(),
         fields: vec![],
+        ..Default::default()
     };
     let choice = src.below(10);
     if choice == 0 {

@@ -115,6 +115,7 @@ fn write(d: &mut AutoCommit, kind: Kind, body: Value, mode: WriteMode, alive: Op
         node: "n".into(),
         op: "w".into(),
         fields: vec![],
+        ..Default::default()
     };
     doc::apply(
         d,

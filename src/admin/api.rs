@@ -31,9 +31,26 @@ pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// Who is making a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    /// A caller of the node's own API listener, trusted as the operator of this node.
-    LocalOperator,
+    /// A caller of the node's own API listener, trusted as the operator of this node, and the
+    /// address it called from (none for an in-process call).
+    LocalOperator { from: Option<std::net::SocketAddr> },
 }
+
+impl Principal {
+    /// How the principal is recorded in the changes it makes (`by`, `from` in history).
+    pub fn recorded(&self) -> crate::core::entity::Principal {
+        match self {
+            Principal::LocalOperator { from } => crate::core::entity::Principal {
+                name: "operator".into(),
+                from: from.map(|a| a.ip().to_string()),
+            },
+        }
+    }
+}
+
+/// The address a request came from, set by the listener on every request.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::SocketAddr);
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -239,7 +256,9 @@ impl Gate {
 }
 
 async fn authorize(mut req: Request, next: Next) -> Response {
-    req.extensions_mut().insert(Principal::LocalOperator);
+    let from = req.extensions().get::<ClientAddr>().map(|a| a.0);
+    req.extensions_mut()
+        .insert(Principal::LocalOperator { from });
     next.run(req).await
 }
 
@@ -436,33 +455,33 @@ async fn get_entity(
 
 async fn put_entity(
     State(st): State<ApiState>,
-    Extension(_who): Extension<Principal>,
+    Extension(who): Extension<Principal>,
     Path((k, name)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
     let k = kind(&k)?;
     let v = json_body(&body)?;
-    Ok(Json(st.node.put(k, &name, v).await?).into_response())
+    Ok(Json(st.node.acting_as(who.recorded()).put(k, &name, v).await?).into_response())
 }
 
 async fn patch_entity(
     State(st): State<ApiState>,
-    Extension(_who): Extension<Principal>,
+    Extension(who): Extension<Principal>,
     Path((k, name)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
     let k = kind(&k)?;
     let v = json_body(&body)?;
-    Ok(Json(st.node.patch(k, &name, v).await?).into_response())
+    Ok(Json(st.node.acting_as(who.recorded()).patch(k, &name, v).await?).into_response())
 }
 
 async fn delete_entity(
     State(st): State<ApiState>,
-    Extension(_who): Extension<Principal>,
+    Extension(who): Extension<Principal>,
     Path((k, name)): Path<(String, String)>,
 ) -> ApiResult {
     let k = kind(&k)?;
-    st.node.delete(k, &name).await?;
+    st.node.acting_as(who.recorded()).delete(k, &name).await?;
     Ok(Json(json!({"deleted": {"kind": k.as_str(), "name": name}})).into_response())
 }
 

@@ -148,9 +148,9 @@ async fn serve_api(
     let builder = Arc::new(builder);
     tokio::pin!(stop);
     loop {
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             r = l.tcp.accept() => match r {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // EMFILE and the like: wait a little rather than spin.
                     tracing::warn!(error = %e, "admin API accept failed");
@@ -169,6 +169,14 @@ async fn serve_api(
         let builder = builder.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            // Every request carries the address it came from (history records it).
+            let app = tower::ServiceExt::map_request(
+                app,
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(super::api::ClientAddr(peer));
+                    req
+                },
+            );
             let svc = hyper_util::service::TowerToHyperService::new(app);
             match acceptor {
                 Some(acceptor) => {

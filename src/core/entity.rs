@@ -76,6 +76,15 @@ pub struct Context<'a> {
     pub wall_ms: i64,
     /// Fresh random salt for password hashes, from the driver's seeded generator.
     pub salt: [u8; 16],
+    /// Who asked for the write, recorded in the change (history shows it).
+    pub by: Option<&'a Principal>,
+}
+
+/// Who asks for a write: recorded in the change as `by` (name) and `from` (client address).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Principal {
+    pub name: String,
+    pub from: Option<String>,
 }
 
 /// The result of a write: the entity as it now reads, whether the document changed, and the
@@ -218,6 +227,8 @@ pub fn execute(
         node: ctx.node_id.to_string(),
         op: op.name().to_string(),
         fields: Vec::new(),
+        by: ctx.by.map(|p| p.name.clone()),
+        from: ctx.by.and_then(|p| p.from.clone()),
     };
     let edit = Edit {
         alive,
@@ -361,6 +372,7 @@ mod tests {
             node_id: "n",
             wall_ms: 1,
             salt: [3u8; 16],
+            by: None,
         };
         let r = execute(
             &mut d,

@@ -320,6 +320,8 @@ pub enum Cmd {
         kind: Kind,
         name: String,
         op: Op,
+        /// Who asked for it (recorded in the change).
+        by: Option<entity::Principal>,
         reply: oneshot::Sender<Result<EntityState, Error>>,
     },
     /// A peer's request for documents (sync or fetch).
@@ -1494,8 +1496,9 @@ impl Driver {
                 kind,
                 name,
                 op,
+                by,
                 reply,
-            } => Deferred::Write(reply, self.write(b, kind, &name, &op), false),
+            } => Deferred::Write(reply, self.write(b, kind, &name, &op, by.as_ref()), false),
             Cmd::Serve { peer, req, reply } => Deferred::Resp(reply, self.serve(b, &peer, req)),
             Cmd::SyncOut { peer, ids, reply } => {
                 let msgs = self.with_docs(b, Origin::Local, |docs, sessions| {
@@ -1796,6 +1799,7 @@ impl Driver {
         kind: Kind,
         name: &str,
         op: &Op,
+        by: Option<&entity::Principal>,
     ) -> Result<EntityState, Error> {
         crdt_schema::validate_name(kind, name)?;
         let id = doc_id(kind, name);
@@ -1820,6 +1824,7 @@ impl Driver {
             node_id: &self.node_id,
             wall_ms: self.clock.wall_ms(),
             salt,
+            by,
         };
         let outcome = match entity::execute(&mut d, kind, name, op, &TxnWorld { txn: &b.txn }, &ctx)
         {
@@ -2055,6 +2060,7 @@ mod tests {
                 kind: Kind::Site,
                 name: "s1".into(),
                 op: Op::Put(site(if fail { "/b" } else { "/a" })),
+                by: None,
                 reply,
             }]);
             assert_eq!(staged.pushes.len(), 1, "the write's push is staged");

@@ -78,6 +78,8 @@ pub struct Node {
     inner: Arc<Inner>,
     tx: mpsc::Sender<Cmd>,
     driver: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// Who this handle's writes are recorded as ([`Node::acting_as`]).
+    by: Option<Arc<crate::core::entity::Principal>>,
 }
 
 impl Node {
@@ -196,6 +198,7 @@ impl Opening {
             }),
             tx,
             driver: Arc::new(std::sync::Mutex::new(Some(handle))),
+            by: None,
         })
     }
 }
@@ -388,11 +391,22 @@ impl Node {
         self.inner.published.events.subscribe()
     }
 
+    /// A handle to the same node whose writes are recorded as made by `principal` (history
+    /// shows `by` and `from`): the admin API's caller, or the embedding server itself.
+    pub fn acting_as(&self, principal: crate::core::entity::Principal) -> Node {
+        Node {
+            by: Some(Arc::new(principal)),
+            ..self.clone()
+        }
+    }
+
     async fn write(&self, kind: Kind, name: &str, op: Op) -> Result<EntityState, Error> {
+        let by = self.by.as_deref().cloned();
         self.ask(|reply| Cmd::Write {
             kind,
             name: name.to_string(),
             op,
+            by,
             reply,
         })
         .await?

@@ -832,6 +832,7 @@ impl Sim<'_> {
                 kind,
                 name,
                 op,
+                by: None,
                 reply,
             },
         );

@@ -1657,6 +1657,7 @@ mod tests {
                     node: "n1".into(),
                     op: "put".into(),
                     fields: Vec::new(),
+                    ..Default::default()
                 };
                 let edit = Edit {
                     alive: Some(true),

@@ -118,6 +118,8 @@ fn an_api_served_over_https_is_verified_with_the_cluster_ca() {
     assert!(o.status.success(), "put over https: {}", stderr(&o));
     let g = stdout_json(&pc(&https, Some(&ca), &["get", "group", "g1"]));
     assert_eq!(g["fields"]["description"], "over tls", "{g}");
+    let h = stdout_json(&pc(&https, Some(&ca), &["history", "group", "g1"]));
+    assert_eq!(h["changes"][0]["from"], "127.0.0.1", "{h}");
     // The certificate names localhost too.
     let port = api.rsplit_once(':').unwrap().1;
     let o = pc(
@@ -138,4 +140,25 @@ fn an_api_served_over_https_is_verified_with_the_cluster_ca() {
     assert!(!o.status.success(), "another cluster's CA verified the API");
     assert!(stderr(&o).contains("TLS"), "{}", stderr(&o));
     assert!(d.stop().success(), "{}", d.log_text());
+}
+
+/// Every change made through the admin API records who asked and from where; history shows it.
+#[test]
+fn history_names_who_made_each_change_and_from_where() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n1");
+    let (api, _ipc, _id) = init_node(&dir, "n1");
+    let mut d = Daemon::start(&dir, &api);
+    let o = d.cli(&["put", "group", "g1", "--json", r#"{"description":"one"}"#]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = d.cli(&["patch", "group", "g1", "--json", r#"{"description":"two"}"#]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let h = stdout_json(&d.cli(&["history", "group", "g1"]));
+    let changes = h["changes"].as_array().unwrap_or_else(|| panic!("{h}"));
+    assert_eq!(changes.len(), 2, "{h}");
+    for c in changes {
+        assert_eq!(c["by"], "operator", "{c}");
+        assert_eq!(c["from"], "127.0.0.1", "{c}");
+    }
+    assert!(d.stop().success());
 }
