@@ -2311,6 +2311,27 @@ mod tests {
         assert!(entries(&b) == before, "a second copy changed the index");
     }
 
+    /// A node of its own cluster, in a temporary directory, and a runtime to drive it.
+    fn fresh_node() -> (tokio::runtime::Runtime, tempfile::TempDir, Node) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        Node::init(dir.path(), &Default::default(), &opts(1)).expect("init");
+        let b = Node::open(dir.path(), opts(2)).expect("open");
+        (rt, dir, b)
+    }
+
+    /// Messages and documents of `peer` that `b` refused.
+    fn rejected_by(b: &Node, peer: &str) -> u64 {
+        b.published()
+            .metrics
+            .rejected
+            .get_or_create(&PeerLabel { peer: peer.into() })
+            .get()
+    }
+
     /// What a peer changed or sent is checked against the layout of its kind before it is
     /// stored: a hand-built change that nests a map where the schema has a register, or writes a
     /// string to an integer field, or breaks the member list's flat layout, is refused. The
@@ -2321,26 +2342,12 @@ mod tests {
     fn changes_that_break_the_layout_are_refused() {
         use automerge::transaction::Transactable;
         use automerge::ObjType;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let dir = tempfile::tempdir().expect("tempdir");
-        Node::init(dir.path(), &Default::default(), &opts(1)).expect("init");
-        let b = Node::open(dir.path(), opts(2)).expect("open");
+        let (rt, dir, b) = fresh_node();
         let id = crdt_schema::doc_id(Kind::Site, "s1");
         rt.block_on(b.put(Kind::Site, "s1", site("/one")))
             .expect("put");
         let stored = |b: &Node, id: &str| b.store().load_doc(id).expect("load");
-        let rejected = |b: &Node| {
-            b.published()
-                .metrics
-                .rejected
-                .get_or_create(&PeerLabel {
-                    peer: "evil".into(),
-                })
-                .get()
-        };
+        let rejected = |b: &Node| rejected_by(b, "evil");
         // A change on top of what `b` stores, by another actor, sent as a push.
         let push = |base: &AutoCommit, edit: &dyn Fn(&mut AutoCommit)| {
             let mut d = base.clone();
@@ -2484,13 +2491,7 @@ mod tests {
     #[test]
     fn a_peer_change_holding_a_secret_value_is_refused() {
         use automerge::transaction::Transactable;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let dir = tempfile::tempdir().expect("tempdir");
-        Node::init(dir.path(), &Default::default(), &opts(1)).expect("init");
-        let b = Node::open(dir.path(), opts(2)).expect("open");
+        let (rt, _dir, b) = fresh_node();
         let id = crdt_schema::doc_id(Kind::User, "u1");
         rt.block_on(b.put(Kind::User, "u1", json!({"password": "first-Passw0rd!"})))
             .expect("put");
@@ -2506,15 +2507,7 @@ mod tests {
             d.commit();
             Sessions::push_message(d.get_heads(), d.save_after(&before), offered)
         };
-        let rejected = |b: &Node| {
-            b.published()
-                .metrics
-                .rejected
-                .get_or_create(&PeerLabel {
-                    peer: "evil".into(),
-                })
-                .get()
-        };
+        let rejected = |b: &Node| rejected_by(b, "evil");
         let hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$planted-by-a-peer";
         let msgs = vec![(id.clone(), push(hash, &[]))];
         rt.block_on(b.serve("evil", Request::Sync { msgs }))
