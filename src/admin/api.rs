@@ -124,16 +124,48 @@ pub struct Hosts {
     names: Vec<String>,
 }
 
+/// The names and addresses the node is reached by: loopback, `localhost`, the machine's host
+/// name, the listen address (unless unspecified) and the advertised host. The admin API's
+/// certificate holds them, and the `Host` check accepts the names.
+pub fn node_names(cfg: &crate::node::setup::NodeConfig) -> (Vec<String>, Vec<std::net::IpAddr>) {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let mut dns = vec!["localhost".to_string()];
+    let mut ips = vec![
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ];
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let h = h.trim();
+        if !h.is_empty() {
+            dns.push(h.to_string());
+        }
+    }
+    let listen = cfg.api_listen.ip();
+    if !listen.is_unspecified() {
+        ips.push(listen);
+    }
+    if let Some((host, _)) = cfg.ipc_advertise.rsplit_once(':') {
+        let host = host.trim_matches(['[', ']']);
+        match host.parse::<IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() => ips.push(ip),
+            Ok(_) => {}
+            Err(_) => dns.push(host.to_string()),
+        }
+    }
+    dns.sort();
+    dns.dedup();
+    ips.sort();
+    ips.dedup();
+    (dns, ips)
+}
+
 impl Hosts {
     pub fn of(cfg: &crate::node::setup::NodeConfig) -> Hosts {
-        let mut names = vec!["localhost".to_string()];
-        if let Some((host, _)) = cfg.ipc_advertise.rsplit_once(':') {
-            names.push(host.trim_matches(['[', ']']).to_ascii_lowercase());
-        }
-        if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
-            names.push(h.trim().to_ascii_lowercase());
-        }
-        names.retain(|n| !n.is_empty());
+        let names = node_names(cfg)
+            .0
+            .into_iter()
+            .map(|n| n.to_ascii_lowercase())
+            .collect();
         Hosts { names }
     }
 

@@ -61,7 +61,7 @@ struct ApiListener {
 async fn listen_api(cfg: &NodeConfig, dir: &Path) -> Result<ApiListener, ServeError> {
     let tls = if cfg.api_https() {
         let material = crate::net::tls::TlsFiles::new(dir).read()?;
-        let (dns, ips) = api_names(cfg);
+        let (dns, ips) = super::api::node_names(cfg);
         Some(crate::net::tls::api_server_config(
             &material,
             &cfg.node_id,
@@ -78,40 +78,6 @@ async fn listen_api(cfg: &NodeConfig, dir: &Path) -> Result<ApiListener, ServeEr
             source,
         })?;
     Ok(ApiListener { tcp, tls })
-}
-
-/// The names and addresses the admin API's certificate holds: loopback, `localhost`, the
-/// machine's host name, the listen address (unless it is unspecified) and the advertised host.
-fn api_names(cfg: &NodeConfig) -> (Vec<String>, Vec<std::net::IpAddr>) {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-    let mut dns = vec!["localhost".to_string()];
-    let mut ips = vec![
-        IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(Ipv6Addr::LOCALHOST),
-    ];
-    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
-        let h = h.trim();
-        if !h.is_empty() {
-            dns.push(h.to_string());
-        }
-    }
-    let listen = cfg.api_listen.ip();
-    if !listen.is_unspecified() {
-        ips.push(listen);
-    }
-    if let Some((host, _)) = cfg.ipc_advertise.rsplit_once(':') {
-        let host = host.trim_matches(['[', ']']);
-        match host.parse::<IpAddr>() {
-            Ok(ip) if !ip.is_unspecified() => ips.push(ip),
-            Ok(_) => {}
-            Err(_) => dns.push(host.to_string()),
-        }
-    }
-    dns.sort();
-    dns.dedup();
-    ips.sort();
-    ips.dedup();
-    (dns, ips)
 }
 
 /// How long a client has to finish its TLS handshake with the admin API.

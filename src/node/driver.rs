@@ -1063,9 +1063,14 @@ impl Driver {
     pub fn step(&mut self, cmds: Vec<Cmd>) -> Result<(), StoreError> {
         self.check_disk();
         let cmds = self.refuse_when_full(cmds);
-        let (compacts, cmds): (Vec<Cmd>, Vec<Cmd>) = cmds
-            .into_iter()
-            .partition(|c| matches!(c, Cmd::Compact { .. }));
+        // Rotations run after the batch; the common batch holds none and is not copied.
+        let (compacts, cmds): (Vec<Cmd>, Vec<Cmd>) =
+            if cmds.iter().any(|c| matches!(c, Cmd::Compact { .. })) {
+                cmds.into_iter()
+                    .partition(|c| matches!(c, Cmd::Compact { .. }))
+            } else {
+                (Vec::new(), cmds)
+            };
         if cmds.is_empty() {
             self.compact(compacts);
             return Ok(());
