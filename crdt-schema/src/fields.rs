@@ -602,6 +602,18 @@ static SECURITY: &[Field] = &[
         "how long a locked-out client waits",
     ),
     f(
+        "session_idle_timeout_s",
+        int(60, 86_400 * 30),
+        Default::Int(1_800),
+        "an admin login session ends after this long without a request",
+    ),
+    f(
+        "session_max_life_s",
+        int(60, 86_400 * 365),
+        Default::Int(43_200),
+        "an admin login session ends this long after the login, used or not",
+    ),
+    f(
         "ip_blocklist",
         set(Item::Str {
             max_len: 64,
@@ -664,6 +676,39 @@ static RULE: &[Field] = &[
     DESCRIPTION,
 ];
 
+static API_TOKEN: &[Field] = &[
+    required(f(
+        "admin",
+        Type::Ref(Kind::Admin),
+        Default::None,
+        "the admin account the token acts as",
+    )),
+    secret(required(f(
+        "token_hash",
+        s(64, Format::Token),
+        Default::None,
+        "write-only; SHA-256 of the token's secret, hex",
+    ))),
+    required(f(
+        "expires_at_ms",
+        int(0, i64::MAX),
+        Default::None,
+        "end of validity, milliseconds since the Unix epoch",
+    )),
+    f(
+        "label",
+        s(DESC_LEN_MAX, Format::Any),
+        Default::Str(""),
+        "what the token is for",
+    ),
+    f(
+        "created_at_ms",
+        int(0, i64::MAX),
+        Default::Int(0),
+        "when the token was made, milliseconds since the Unix epoch",
+    ),
+];
+
 pub(crate) fn fields_of(kind: Kind) -> &'static [Field] {
     match kind {
         Kind::Site => SITE,
@@ -675,5 +720,6 @@ pub(crate) fn fields_of(kind: Kind) -> &'static [Field] {
         Kind::Security => SECURITY,
         Kind::Script => SCRIPT,
         Kind::Rule => RULE,
+        Kind::ApiToken => API_TOKEN,
     }
 }

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the schema. Bumped on any change to kinds, fields or the document layout; served to
 /// admin tools and checked by peers.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Longest entity name accepted, in bytes: names are document IDs and keys in every index.
 pub const NAME_LEN_MAX: usize = 128;
@@ -54,10 +54,12 @@ pub enum Kind {
     Security,
     Script,
     Rule,
+    #[serde(rename = "api_token")]
+    ApiToken,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Site,
         Kind::User,
         Kind::Group,
@@ -67,6 +69,7 @@ impl Kind {
         Kind::Security,
         Kind::Script,
         Kind::Rule,
+        Kind::ApiToken,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +83,7 @@ impl Kind {
             Kind::Security => "security",
             Kind::Script => "script",
             Kind::Rule => "rule",
+            Kind::ApiToken => "api_token",
         }
     }
 
@@ -112,6 +116,9 @@ impl Kind {
             Kind::Security => "security policy (one entity: global)",
             Kind::Script => "a script run by automation rules",
             Kind::Rule => "an automation rule: on an event, if a condition holds, run a script",
+            Kind::ApiToken => {
+                "an admin's API token: only its hash is stored; made and revoked through /v1/api-tokens"
+            }
         }
     }
 

@@ -109,6 +109,8 @@ entity!(
     password_min_length: i64,
     max_login_attempts: i64,
     lockout_duration_s: i64,
+    session_idle_timeout_s: i64,
+    session_max_life_s: i64,
     ip_blocklist: BTreeSet<String>,
 });
 

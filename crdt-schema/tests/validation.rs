@@ -38,6 +38,10 @@ fn valid(kind: Kind) -> Value {
         Kind::Rule => {
             json!({"event": "after_upload", "condition": "size > 0", "script": "sc1", "enabled": true})
         }
+        Kind::ApiToken => {
+            json!({"admin": "root", "token_hash": "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "expires_at_ms": 1_900_000_000_000_i64, "label": "ci"})
+        }
     }
 }
 
@@ -383,7 +387,7 @@ fn schema_json_describes_every_field() {
     let s = crdt_schema::schema_json(None);
     assert_eq!(s["version"], json!(crdt_schema::SCHEMA_VERSION));
     let kinds = s["kinds"].as_array().unwrap();
-    assert_eq!(kinds.len(), 9);
+    assert_eq!(kinds.len(), Kind::ALL.len());
     for k in kinds {
         for f in k["fields"].as_array().unwrap() {
             for key in [
@@ -516,6 +520,11 @@ fn invalid_secrets(format: crdt_schema::Format) -> Vec<Value> {
             json!("-----BEGIN PRIVATE KEY-----\nTWFya2VyQmFzZTY0U2VjcmV0NzczNw==\n-----END PRIVATE KEY-----\n"),
             json!(format!("{KEY}{KEY}")),
             json!(KEY2),
+        ]),
+        crdt_schema::Format::Token => v.extend([
+            json!("Marker Space 7741"),
+            json!("Marker/Slash/7742"),
+            json!("a".repeat(65) + "Marker7743"),
         ]),
         other => panic!("a secret field of format {other:?}: add its invalid values here"),
     }

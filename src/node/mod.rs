@@ -24,7 +24,9 @@ pub mod time;
 
 pub use error::Error;
 pub use events::{ChangeEvent, Origin};
-pub use setup::{InitOptions, NodeConfig, DB_FILE, DEFAULT_API_LISTEN, DEFAULT_IPC_LISTEN};
+pub use setup::{
+    AdminBootstrap, InitOptions, NodeConfig, DB_FILE, DEFAULT_API_LISTEN, DEFAULT_IPC_LISTEN,
+};
 
 use crate::core::clock::Clock;
 use crate::core::entity::{self, Op};
@@ -579,6 +581,25 @@ impl Node {
         Ok(self
             .secret(kind, name, "password")?
             .is_some_and(|h| entity::verify_password(clear, &h)))
+    }
+
+    /// Makes `name` an enabled SuperAdmin with `password`, creating the account if it does not
+    /// exist: `peerconf admin reset`, run by the host's operator on a stopped node when no
+    /// enabled SuperAdmin is left (two nodes cut off from each other can each demote one). The
+    /// change replicates like any other; it is recorded as made by `admin-reset`.
+    pub async fn reset_superadmin(&self, name: &str, password: &str) -> Result<(), Error> {
+        let me = self.acting_as(crate::core::entity::Principal {
+            name: "admin-reset".into(),
+            from: None,
+        });
+        let fields =
+            serde_json::json!({"role": "superadmin", "enabled": true, "password": password});
+        if self.get(Kind::Admin, name)?.is_some() {
+            me.patch(Kind::Admin, name, fields).await?;
+        } else {
+            me.put(Kind::Admin, name, fields).await?;
+        }
+        Ok(())
     }
 
     /// Number of documents stored (entities and tombstones).

@@ -61,6 +61,98 @@ pub struct InitOptions {
     pub ipc_advertise: Option<String>,
     /// HTTPS on loopback too ([`NodeConfig::api_tls`]).
     pub api_tls: bool,
+    /// The first SuperAdmin, created in the same transaction as the node (`peerconf init`
+    /// always names one; an embedding server may manage without).
+    pub admin: Option<AdminBootstrap>,
+}
+
+/// The first SuperAdmin account of a new cluster: its name and clear-text password (hashed with
+/// argon2 before anything is stored).
+#[derive(Clone)]
+pub struct AdminBootstrap {
+    pub name: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for AdminBootstrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminBootstrap")
+            .field("name", &self.name)
+            .field("password", &"(secret)")
+            .finish()
+    }
+}
+
+/// The world of a node that does not exist yet: no entities, the schema's default policy.
+struct Fresh;
+
+impl crate::core::entity::World for Fresh {
+    fn exists(
+        &self,
+        _: crdt_schema::Kind,
+        _: &str,
+    ) -> Result<bool, crate::core::entity::WriteError> {
+        Ok(false)
+    }
+    fn password_min_length(&self) -> Result<usize, crate::core::entity::WriteError> {
+        let sec: crdt_schema::typed::Security = crdt_schema::typed::schema_defaults();
+        Ok(sec.password_min_length.max(0) as usize)
+    }
+    fn enabled_superadmins(&self) -> Result<Vec<String>, crate::core::entity::WriteError> {
+        Ok(Vec::new())
+    }
+}
+
+/// A SuperAdmin's document made before the node exists, written with the node's first
+/// transaction. Refused (nothing created) when the name or password breaks the schema's rules.
+struct PreparedAdmin {
+    id: String,
+    doc: AutoCommit,
+    entry: crate::core::index::IndexEntry,
+    secrets: Vec<(String, String)>,
+}
+
+fn prepare_admin(
+    boot: &AdminBootstrap,
+    node_id: &str,
+    clock: &dyn Clock,
+    rng: &mut ChaCha8Rng,
+) -> Result<PreparedAdmin, Error> {
+    use crate::core::entity;
+    use crdt_schema::Kind;
+    let mut doc = crdt_schema::doc::genesis(Kind::Admin);
+    let mut actor = [0u8; 16];
+    rng.fill_bytes(&mut actor);
+    doc.set_actor(ActorId::from(actor.as_slice()));
+    let mut salt = [0u8; 16];
+    rng.fill_bytes(&mut salt);
+    let by = entity::Principal {
+        name: "init".into(),
+        from: None,
+    };
+    let ctx = entity::Context {
+        node_id,
+        wall_ms: clock.wall_ms(),
+        salt,
+        by: Some(&by),
+    };
+    let body =
+        serde_json::json!({"role": "superadmin", "password": boot.password, "enabled": true});
+    let outcome = entity::execute(
+        &mut doc,
+        Kind::Admin,
+        &boot.name,
+        &entity::Op::Put(body),
+        &Fresh,
+        &ctx,
+    )?;
+    let entry = crate::core::index::entity_row(&mut doc, &outcome.state);
+    Ok(PreparedAdmin {
+        id: crdt_schema::doc_id(Kind::Admin, &boot.name),
+        doc,
+        entry,
+        secrets: outcome.secrets,
+    })
 }
 
 impl Default for InitOptions {
@@ -71,6 +163,7 @@ impl Default for InitOptions {
             ipc_listen: DEFAULT_IPC_LISTEN.parse().expect("valid default"),
             ipc_advertise: None,
             api_tls: false,
+            admin: None,
         }
     }
 }
@@ -134,7 +227,16 @@ pub fn init(
     let material =
         Material::new_cluster(&cluster_id, &node_id).map_err(|e| Error::Tls(e.to_string()))?;
     let cfg = new_config(node_id, cluster_id, opts, clock.as_ref());
-    create_dir(dir, &cfg, &material, None, clock.as_ref(), &mut rng)?;
+    let admin = opts
+        .admin
+        .as_ref()
+        .map(|b| prepare_admin(b, &cfg.node_id, clock.as_ref(), &mut rng))
+        .transpose()?;
+    make_private_dir(dir)?;
+    TlsFiles::new(dir)
+        .write(&material)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    write_store(dir, &cfg, &material, None, admin, clock.as_ref(), &mut rng)?;
     Ok(cfg)
 }
 
@@ -174,7 +276,7 @@ pub fn create_dir(
     TlsFiles::new(dir)
         .write(material)
         .map_err(|e| Error::Tls(e.to_string()))?;
-    write_store(dir, cfg, material, members_doc, clock, rng)
+    write_store(dir, cfg, material, members_doc, None, clock, rng)
 }
 
 /// The identity file: a copy of the node-local configuration beside the database, read by
@@ -199,6 +301,7 @@ fn write_store(
     cfg: &NodeConfig,
     material: &Material,
     members_doc: Option<&[u8]>,
+    admin: Option<PreparedAdmin>,
     clock: &dyn Clock,
     rng: &mut ChaCha8Rng,
 ) -> Result<(), Error> {
@@ -254,6 +357,9 @@ fn write_store(
     let entry = row_for(MEMBERS_DOC, &mut members)?;
     let mut txn = store.write()?;
     txn.put_doc(MEMBERS_DOC, &mut members, entry, None, &[], &[])?;
+    if let Some(mut a) = admin {
+        txn.put_doc(&a.id, &mut a.doc, a.entry, None, &[], &a.secrets)?;
+    }
     let json = serde_json::to_vec_pretty(cfg).expect("config serializes");
     txn.local_put(CONFIG_KEY, &json)?;
     txn.commit(None)?;
@@ -344,6 +450,7 @@ pub fn repair(dir: &Path, clock: &dyn Clock) -> Result<Repaired, Error> {
         &config,
         &material,
         members_doc.as_deref(),
+        None,
         clock,
         &mut rng,
     )?;

@@ -167,6 +167,7 @@ impl NodeArgs {
             ipc_listen: self.ipc_listen,
             ipc_advertise: self.ipc_advertise.clone(),
             api_tls: self.api_tls,
+            admin: None,
         }
     }
 }

@@ -46,6 +46,7 @@ pub async fn run(nodes: usize) -> Result<(), String> {
             ipc_listen: loopback_port(7701 + 10 * i as u16),
             ipc_advertise: None,
             api_tls: false,
+            admin: None,
         };
         match first_ipc {
             None => {
