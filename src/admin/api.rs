@@ -2,20 +2,21 @@
 //!
 //! The admin HTTP API (JSON). Served on the node's API address, loopback by default.
 //!
-//! Every request passes the `authorize` layer, which attaches the [`Principal`] making it. Until
-//! admin authentication lands every caller of the (loopback) listener is the local operator; the
-//! accounts will come from this very store (`admin` kind), and handlers already receive the
-//! principal, so authentication slots in at that one layer.
+//! Every request passes the `authorize` layer: it names the [`Action`] the request asks for,
+//! authenticates its bearer token ([`Auth::authenticate`]) unless the action is public, and
+//! applies the roles table ([`auth::decide`]). Handlers receive the [`Caller`] and record it in
+//! the changes they make.
 
+use super::auth::{self, Action, Auth, Caller, Role};
 use crate::cluster::ClusterState;
 use crate::core::entity::WriteError;
 use crate::node::{Error, Node};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use crdt_schema::{Kind, SchemaError};
 use serde_json::{json, Value};
@@ -28,26 +29,6 @@ pub const BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// for a commit (milliseconds); listing 100,000 entities takes a fraction of a second.
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Who is making a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Principal {
-    /// A caller of the node's own API listener, trusted as the operator of this node, and the
-    /// address it called from (none for an in-process call).
-    LocalOperator { from: Option<std::net::SocketAddr> },
-}
-
-impl Principal {
-    /// How the principal is recorded in the changes it makes (`by`, `from` in history).
-    pub fn recorded(&self) -> crate::core::entity::Principal {
-        match self {
-            Principal::LocalOperator { from } => crate::core::entity::Principal {
-                name: "operator".into(),
-                from: from.map(|a| a.ip().to_string()),
-            },
-        }
-    }
-}
-
 /// The address a request came from, set by the listener on every request.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub std::net::SocketAddr);
@@ -56,12 +37,27 @@ pub struct ClientAddr(pub std::net::SocketAddr);
 pub struct ApiState {
     pub node: Node,
     pub cluster: Arc<ClusterState>,
+    pub auth: Arc<Auth>,
 }
 
 pub fn router(cluster: Arc<ClusterState>) -> Router {
     let node = cluster.node.clone();
+    let auth = Arc::new(Auth::new(node.clone()));
+    let state = ApiState {
+        node: node.clone(),
+        cluster,
+        auth,
+    };
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
+        .route("/v1/login", post(login))
+        .route("/v1/logout", post(logout))
+        .route("/v1/whoami", get(whoami))
+        .route(
+            "/v1/api-tokens",
+            get(list_api_tokens).post(create_api_token),
+        )
+        .route("/v1/api-tokens/{id}", delete(revoke_api_token))
         .route("/readyz", get(readyz))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
@@ -92,14 +88,14 @@ pub fn router(cluster: Arc<ClusterState>) -> Router {
                 "no such API route".into(),
             )
         })
-        .layer(middleware::from_fn(authorize))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(
             Arc::new(Hosts::of(node.config())),
             hygiene,
         ))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .layer(middleware::from_fn_with_state(REQUEST_TIMEOUT, deadline))
-        .with_state(ApiState { node, cluster })
+        .with_state(state)
 }
 
 /// Answers 408 when the request is not done within `limit` (reading its body included).
@@ -287,10 +283,128 @@ impl Gate {
     }
 }
 
-async fn authorize(mut req: Request, next: Next) -> Response {
-    let from = req.extensions().get::<ClientAddr>().map(|a| a.0);
-    req.extensions_mut()
-        .insert(Principal::LocalOperator { from });
+/// One path segment, percent-decoded as the router decodes it (so that `admi%6E` is `admin`
+/// here too); None when it does not decode to UTF-8.
+fn segment(s: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
+}
+
+/// The action a request asks for (see [`auth::decide`]). Anything that is not known to be
+/// harmless needs credentials; an entity route whose kind does not parse counts as cluster
+/// administration, so a spelling the handler might read differently cannot slip through.
+fn action_of(method: &Method, path: &str) -> Action {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method, segs.as_slice()) {
+        (&Method::GET | &Method::HEAD, ["livez"] | ["readyz"]) => Action::Public,
+        (&Method::POST, ["v1", "login"]) => Action::Public,
+        (_, ["v1", "tokens", ..]) => Action::Cluster("managing join tokens"),
+        (&Method::DELETE, ["v1", "nodes", _]) => Action::Cluster("removing a node"),
+        (_, ["v1", "drain"]) => Action::Cluster("draining the node"),
+        (_, ["v1", "undrain"]) => Action::Cluster("undraining the node"),
+        (_, ["v1", "compact"]) => Action::Cluster("rotating the at-rest key"),
+        (m, ["v1", "entities", k, rest @ ..]) if !rest.is_empty() => {
+            let kind = segment(k).and_then(|k| Kind::parse(&k).ok());
+            let name = segment(rest[0]);
+            let (Some(kind), Some(name)) = (kind, name) else {
+                return Action::Cluster("using an entity route of an unknown kind");
+            };
+            let read = matches!(*m, Method::GET | Method::HEAD);
+            if read || rest.len() > 1 {
+                Action::Read { kind, name }
+            } else {
+                Action::Write {
+                    kind,
+                    name,
+                    patch_fields: None,
+                }
+            }
+        }
+        _ => Action::Any,
+    }
+}
+
+/// The fields a patch body sets (its top-level keys, or those of its `fields` object when the
+/// wrapped form is sent); None when it is not a JSON object.
+fn patch_fields(body: &[u8]) -> Option<Vec<String>> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let o = v.as_object()?;
+    let o = match o.get("fields") {
+        Some(Value::Object(f)) => f,
+        _ => o,
+    };
+    Some(o.keys().cloned().collect())
+}
+
+fn unauthorized(e: &auth::AuthError) -> Response {
+    let mut r =
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()).into_response();
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer realm=\"peerconf\""),
+    );
+    r
+}
+
+/// Authentication and the roles table, for every request (see the module doc).
+async fn authorize(State(st): State<ApiState>, req: Request, next: Next) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut action = action_of(req.method(), req.uri().path());
+    if action == Action::Public {
+        return next.run(req).await;
+    }
+    let from = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(auth::bearer);
+    let caller = match token.map(|t| st.auth.authenticate(t, from)) {
+        Some(Ok(c)) => c,
+        Some(Err(auth::AuthError::Node(e))) => return ApiError::from(e).into_response(),
+        Some(Err(e)) => {
+            st.auth.counters.refused_401.fetch_add(1, Relaxed);
+            return unauthorized(&e);
+        }
+        None => {
+            st.auth.counters.refused_401.fetch_add(1, Relaxed);
+            return unauthorized(&auth::AuthError::Unauthenticated);
+        }
+    };
+    let mut req = req;
+    // An Admin may patch its own password: what the patch sets decides.
+    if let Action::Write {
+        kind: Kind::Admin,
+        name,
+        patch_fields: pf,
+    } = &mut action
+    {
+        if *req.method() == Method::PATCH && *name == caller.name && caller.role == Role::Admin {
+            let (parts, body) = req.into_parts();
+            let bytes = match axum::body::to_bytes(body, BODY_BYTES_MAX).await {
+                Ok(b) => b,
+                Err(e) => {
+                    return ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "bad_body",
+                        format!("request body could not be read: {e}"),
+                    )
+                    .into_response()
+                }
+            };
+            *pf = patch_fields(&bytes);
+            req = Request::from_parts(parts, axum::body::Body::from(bytes));
+        }
+    }
+    if let Err(denied) = auth::decide(&caller, &action) {
+        st.auth.counters.refused_403.fetch_add(1, Relaxed);
+        tracing::info!(admin = %caller.name, addr = ?from, refused = %denied, "admin request refused");
+        return ApiError::new(StatusCode::FORBIDDEN, "forbidden", denied.to_string())
+            .into_response();
+    }
+    req.extensions_mut().insert(caller);
     next.run(req).await
 }
 
@@ -298,6 +412,8 @@ async fn authorize(mut req: Request, next: Next) -> Response {
 pub struct ApiError {
     status: StatusCode,
     body: Value,
+    /// Seconds for a `Retry-After` header (429, 503).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -305,13 +421,19 @@ impl ApiError {
         ApiError {
             status,
             body: json!({"error": {"code": code, "message": message}}),
+            retry_after: None,
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        let mut r = (self.status, Json(self.body)).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(s));
+        }
+        r
     }
 }
 
@@ -463,9 +585,26 @@ async fn schema_kind(Path(k): Path<String>) -> ApiResult {
     Ok(Json(crdt_schema::schema_json(Some(kind(&k)?))).into_response())
 }
 
-async fn list(State(st): State<ApiState>, Path(k): Path<String>) -> ApiResult {
+async fn list(
+    State(st): State<ApiState>,
+    Extension(who): Extension<Caller>,
+    Path(k): Path<String>,
+) -> ApiResult {
     let k = kind(&k)?;
     let node = st.node.clone();
+    if who.role != Role::SuperAdmin && matches!(k, Kind::Admin | Kind::ApiToken) {
+        // Filtered: an Admin sees its own account and tokens only.
+        let all = tokio::task::spawn_blocking(move || node.list(k))
+            .await
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })??;
+        let seen: Vec<Value> = all
+            .into_iter()
+            .filter(|v| who.may_see(k, v["name"].as_str().unwrap_or_default(), &v["fields"]))
+            .collect();
+        return Ok(Json(seen).into_response());
+    }
     let body = tokio::task::spawn_blocking(move || node.list_json(k))
         .await
         .map_err(|e| {
@@ -476,18 +615,33 @@ async fn list(State(st): State<ApiState>, Path(k): Path<String>) -> ApiResult {
 
 async fn get_entity(
     State(st): State<ApiState>,
+    Extension(who): Extension<Caller>,
     Path((k, name)): Path<(String, String)>,
 ) -> ApiResult {
     let k = kind(&k)?;
     match st.node.get(k, &name)? {
-        Some(v) => Ok(Json(v).into_response()),
+        Some(v) if who.may_see(k, &name, &v["fields"]) => Ok(Json(v).into_response()),
+        Some(_) => Err(not_yours(&who, k, &name)),
         None => Err(Error::not_found(k, &name).into()),
     }
 }
 
+/// 403 for an entity the caller may not see (another admin's account or token).
+fn not_yours(who: &Caller, k: Kind, name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!(
+            "forbidden: reading {}/{name} needs the superadmin role; {} is an admin",
+            k.as_str(),
+            who.name
+        ),
+    )
+}
+
 async fn put_entity(
     State(st): State<ApiState>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<Caller>,
     Path((k, name)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
@@ -498,7 +652,7 @@ async fn put_entity(
 
 async fn patch_entity(
     State(st): State<ApiState>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<Caller>,
     Path((k, name)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
@@ -509,33 +663,54 @@ async fn patch_entity(
 
 async fn delete_entity(
     State(st): State<ApiState>,
-    Extension(who): Extension<Principal>,
+    Extension(who): Extension<Caller>,
     Path((k, name)): Path<(String, String)>,
 ) -> ApiResult {
     let k = kind(&k)?;
     st.node.acting_as(who.recorded()).delete(k, &name).await?;
+    if k == Kind::Admin {
+        // A new account made under this name must not inherit the old one's tokens.
+        st.auth.drop_tokens_of(&who, &name).await?;
+    }
     Ok(Json(json!({"deleted": {"kind": k.as_str(), "name": name}})).into_response())
 }
 
-async fn history(State(st): State<ApiState>, Path((k, name)): Path<(String, String)>) -> ApiResult {
+async fn history(
+    State(st): State<ApiState>,
+    Extension(who): Extension<Caller>,
+    Path((k, name)): Path<(String, String)>,
+) -> ApiResult {
     let k = kind(&k)?;
+    if k == Kind::ApiToken && who.role != Role::SuperAdmin {
+        let mine = st
+            .node
+            .get(k, &name)?
+            .is_some_and(|v| who.may_see(k, &name, &v["fields"]));
+        if !mine {
+            return Err(not_yours(&who, k, &name));
+        }
+    }
     let h = st.node.history(k, &name)?;
     Ok(Json(json!({"kind": k.as_str(), "name": name, "changes": h})).into_response())
 }
 
-async fn conflicts(State(st): State<ApiState>) -> ApiResult {
+async fn conflicts(State(st): State<ApiState>, Extension(who): Extension<Caller>) -> ApiResult {
     let node = st.node.clone();
-    let c = tokio::task::spawn_blocking(move || node.conflicts())
+    let mut c = tokio::task::spawn_blocking(move || node.conflicts())
         .await
         .map_err(|e| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
         })??;
+    c.retain(|v| {
+        let k = v["kind"].as_str().and_then(|k| Kind::parse(k).ok());
+        k.is_none_or(|k| who.may_see(k, v["name"].as_str().unwrap_or_default(), &v["fields"]))
+    });
     Ok(Json(json!({"conflicts": c})).into_response())
 }
 
 async fn create_token(
     State(st): State<ApiState>,
-    Extension(_who): Extension<Principal>,
+    Extension(_who): Extension<Caller>,
     body: Bytes,
 ) -> ApiResult {
     let ttl = optional_duration(&body, "ttl", "1h")?.unwrap_or(crate::cluster::TOKEN_TTL_DEFAULT);
@@ -571,21 +746,172 @@ impl From<crate::cluster::tokens::TokenAdminError> for ApiError {
 
 /// The join tokens this node made: IDs (a prefix of the stored hash), expiry, state. Never a
 /// secret: a token is shown once, when it is made.
-async fn list_tokens(
-    State(st): State<ApiState>,
-    Extension(_who): Extension<Principal>,
-) -> ApiResult {
+async fn list_tokens(State(st): State<ApiState>, Extension(_who): Extension<Caller>) -> ApiResult {
     let tokens = crate::cluster::tokens::list_tokens(&st.node).await?;
     Ok(Json(json!({ "tokens": tokens })).into_response())
 }
 
 async fn revoke_token(
     State(st): State<ApiState>,
-    Extension(_who): Extension<Principal>,
+    Extension(_who): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult {
     let token = crate::cluster::tokens::revoke_token(&st.node, &id).await?;
     Ok(Json(json!({ "revoked": token })).into_response())
+}
+
+/// `POST /v1/login`: `{"name", "password"}` answers a session token. Wrong password, unknown
+/// or disabled account: one 401 for all.
+async fn login(
+    State(st): State<ApiState>,
+    addr: Option<Extension<ClientAddr>>,
+    body: Bytes,
+) -> ApiResult {
+    let v = json_body(&body)?;
+    let field = |f: &str| {
+        v.get(f).and_then(Value::as_str).ok_or_else(|| {
+            let mut e = ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("login needs {{\"name\": \"...\", \"password\": \"...\"}}: {f} is missing or not a string"),
+            );
+            e.body["error"]["field"] = json!(f);
+            e
+        })
+    };
+    let (name, password) = (field("name")?, field("password")?);
+    let from = addr.map(|a| a.0 .0.ip());
+    match st.auth.login(name, password, from).await {
+        Ok(s) => Ok(Json(json!({
+            "token": s.token,
+            "expires_at_ms": s.expires_at_ms,
+            "name": s.name,
+            "role": s.role.as_str(),
+        }))
+        .into_response()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl From<auth::LoginError> for ApiError {
+    fn from(e: auth::LoginError) -> Self {
+        use auth::LoginError as E;
+        match e {
+            E::Refused => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
+            E::LockedOut { retry_after_s } => {
+                let mut err =
+                    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "locked_out", e.to_string());
+                err.retry_after = Some(retry_after_s);
+                err
+            }
+            E::Busy => {
+                let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string());
+                err.retry_after = Some(1);
+                err
+            }
+            E::Node(n) => n.into(),
+        }
+    }
+}
+
+impl From<auth::ApiTokenError> for ApiError {
+    fn from(e: auth::ApiTokenError) -> Self {
+        use auth::ApiTokenError as E;
+        match e {
+            E::Ttl(_) => {
+                let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string());
+                err.body["error"]["field"] = json!("ttl");
+                err
+            }
+            E::NotFound { .. } => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            E::NotYours => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+            E::Node(n) => n.into(),
+        }
+    }
+}
+
+/// `POST /v1/logout`: ends the session the request came with (an API token is revoked with
+/// `DELETE /v1/api-tokens/{id}` instead).
+async fn logout(State(st): State<ApiState>, Extension(who): Extension<Caller>) -> ApiResult {
+    let ended = match &who.via {
+        auth::Via::Session(key) => st.auth.end_session(key),
+        auth::Via::ApiToken(_) => false,
+    };
+    Ok(Json(json!({ "logged_out": ended })).into_response())
+}
+
+/// `GET /v1/whoami`: the caller's account, role and credentials (never the token).
+async fn whoami(State(st): State<ApiState>, Extension(who): Extension<Caller>) -> ApiResult {
+    let (via, id, expires) = match &who.via {
+        auth::Via::Session(key) => ("session", None, st.auth.session_end(key)),
+        auth::Via::ApiToken(id) => {
+            let exp = st
+                .node
+                .get(Kind::ApiToken, id)?
+                .and_then(|v| v["fields"]["expires_at_ms"].as_i64());
+            ("api_token", Some(id.clone()), exp)
+        }
+    };
+    Ok(Json(json!({
+        "name": who.name,
+        "role": who.role.as_str(),
+        "via": via,
+        "token_id": id,
+        "expires_at_ms": expires,
+    }))
+    .into_response())
+}
+
+/// `POST /v1/api-tokens` (`{"ttl"?, "label"?}`): a token acting as the caller, shown once.
+async fn create_api_token(
+    State(st): State<ApiState>,
+    Extension(who): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult {
+    let ttl = optional_duration(&body, "ttl", "30d")?;
+    let label = if body.is_empty() {
+        String::new()
+    } else {
+        match json_body(&body)?.get("label") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => {
+                let mut e = ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    format!("label: expected a string, got {other}"),
+                );
+                e.body["error"]["field"] = json!("label");
+                return Err(e);
+            }
+        }
+    };
+    let t = st.auth.create_api_token(&who, ttl, &label).await?;
+    Ok(Json(json!({
+        "id": t.id,
+        "token": t.token,
+        "admin": t.name,
+        "label": label,
+        "expires_at_ms": t.expires_at_ms,
+    }))
+    .into_response())
+}
+
+async fn list_api_tokens(
+    State(st): State<ApiState>,
+    Extension(who): Extension<Caller>,
+) -> ApiResult {
+    let tokens = st.auth.list_api_tokens(&who)?;
+    Ok(Json(json!({ "tokens": tokens })).into_response())
+}
+
+async fn revoke_api_token(
+    State(st): State<ApiState>,
+    Extension(who): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let revoked = st.auth.revoke_api_token(&who, &id).await?;
+    Ok(Json(json!({ "revoked": revoked })).into_response())
 }
 
 async fn nodes(State(st): State<ApiState>) -> ApiResult {
@@ -594,7 +920,7 @@ async fn nodes(State(st): State<ApiState>) -> ApiResult {
 
 async fn remove_node(
     State(st): State<ApiState>,
-    Extension(_who): Extension<Principal>,
+    Extension(_who): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult {
     if id == st.node.config().node_id {
@@ -630,7 +956,7 @@ async fn status(State(st): State<ApiState>) -> ApiResult {
 
 async fn drain(
     State(st): State<ApiState>,
-    Extension(_who): Extension<Principal>,
+    Extension(_who): Extension<Caller>,
     body: Bytes,
 ) -> ApiResult {
     let deadline = optional_duration(&body, "deadline", "30s")?;
@@ -643,7 +969,7 @@ async fn drain(
     Ok(Json(json!({"draining": true, "deadline_s": deadline.map(|d| d.as_secs_f64()), "active_connections": st.node.drain().active()})).into_response())
 }
 
-async fn undrain(State(st): State<ApiState>, Extension(_who): Extension<Principal>) -> ApiResult {
+async fn undrain(State(st): State<ApiState>, Extension(_who): Extension<Caller>) -> ApiResult {
     st.node.drain().stop();
     tracing::info!("undrained: client connections are accepted again");
     Ok(Json(json!({"draining": false})).into_response())
@@ -651,7 +977,7 @@ async fn undrain(State(st): State<ApiState>, Extension(_who): Extension<Principa
 
 /// Rotates the at-rest key now (see [`crate::node::Node::compact`]): answers the new key's ID,
 /// the IDs of the keys deleted and how many secret values were sealed again.
-async fn compact(State(st): State<ApiState>, Extension(_who): Extension<Principal>) -> ApiResult {
+async fn compact(State(st): State<ApiState>, Extension(_who): Extension<Caller>) -> ApiResult {
     let rotation = st.node.compact().await?;
     Ok(Json(json!({
         "key": rotation.key,
@@ -705,20 +1031,57 @@ mod tests {
         axum::routing::get(|| async { StatusCode::IM_A_TEAPOT })
     }
 
-    /// The API of a fresh node, in-process (no listener), and the directory holding it.
-    fn app() -> (Router, crate::node::Node, tempfile::TempDir) {
+    const ROOT_PW: &str = "Root-password-1";
+
+    /// The API of a fresh node whose first SuperAdmin is `root`, in-process (no listener), and
+    /// the directory holding it. The router returned sends the session token of `root` with
+    /// every request that names no credentials ([`bare_app`] is the API itself).
+    async fn app() -> (Router, crate::node::Node, tempfile::TempDir) {
+        let (bare, node, dir) = bare_app();
+        let token = login(&bare, "root", ROOT_PW).await.expect("root logs in");
+        let app = bare.layer(middleware::map_request(move |mut req: Request| {
+            let token = token.clone();
+            async move {
+                if !req.headers().contains_key(header::AUTHORIZATION) {
+                    let v = format!("Bearer {token}").parse().expect("header");
+                    req.headers_mut().insert(header::AUTHORIZATION, v);
+                }
+                req
+            }
+        }));
+        (app, node, dir)
+    }
+
+    fn bare_app() -> (Router, crate::node::Node, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
         let opts = crate::node::NodeOptions {
             seed: Some(1),
             ..Default::default()
         };
-        Node::init(dir.path(), &Default::default(), &opts).expect("init");
+        let init = crate::node::InitOptions {
+            admin: Some(crate::node::AdminBootstrap {
+                name: "root".into(),
+                password: ROOT_PW.into(),
+            }),
+            ..Default::default()
+        };
+        Node::init(dir.path(), &init, &opts).expect("init");
         let node = Node::open(dir.path(), opts).expect("open");
         let material = crate::net::tls::TlsFiles::new(dir.path())
             .read()
             .expect("tls");
         let state = Arc::new(ClusterState::new(node.clone(), material));
         (router(state), node, dir)
+    }
+
+    /// A session token for `name`, or the status of the refusal.
+    async fn login(app: &Router, name: &str, password: &str) -> Result<String, StatusCode> {
+        let body = json!({"name": name, "password": password}).to_string();
+        let (status, v) = call(app, "POST", "/v1/login", &body).await;
+        if status != StatusCode::OK {
+            return Err(status);
+        }
+        Ok(v["token"].as_str().expect("token").to_string())
     }
 
     async fn call(app: &Router, method: &str, path: &str, body: &str) -> (StatusCode, Value) {
@@ -761,7 +1124,7 @@ mod tests {
     /// names and addresses, same-origin pages and JSON are served.
     #[tokio::test]
     async fn requests_for_other_hosts_origins_or_media_types_are_refused() {
-        let (app, node, _dir) = app();
+        let (app, node, _dir) = app().await;
         let ok = StatusCode::OK;
         for (host, want) in [
             ("evil.example", StatusCode::MISDIRECTED_REQUEST),
@@ -868,7 +1231,7 @@ mod tests {
     /// with a second one, it can; ordinary admins come and go.
     #[tokio::test]
     async fn the_last_superadmin_stays() {
-        let (app, _node, _dir) = app();
+        let (app, _node, _dir) = app().await;
         let put = |name: &str, body: Value| {
             let app = app.clone();
             let path = format!("/v1/entities/admin/{name}");
@@ -910,11 +1273,20 @@ mod tests {
                 .0,
             StatusCode::OK
         );
+        // root's own session lost the role with the write.
         assert_eq!(
             call(&app, "DELETE", "/v1/entities/admin/second", "")
                 .await
                 .0,
-            StatusCode::CONFLICT
+            StatusCode::FORBIDDEN
+        );
+        let e = _node
+            .delete(Kind::Admin, "second")
+            .await
+            .expect_err("the last SuperAdmin was deleted");
+        assert!(
+            matches!(e, Error::Write(WriteError::LastSuperAdmin { .. })),
+            "{e}"
         );
     }
 
@@ -922,7 +1294,7 @@ mod tests {
     /// worker on an overflowing instant), changes nothing, and the node still answers.
     #[tokio::test]
     async fn a_huge_drain_deadline_is_refused_not_a_panic() {
-        let (app, node, _dir) = app();
+        let (app, node, _dir) = app().await;
         for deadline in ["18446744073709551615s", "25h", "1000years"] {
             let (status, body) = call(
                 &app,
@@ -952,7 +1324,7 @@ mod tests {
     /// 404, a malformed one a 400 that does not echo it.
     #[tokio::test]
     async fn tokens_are_listed_and_revoked_through_the_api() {
-        let (app, _node, _dir) = app();
+        let (app, _node, _dir) = app().await;
         let (status, made) = call(&app, "POST", "/v1/tokens", r#"{"ttl":"1h"}"#).await;
         assert_eq!(status, StatusCode::OK, "{made}");
         let token = made["token"].as_str().expect("token").to_string();
@@ -979,5 +1351,473 @@ mod tests {
         assert_eq!(body["revoked"]["state"], json!("revoked"));
         let (_, listed) = call(&app, "GET", "/v1/tokens", "").await;
         assert_eq!(listed["tokens"][0]["revoked"], json!(true));
+    }
+
+    /// A request with headers, an optional client address, and its answer.
+    async fn send(
+        app: &Router,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        from: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let mut req = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let mut req = req
+            .body(axum::body::Body::from(body.to_string()))
+            .expect("request");
+        if let Some(a) = from {
+            req.extensions_mut()
+                .insert(ClientAddr(a.parse().expect("address")));
+        }
+        let resp = app.clone().oneshot(req).await.expect("infallible");
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        (
+            status,
+            headers,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// An API token for `name`, made with its own session.
+    async fn api_token_of(app: &Router, name: &str, password: &str) -> String {
+        let session = login(app, name, password).await.expect("login");
+        let auth = format!("Bearer {session}");
+        let (status, _, v) = send(
+            app,
+            "POST",
+            "/v1/api-tokens",
+            &[("authorization", &auth)],
+            None,
+            r#"{"ttl":"1h","label":"test"}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        v["token"].as_str().expect("token").to_string()
+    }
+
+    /// Every route by every role: without credentials 401 (with `WWW-Authenticate: Bearer`)
+    /// but for liveness, readiness and login; an Admin refused (403, naming the superadmin
+    /// role) exactly where the roles table says; a SuperAdmin never refused.
+    #[tokio::test]
+    async fn every_route_by_every_role() {
+        let (app, _node, _dir) = app().await;
+        let (status, _) = call(
+            &app,
+            "PUT",
+            "/v1/entities/admin/ops",
+            &json!({"role": "admin", "password": "Ops-password-1"}).to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        call(
+            &app,
+            "PUT",
+            "/v1/entities/site/s1",
+            r#"{"root_dir":"/srv/s1"}"#,
+        )
+        .await;
+        let ops = api_token_of(&app, "ops", "Ops-password-1").await;
+        let root = api_token_of(&app, "root", ROOT_PW).await;
+        // (method, path, body, public, allowed for an Admin)
+        let site = r#"{"root_dir":"/srv/s9"}"#;
+        let rows: &[(&str, &str, &str, bool, bool)] = &[
+            ("GET", "/livez", "", true, true),
+            ("GET", "/readyz", "", true, true),
+            ("POST", "/v1/login", "{}", true, true),
+            ("GET", "/v1/status", "", false, true),
+            ("GET", "/metrics", "", false, true),
+            ("GET", "/v1/node", "", false, true),
+            ("GET", "/v1/schema", "", false, true),
+            ("GET", "/v1/schema/user", "", false, true),
+            ("GET", "/v1/entities/user", "", false, true),
+            ("GET", "/v1/entities/admin", "", false, true),
+            ("GET", "/v1/entities/site/s1", "", false, true),
+            ("GET", "/v1/entities/site/s1/history", "", false, true),
+            ("GET", "/v1/entities/admin/ops", "", false, true),
+            ("GET", "/v1/entities/admin/root", "", false, false),
+            ("GET", "/v1/entities/admin/root/history", "", false, false),
+            ("GET", "/v1/conflicts", "", false, true),
+            ("GET", "/v1/nodes", "", false, true),
+            ("GET", "/v1/whoami", "", false, true),
+            ("GET", "/v1/api-tokens", "", false, true),
+            ("POST", "/v1/api-tokens", "{}", false, true),
+            ("DELETE", "/v1/api-tokens/0123456789abcdef", "", false, true),
+            ("POST", "/v1/logout", "", false, true),
+            ("PUT", "/v1/entities/site/s9", site, false, true),
+            (
+                "PATCH",
+                "/v1/entities/site/s9",
+                r#"{"description":"x"}"#,
+                false,
+                true,
+            ),
+            ("PUT", "/v1/entities/group/g9", "{}", false, true),
+            (
+                "PUT",
+                "/v1/entities/user/u9",
+                r#"{"home_dir":"/srv/u9","password":"User-password-1"}"#,
+                false,
+                true,
+            ),
+            (
+                "PUT",
+                "/v1/entities/script/sc9",
+                r#"{"source":"log(1)"}"#,
+                false,
+                true,
+            ),
+            (
+                "PUT",
+                "/v1/entities/rule/r9",
+                r#"{"event":"after_upload","script":"sc9"}"#,
+                false,
+                true,
+            ),
+            ("PUT", "/v1/entities/certificate/c9", "{}", false, true),
+            ("DELETE", "/v1/entities/rule/r9", "", false, true),
+            (
+                "PATCH",
+                "/v1/entities/admin/ops",
+                r#"{"password":"Ops-password-2"}"#,
+                false,
+                true,
+            ),
+            (
+                "PATCH",
+                "/v1/entities/admin/ops",
+                r#"{"email":"ops@example.com"}"#,
+                false,
+                false,
+            ),
+            (
+                "PUT",
+                "/v1/entities/admin/eve",
+                r#"{"role":"superadmin","password":"Eve-password-1"}"#,
+                false,
+                false,
+            ),
+            (
+                "PUT",
+                "/v1/entities/admi%6E/eve",
+                r#"{"role":"superadmin","password":"Eve-password-1"}"#,
+                false,
+                false,
+            ),
+            (
+                "PATCH",
+                "/v1/entities/admin/root",
+                r#"{"password":"Root-password-2"}"#,
+                false,
+                false,
+            ),
+            ("DELETE", "/v1/entities/admin/eve", "", false, false),
+            (
+                "PATCH",
+                "/v1/entities/security/global",
+                r#"{"password_min_length":8}"#,
+                false,
+                false,
+            ),
+            (
+                "PATCH",
+                "/v1/entities/settings/global",
+                r#"{"banner":"hi"}"#,
+                false,
+                false,
+            ),
+            ("GET", "/v1/tokens", "", false, false),
+            ("POST", "/v1/tokens", "{}", false, false),
+            ("DELETE", "/v1/tokens/0123456789ab", "", false, false),
+            (
+                "DELETE",
+                "/v1/nodes/0123456789abcdef0123456789abcdef",
+                "",
+                false,
+                false,
+            ),
+            ("POST", "/v1/drain", "{}", false, false),
+            ("POST", "/v1/undrain", "", false, false),
+            ("POST", "/v1/compact", "", false, false),
+        ];
+        let refused = |s: StatusCode| s == StatusCode::UNAUTHORIZED || s == StatusCode::FORBIDDEN;
+        for &(method, path, body, public, admin_may) in rows {
+            let what = format!("{method} {path}");
+            let (status, headers, v) =
+                send(&app, method, path, &[("authorization", "none")], None, body).await;
+            let (bare, bare_headers, _) = {
+                // No Authorization header at all: the test router would add root's, so
+                // send an empty bearer, which is malformed and must be treated as none.
+                send(
+                    &app,
+                    method,
+                    path,
+                    &[("authorization", "Bearer ")],
+                    None,
+                    body,
+                )
+                .await
+            };
+            if public {
+                assert!(
+                    !refused(status) && !refused(bare),
+                    "{what}: {status} {bare}"
+                );
+            } else {
+                for (s, h) in [(status, &headers), (bare, &bare_headers)] {
+                    assert_eq!(
+                        s,
+                        StatusCode::UNAUTHORIZED,
+                        "{what} without credentials: {v}"
+                    );
+                    let www = h.get("www-authenticate").and_then(|v| v.to_str().ok());
+                    assert!(
+                        www.is_some_and(|w| w.starts_with("Bearer")),
+                        "{what}: {www:?}"
+                    );
+                }
+            }
+            let auth = format!("Bearer {ops}");
+            let (status, _, v) =
+                send(&app, method, path, &[("authorization", &auth)], None, body).await;
+            if admin_may {
+                assert!(
+                    !refused(status),
+                    "{what} refused for an Admin: {status} {v}"
+                );
+            } else {
+                assert_eq!(
+                    status,
+                    StatusCode::FORBIDDEN,
+                    "{what} allowed for an Admin: {v}"
+                );
+                let msg = v["error"]["message"].as_str().unwrap_or_default();
+                assert!(msg.contains("superadmin"), "{what}: {msg}");
+            }
+            let auth = format!("Bearer {root}");
+            let (status, _, v) =
+                send(&app, method, path, &[("authorization", &auth)], None, body).await;
+            let expect_refused = path.starts_with("/v1/entities/api_token");
+            assert_eq!(
+                refused(status),
+                expect_refused,
+                "{what} for a SuperAdmin: {status} {v}"
+            );
+            if path == "/v1/drain" {
+                send(
+                    &app,
+                    "POST",
+                    "/v1/undrain",
+                    &[("authorization", &auth)],
+                    None,
+                    "",
+                )
+                .await;
+            }
+        }
+        // An Admin lists its own account only; a SuperAdmin lists all.
+        let auth = format!("Bearer {ops}");
+        let (_, _, admins) = send(
+            &app,
+            "GET",
+            "/v1/entities/admin",
+            &[("authorization", &auth)],
+            None,
+            "",
+        )
+        .await;
+        let names: Vec<&str> = admins
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter_map(|v| v["name"].as_str())
+            .collect();
+        assert_eq!(names, ["ops"]);
+        let (_, all) = call(&app, "GET", "/v1/entities/admin", "").await;
+        assert!(all.as_array().expect("list").len() >= 2, "{all}");
+        assert!(!all.to_string().contains("argon2"), "{all}");
+    }
+
+    /// Unknown account and wrong password get the same answer; failures lock out an account
+    /// and an address (429 with Retry-After, even for the right password); a success resets
+    /// the count; another address still logs in to an account not itself locked.
+    #[tokio::test]
+    async fn logins_lock_out_by_account_and_by_address() {
+        let (app, _node, _dir) = app().await;
+        call(
+            &app,
+            "PUT",
+            "/v1/entities/admin/ops",
+            &json!({"role": "admin", "password": "Ops-password-1"}).to_string(),
+        )
+        .await;
+        let (s, _) = call(
+            &app,
+            "PATCH",
+            "/v1/entities/security/global",
+            r#"{"max_login_attempts":3,"lockout_duration_s":60}"#,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        let attempt = |name: &'static str, pw: &'static str, from: &'static str| {
+            let app = app.clone();
+            async move {
+                let body = json!({"name": name, "password": pw}).to_string();
+                send(&app, "POST", "/v1/login", &[], Some(from), &body).await
+            }
+        };
+        let (s1, _, b1) = attempt("ops", "wrong", "10.0.0.1:1000").await;
+        let (s2, _, b2) = attempt("nobody", "wrong", "10.0.0.2:1000").await;
+        assert_eq!(
+            (s1, &b1),
+            (s2, &b2),
+            "unknown account and wrong password differ"
+        );
+        assert_eq!(s1, StatusCode::UNAUTHORIZED);
+        // Two failures, a success (reset), two failures: not locked.
+        attempt("ops", "wrong", "10.0.0.3:1").await;
+        assert_eq!(
+            attempt("ops", "Ops-password-1", "10.0.0.3:1").await.0,
+            StatusCode::OK
+        );
+        attempt("ops", "wrong", "10.0.0.3:1").await;
+        attempt("ops", "wrong", "10.0.0.3:1").await;
+        assert_eq!(
+            attempt("ops", "Ops-password-1", "10.0.0.3:1").await.0,
+            StatusCode::OK
+        );
+        // By account: three failures from three addresses.
+        for from in ["10.0.1.1:1", "10.0.1.2:1", "10.0.1.3:1"] {
+            assert_eq!(
+                attempt("ops", "wrong", from).await.0,
+                StatusCode::UNAUTHORIZED
+            );
+        }
+        let (s, h, v) = attempt("ops", "Ops-password-1", "10.0.1.4:1").await;
+        assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+        let retry: u64 = h["retry-after"]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("seconds");
+        assert!((1..=60).contains(&retry), "{retry}");
+        // By address: three unknown names from one address lock it for every account.
+        for name in ["a1", "a2", "a3"] {
+            assert_eq!(
+                attempt(name, "wrong", "10.0.2.1:1").await.0,
+                StatusCode::UNAUTHORIZED
+            );
+        }
+        assert_eq!(
+            attempt("root", ROOT_PW, "10.0.2.1:1").await.0,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            attempt("root", ROOT_PW, "10.0.2.2:1").await.0,
+            StatusCode::OK
+        );
+    }
+
+    /// A session ends at logout; an API token is refused once revoked, once its admin is
+    /// disabled, and (for an account made again under the name) once its admin was deleted.
+    #[tokio::test]
+    async fn sessions_end_and_tokens_are_revoked() {
+        let (app, _node, _dir) = app().await;
+        call(
+            &app,
+            "PUT",
+            "/v1/entities/admin/ops",
+            &json!({"role": "admin", "password": "Ops-password-1"}).to_string(),
+        )
+        .await;
+        let get = |token: String| {
+            let app = app.clone();
+            async move {
+                let auth = format!("Bearer {token}");
+                send(
+                    &app,
+                    "GET",
+                    "/v1/whoami",
+                    &[("authorization", &auth)],
+                    None,
+                    "",
+                )
+                .await
+            }
+        };
+        let session = login(&app, "ops", "Ops-password-1").await.expect("login");
+        let (s, _, me) = get(session.clone()).await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(
+            (me["name"].as_str(), me["role"].as_str()),
+            (Some("ops"), Some("admin"))
+        );
+        let auth = format!("Bearer {session}");
+        send(
+            &app,
+            "POST",
+            "/v1/logout",
+            &[("authorization", &auth)],
+            None,
+            "",
+        )
+        .await;
+        assert_eq!(get(session).await.0, StatusCode::UNAUTHORIZED);
+
+        let t1 = api_token_of(&app, "ops", "Ops-password-1").await;
+        let t2 = api_token_of(&app, "ops", "Ops-password-1").await;
+        assert_eq!(get(t1.clone()).await.0, StatusCode::OK);
+        // A token with a wrong secret but a real ID is refused.
+        let forged = format!("{}{}", &t1[..t1.len() - 4], "0000");
+        assert_eq!(get(forged).await.0, StatusCode::UNAUTHORIZED);
+        let (_, listed) = call(&app, "GET", "/v1/api-tokens", "").await;
+        let text = listed.to_string();
+        assert!(
+            !text.contains(&t1[t1.len() - 20..]),
+            "a token's secret is listed: {text}"
+        );
+        let id = t1.split('_').nth(1).expect("id").to_string();
+        let (s, v) = call(&app, "DELETE", &format!("/v1/api-tokens/{id}"), "").await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(get(t1).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(get(t2.clone()).await.0, StatusCode::OK);
+        call(
+            &app,
+            "PATCH",
+            "/v1/entities/admin/ops",
+            r#"{"enabled":false}"#,
+        )
+        .await;
+        assert_eq!(get(t2.clone()).await.0, StatusCode::UNAUTHORIZED);
+        call(
+            &app,
+            "PATCH",
+            "/v1/entities/admin/ops",
+            r#"{"enabled":true}"#,
+        )
+        .await;
+        assert_eq!(get(t2.clone()).await.0, StatusCode::OK);
+        call(&app, "DELETE", "/v1/entities/admin/ops", "").await;
+        call(
+            &app,
+            "PUT",
+            "/v1/entities/admin/ops",
+            &json!({"role": "admin", "password": "Ops-password-9"}).to_string(),
+        )
+        .await;
+        assert_eq!(
+            get(t2).await.0,
+            StatusCode::UNAUTHORIZED,
+            "a new ops inherited a token"
+        );
     }
 }

@@ -5,5 +5,6 @@
 //! (`peerconf` CLI, demo, benchmarks) is the binary's (`src/bin/peerconf/`), not the library's.
 
 pub mod api;
+pub mod auth;
 pub mod daemon;
 pub mod metrics;

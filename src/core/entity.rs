@@ -328,6 +328,12 @@ fn hash_password(clear: &str, salt: &[u8; 16]) -> Result<String, WriteError> {
         .map_err(|e| WriteError::Internal(format!("password hash: {e}")))
 }
 
+/// A valid argon2 hash no password is known for: a login for an account that does not exist is
+/// checked against it, so it costs what a wrong password costs.
+pub fn decoy_password_hash() -> String {
+    hash_password("decoy: no account has this password", &[0x5a; 16]).unwrap_or_default()
+}
+
 /// Checks a clear-text password against a stored hash (for the embedding server's logins). The
 /// password is normalized as it was when it was set (NFKC); a hash stored before passwords were
 /// normalized is checked against the password as typed too.
