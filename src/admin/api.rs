@@ -990,7 +990,7 @@ async fn compact(State(st): State<ApiState>, Extension(_who): Extension<Caller>)
 async fn metrics(State(st): State<ApiState>) -> Response {
     (
         [(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)],
-        super::metrics::encode(&st.cluster),
+        super::metrics::encode(&st.cluster, Some(&st.auth)),
     )
         .into_response()
 }
@@ -1725,6 +1725,20 @@ mod tests {
             attempt("root", ROOT_PW, "10.0.2.2:1").await.0,
             StatusCode::OK
         );
+        let req = axum::http::Request::builder()
+            .uri("/metrics")
+            .body(axum::body::Body::empty())
+            .expect("request");
+        let resp = app.clone().oneshot(req).await.expect("infallible");
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        let text = String::from_utf8_lossy(&bytes);
+        let locked = text
+            .lines()
+            .find(|l| l.starts_with("peerconf_admin_logins_total{result=\"locked_out\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+        assert_eq!(locked, Some(2), "{text}");
     }
 
     /// A session ends at logout; an API token is refused once revoked, once its admin is

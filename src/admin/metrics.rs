@@ -155,7 +155,57 @@ fn ipc_families(r: &mut Registry) {
 }
 
 /// The whole exposition, as of now.
-pub fn encode(state: &ClusterState) -> String {
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LoginResult {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedStatus {
+    status: &'static str,
+}
+
+/// Admin logins by result, refused admin requests by status, sessions open.
+fn auth_families(r: &mut Registry, auth: &super::auth::Auth) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &auth.counters;
+    let logins = Family::<LoginResult, Counter>::default();
+    for (result, n) in [
+        ("ok", &c.logins_ok),
+        ("failed", &c.logins_failed),
+        ("locked_out", &c.logins_locked),
+    ] {
+        logins
+            .get_or_create(&LoginResult { result })
+            .inc_by(n.load(Relaxed));
+    }
+    let refused = Family::<RefusedStatus, Counter>::default();
+    for (status, n) in [("401", &c.refused_401), ("403", &c.refused_403)] {
+        refused
+            .get_or_create(&RefusedStatus { status })
+            .inc_by(n.load(Relaxed));
+    }
+    let sessions: Gauge = Gauge::default();
+    sessions.set(auth.session_count() as i64);
+    r.register(
+        "peerconf_admin_logins",
+        "Admin logins on this node, by result (locked_out: refused during a lockout)",
+        logins,
+    );
+    r.register(
+        "peerconf_admin_requests_refused",
+        "Admin API requests refused: 401 (no valid credentials) and 403 (role)",
+        refused,
+    );
+    r.register(
+        "peerconf_admin_sessions",
+        "Admin login sessions open on this node",
+        sessions,
+    );
+}
+
+/// The metrics of a node; with `auth`, those of its admin API's logins too.
+pub fn encode(state: &ClusterState, auth: Option<&super::auth::Auth>) -> String {
     let node = &state.node;
     let mut r = Registry::default();
     peer_families(&mut r, &monitor::status(state));
@@ -180,6 +230,9 @@ pub fn encode(state: &ClusterState) -> String {
     node.published().metrics.register(&mut r);
     node.store().metrics().register(&mut r);
     state.metrics.register(&mut r);
+    if let Some(a) = auth {
+        auth_families(&mut r, a);
+    }
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &r);

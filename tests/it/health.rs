@@ -504,7 +504,9 @@ fn drain_of_the_example_server_refuses_new_clients_and_closes_at_the_deadline() 
     let api = free_addr();
     let ipc = free_addr();
     let o = Command::new(BIN)
-        .args(["init", "--data-dir"])
+        .arg("init")
+        .args(admin_args())
+        .arg("--data-dir")
         .arg(&dir)
         .args(["--api-listen", &api, "--ipc-listen", &ipc])
         .output()

@@ -8,16 +8,39 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+/// The CLI against `api`, with the session stored by `pc_login` (in the test config folder).
 fn pc(api: &str, cacert: Option<&Path>, args: &[&str]) -> Output {
+    pc_stdin(api, cacert, args, "")
+}
+
+fn pc_stdin(api: &str, cacert: Option<&Path>, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
     let mut c = Command::new(BIN);
-    c.arg("--api").arg(api).env_remove("PEERCONF_CACERT");
+    c.arg("--api")
+        .arg(api)
+        .env_remove("PEERCONF_CACERT")
+        .env_remove("PEERCONF_TOKEN")
+        .env("XDG_CONFIG_HOME", cli_config_dir());
     if let Some(p) = cacert {
         c.arg("--cacert").arg(p);
     }
-    c.args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn peerconf")
+    let mut child = c
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn peerconf");
+    {
+        let mut i = child.stdin.take().expect("stdin");
+        i.write_all(stdin.as_bytes()).expect("write stdin");
+    }
+    child.wait_with_output().expect("peerconf output")
+}
+
+/// `peerconf login --user admin` over `api`, the password on stdin.
+fn pc_login(api: &str, cacert: Option<&Path>) -> Output {
+    pc_stdin(api, cacert, &["login", "--user", "admin"], ADMIN_PW)
 }
 
 fn ca_show(dir: &Path) -> String {
@@ -60,7 +83,9 @@ fn an_api_served_over_https_is_verified_with_the_cluster_ca() {
     let api = free_addr();
     let ipc = free_addr();
     let o = Command::new(BIN)
-        .args(["init", "--data-dir"])
+        .arg("init")
+        .args(admin_args())
+        .arg("--data-dir")
         .arg(&dir)
         .args([
             "--name",
@@ -98,12 +123,9 @@ fn an_api_served_over_https_is_verified_with_the_cluster_ca() {
     };
     let https = format!("https://{api}");
     wait_for(Duration::from_secs(20), || {
-        pc(&https, Some(&ca), &["list", "group"])
-            .status
-            .success()
-            .then_some(())
+        pc_login(&https, Some(&ca)).status.success().then_some(())
     })
-    .unwrap_or_else(|| panic!("no HTTPS answer; log: {}", d.log_text()));
+    .unwrap_or_else(|| panic!("no HTTPS login; log: {}", d.log_text()));
     let o = pc(
         &https,
         Some(&ca),
@@ -120,8 +142,14 @@ fn an_api_served_over_https_is_verified_with_the_cluster_ca() {
     assert_eq!(g["fields"]["description"], "over tls", "{g}");
     let h = stdout_json(&pc(&https, Some(&ca), &["history", "group", "g1"]));
     assert_eq!(h["changes"][0]["from"], "127.0.0.1", "{h}");
-    // The certificate names localhost too.
+    // The certificate names localhost too (a session is stored per API URL: log in there).
     let port = api.rsplit_once(':').unwrap().1;
+    let o = pc_login(&format!("https://localhost:{port}"), Some(&ca));
+    assert!(
+        o.status.success(),
+        "login at https://localhost: {}",
+        stderr(&o)
+    );
     let o = pc(
         &format!("https://localhost:{port}"),
         Some(&ca),

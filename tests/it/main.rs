@@ -4,6 +4,7 @@
 mod support;
 
 mod architecture;
+mod auth;
 mod cluster;
 mod embedded;
 mod fuzz_regressions;

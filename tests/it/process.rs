@@ -9,7 +9,9 @@ fn init_prints_a_node_id_and_refuses_twice() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("n1");
     let o = Command::new(BIN)
-        .args(["init", "--data-dir"])
+        .arg("init")
+        .args(admin_args())
+        .arg("--data-dir")
         .arg(&dir)
         .args(["--api-listen", &free_addr()])
         .output()
@@ -20,7 +22,9 @@ fn init_prints_a_node_id_and_refuses_twice() {
     assert_eq!(id.len(), 32, "node ID {id:?}");
     assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
     let o = Command::new(BIN)
-        .args(["init", "--data-dir"])
+        .arg("init")
+        .args(admin_args())
+        .arg("--data-dir")
         .arg(&dir)
         .output()
         .unwrap();
@@ -33,7 +37,9 @@ fn init_prints_a_node_id_and_refuses_twice() {
     );
     // A second node gets another ID.
     let o2 = Command::new(BIN)
-        .args(["init", "--data-dir"])
+        .arg("init")
+        .args(admin_args())
+        .arg("--data-dir")
         .arg(tmp.path().join("n2"))
         .output()
         .unwrap();

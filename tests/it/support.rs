@@ -107,9 +107,100 @@ fn rand_suffix() -> u32 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
+// ---- Admin credentials ----
+//
+// Every node a test makes with [`init_node`] (or with [`admin_args`]) has the SuperAdmin
+// `admin` with password [`ADMIN_PW`]; joined nodes get it by replication. The helpers below log
+// in to each node's API once (a session of that node, kept for the test process) and send its
+// token with every request and CLI run, so tests about other things need not care. Tests about
+// authentication itself use [`try_http_as`] and [`cli_as`], which send what they are given.
+
+/// The password of the SuperAdmin `admin` of every test cluster.
+pub const ADMIN_PW: &str = "Test-admin-pw-1";
+
+/// A file holding [`ADMIN_PW`], for `init --admin-password-file` (private to this user).
+pub fn admin_pw_file() -> &'static Path {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("peerconf-it-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let f = dir.join("admin-pw");
+        std::fs::write(&f, ADMIN_PW).expect("write the admin password file");
+        f
+    })
+}
+
+/// `--admin admin --admin-password-file FILE`, for `peerconf init`.
+pub fn admin_args() -> Vec<String> {
+    vec![
+        "--admin".into(),
+        "admin".into(),
+        "--admin-password-file".into(),
+        admin_pw_file().display().to_string(),
+    ]
+}
+
+/// Where the CLI run by these helpers keeps its stored sessions: never the user's own.
+pub fn cli_config_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("peerconf-it-{}/config", std::process::id()));
+        std::fs::create_dir_all(&d).expect("config dir");
+        d
+    })
+}
+
+fn tokens() -> &'static std::sync::Mutex<std::collections::HashMap<String, String>> {
+    static T: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, String>>> =
+        std::sync::OnceLock::new();
+    T.get_or_init(Default::default)
+}
+
+/// A session token of `admin` on the node whose API is at `addr` (plain HTTP), logging in if
+/// none is held; None while the node cannot log anyone in (not listening, recovering, or the
+/// account not replicated to it yet).
+pub fn token_for(addr: &str) -> Option<String> {
+    if let Some(t) = tokens().lock().unwrap().get(addr) {
+        return Some(t.clone());
+    }
+    let body = serde_json::json!({"name": "admin", "password": ADMIN_PW}).to_string();
+    match try_http_as(addr, "POST", "/v1/login", Some(&body), None) {
+        Ok((200, b)) => {
+            let v: serde_json::Value = serde_json::from_str(&b).ok()?;
+            let t = v["token"].as_str()?.to_string();
+            tokens().lock().unwrap().insert(addr.into(), t.clone());
+            Some(t)
+        }
+        _ => None,
+    }
+}
+
+/// Forgets the session held for `addr` (the node restarted: its sessions are gone).
+pub fn forget_token(addr: &str) {
+    tokens().lock().unwrap().remove(addr);
+}
+
 pub fn cli(api: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let o = cli_as(api, args, stdin, token_for(api).as_deref());
+    if !o.status.success() && stderr(&o).contains("credentials refused") {
+        // The node restarted since the login: log in again, once.
+        forget_token(api);
+        return cli_as(api, args, stdin, token_for(api).as_deref());
+    }
+    o
+}
+
+/// The CLI against `api` with exactly the credentials given (`PEERCONF_TOKEN`), and a config
+/// folder of this test process.
+pub fn cli_as(api: &str, args: &[&str], stdin: Option<&str>, token: Option<&str>) -> Output {
     use std::io::Write;
-    let mut child = Command::new(BIN)
+    let mut c = Command::new(BIN);
+    c.env_remove("PEERCONF_TOKEN")
+        .env("XDG_CONFIG_HOME", cli_config_dir());
+    if let Some(t) = token {
+        c.env("PEERCONF_TOKEN", t);
+    }
+    let mut child = c
         .arg("--api")
         .arg(format!("http://{api}"))
         .args(args)
@@ -160,6 +251,7 @@ pub fn init_node(dir: &Path, name: &str) -> (String, String, String) {
         .args(["init", "--data-dir"])
         .arg(dir)
         .args(["--name", name, "--api-listen", &api, "--ipc-listen", &ipc])
+        .args(admin_args())
         .output()
         .unwrap();
     assert!(o.status.success(), "init of {name} failed: {}", stderr(&o));
@@ -283,20 +375,45 @@ pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> (u16, S
 }
 
 /// [`http`], with Err naming what went wrong instead of a panic (nothing listening, no answer).
+/// Sends the test session of `admin` on that node ([`token_for`]); logs in again once when the
+/// node no longer knows it (it restarted).
 pub fn try_http(
     addr: &str,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> Result<(u16, String), String> {
+    if matches!(path, "/livez" | "/readyz" | "/v1/login") {
+        return try_http_as(addr, method, path, body, None);
+    }
+    let held = tokens().lock().unwrap().get(addr).cloned();
+    let r = try_http_as(addr, method, path, body, token_for(addr).as_deref())?;
+    if r.0 == 401 && held.is_some() {
+        forget_token(addr);
+        return try_http_as(addr, method, path, body, token_for(addr).as_deref());
+    }
+    Ok(r)
+}
+
+/// One HTTP/1.1 request with exactly the bearer token given (or none).
+pub fn try_http_as(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> Result<(u16, String), String> {
     use std::io::{Read, Write};
     let mut s =
         std::net::TcpStream::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .map_err(|e| format!("{method} {path} on {addr}: {e}"))?;
