@@ -254,7 +254,6 @@ fn read_line_without_echo() -> Result<String, String> {
     }
     let mut quiet = saved;
     quiet.c_lflag &= !libc::ECHO;
-    quiet.c_lflag |= libc::ECHONL;
     // SAFETY: as above; `quiet` is a valid termios.
     if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) } != 0 {
         return Err(format!(

@@ -142,7 +142,9 @@ pub async fn run(nodes: usize) -> Result<(), String> {
         )
         .await
         .map_err(|e| format!("making an API token on the demo's first node: {e}"))?;
-    let api_token = made["token"].as_str().unwrap_or_default().to_string();
+    let Some(api_token) = made["token"].as_str().filter(|t| !t.is_empty()) else {
+        return Err("the demo's first node made an API token but its answer has no token".into());
+    };
     println!("peerconf demo: {nodes} node(s) in {}", tmp.path().display());
     for (i, api) in apis.iter().enumerate() {
         println!("  node{}  admin API http://{api}", i + 1);
