@@ -3,14 +3,17 @@
 //! The `peerconf` command line: node commands (init, run) and admin commands that talk to a
 //! running node's API. The admin commands never open the database themselves.
 
+use crate::auth::{self, SessionStore};
 use crate::client::{seg, ApiClient, CallError};
 use clap::{Parser, Subcommand};
 use hyper::Method;
-use peerconf::node::{InitOptions, Node, NodeOptions, DEFAULT_API_LISTEN, DEFAULT_IPC_LISTEN};
+use peerconf::node::{
+    AdminBootstrap, InitOptions, Node, NodeOptions, DEFAULT_API_LISTEN, DEFAULT_IPC_LISTEN,
+};
 use serde_json::Value;
 use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,16 +34,52 @@ pub struct Cli {
     /// `peerconf ca show --data-dir DIR` prints the cluster's.
     #[arg(long, global = true, env = "PEERCONF_CACERT")]
     pub cacert: Option<PathBuf>,
+    /// The bearer token an admin command sends (an API token, or a session's): given before the
+    /// command (`peerconf --token T list user`). Without it: $PEERCONF_TOKEN if set and not
+    /// empty, else the session `peerconf login` stored for this --api URL.
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Create a node in a new data directory and print its node ID.
+    /// Create a node in a new data directory and print its node ID. The new cluster's first
+    /// SuperAdmin is created with it: with a generated password printed once on stdout (after
+    /// the node ID line), or the one in --admin-password-file.
     Init {
         #[command(flatten)]
         node: NodeArgs,
+        /// Name of the first SuperAdmin.
+        #[arg(long, value_name = "NAME", default_value = "admin")]
+        admin: String,
+        /// Read the first SuperAdmin's password from FILE (`-`: stdin; the trailing newline is
+        /// not part of it) instead of generating one.
+        #[arg(long, value_name = "FILE")]
+        admin_password_file: Option<PathBuf>,
+    },
+    /// Log in to the admin API (--api) as an admin: the password is read from stdin when it is
+    /// not a terminal, else asked for without echo. The session is kept in
+    /// $XDG_CONFIG_HOME/peerconf/sessions.json (default ~/.config/peerconf/) for that URL.
+    Login {
+        /// The admin's name.
+        #[arg(long, value_name = "NAME")]
+        user: String,
+    },
+    /// End the session stored for the admin API (--api) and forget it.
+    Logout,
+    /// Who the admin API takes this command's credentials for: name, role, session or API token.
+    Whoami,
+    /// API tokens: bearer tokens for scripts, acting as the admin who made them.
+    ApiToken {
+        #[command(subcommand)]
+        what: ApiTokenCommand,
+    },
+    /// Recovery of admin access on this host.
+    Admin {
+        #[command(subcommand)]
+        what: AdminCommand,
     },
     /// Join an existing cluster: contact a member's IPC port with a join token, then create the
     /// node in a new data directory (start it with `peerconf run`).
@@ -201,6 +240,44 @@ pub enum TokenCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum ApiTokenCommand {
+    /// Create an API token for the admin this command runs as: its ID and expiry on stderr, the
+    /// token alone on the last line of stdout (shown once).
+    Create {
+        /// How long the token stays valid, e.g. 30m, 2h, 30d (default: the node's).
+        #[arg(long)]
+        ttl: Option<String>,
+        /// A note saying what the token is for.
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List API tokens: ID, admin, label, creation and expiry (never the token itself).
+    List,
+    /// Revoke an API token: a request with it is refused from then on.
+    Revoke {
+        /// The token's ID as `peerconf api-token list` shows it.
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Make NAME an enabled SuperAdmin with a new password, on a stopped node (run on its
+    /// host): for when no SuperAdmin can log in. The change replicates when the node next runs.
+    Reset {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The admin's name (created if it does not exist).
+        #[arg(long, value_name = "NAME")]
+        user: String,
+        /// Read the new password from FILE (`-`: stdin; the trailing newline is not part of
+        /// it) instead of generating one (printed once on stdout).
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum NodeCommand {
     /// List the members of the cluster.
     List,
@@ -247,39 +324,74 @@ fn body_arg(json: Option<String>) -> Result<Vec<u8>, CallError> {
             let mut s = String::new();
             std::io::stdin()
                 .read_to_string(&mut s)
-                .map_err(|e| CallError(format!("reading JSON from stdin: {e}")))?;
+                .map_err(|e| CallError::new(format!("reading JSON from stdin: {e}")))?;
             s
         }
     };
     let v: Value = serde_json::from_str(&text)
-        .map_err(|e| CallError(format!("the fields are not valid JSON: {e}")))?;
+        .map_err(|e| CallError::new(format!("the fields are not valid JSON: {e}")))?;
     Ok(serde_json::to_vec(&v).expect("json serializes"))
 }
 
 fn kind_arg(kind: &str) -> Result<String, CallError> {
     crdt_schema::Kind::parse(kind)
         .map(|k| k.as_str().to_string())
-        .map_err(|e| CallError(e.to_string()))
+        .map_err(|e| CallError::new(e.to_string()))
 }
 
 /// Runs a command; returns the process exit code.
 pub fn main(cli: Cli) -> i32 {
+    let token = cli.token.as_deref();
     let result = match cli.command {
-        Command::Init { node } => {
-            let data_dir = node.data_dir.clone();
-            Node::init(&data_dir, &node.options(), &NodeOptions::default())
-                .map(|cfg| {
-                    eprintln!(
-                        "initialised node {} ({}) in {}; start it with: peerconf run --data-dir {}",
-                        cfg.name,
-                        cfg.node_id,
-                        data_dir.display(),
-                        data_dir.display()
-                    );
-                    println!("{}", cfg.node_id);
-                })
-                .map_err(|e| e.to_string())
-        }
+        Command::Init {
+            node,
+            admin,
+            admin_password_file,
+        } => init(&node, &admin, admin_password_file.as_deref()),
+        Command::Login { user } => login(&cli.api, cli.cacert.as_deref(), &user),
+        Command::Logout => logout(&cli.api, cli.cacert.as_deref()),
+        Command::Admin {
+            what:
+                AdminCommand::Reset {
+                    data_dir,
+                    user,
+                    password_file,
+                },
+        } => admin_reset(&data_dir, &user, password_file.as_deref()),
+        Command::ApiToken {
+            what: ApiTokenCommand::Create { ttl, label },
+        } => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let c = admin_client(&cli.api, cli.cacert.as_deref(), token)?;
+                let mut body = serde_json::Map::new();
+                if let Some(ttl) = ttl {
+                    body.insert("ttl".into(), Value::String(ttl));
+                }
+                if let Some(label) = label {
+                    body.insert("label".into(), Value::String(label));
+                }
+                let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+                let v = c.call(Method::POST, "/v1/api-tokens", Some(body)).await?;
+                let Some(t) = v["token"].as_str().filter(|t| !t.is_empty()) else {
+                    return Err(format!("the answer of {} has no token", c.base()));
+                };
+                eprintln!(
+                    "API token {} of admin {}{}, expires at {} (shown once; revoke it with: peerconf api-token revoke {}):",
+                    v["id"].as_str().map_or("?".into(), printable),
+                    v["admin"].as_str().map_or("?".into(), printable),
+                    v["label"]
+                        .as_str()
+                        .filter(|l| !l.is_empty())
+                        .map_or(String::new(), |l| format!(" ({})", printable(l))),
+                    v["expires_at_ms"]
+                        .as_u64()
+                        .map_or("?".into(), auth::format_ms),
+                    v["id"].as_str().map_or("ID".into(), printable),
+                );
+                println!("{t}");
+                Ok(())
+            })
+        }),
         Command::Repair { data_dir } => {
             let clock = peerconf::node::time::SystemClock::shared();
             peerconf::node::setup::repair(&data_dir, clock.as_ref())
@@ -328,9 +440,9 @@ pub fn main(cli: Cli) -> i32 {
             what: TokenCommand::Create { ttl },
         } => runtime().and_then(|rt| {
             rt.block_on(async {
-                let c = ApiClient::new(&cli.api, cli.cacert.as_deref()).map_err(|e| e.0)?;
+                let c = admin_client(&cli.api, cli.cacert.as_deref(), token)?;
                 let body = serde_json::to_vec(&serde_json::json!({ "ttl": ttl })).expect("json");
-                let v = c.call(Method::POST, "/v1/tokens", Some(body)).await.map_err(|e| e.0)?;
+                let v = c.call(Method::POST, "/v1/tokens", Some(body)).await.map_err(String::from)?;
                 eprintln!(
                     "single-use join token for peerconf join --peer {} (expires at {} ms since the epoch):",
                     v["ipc"].as_str().unwrap_or("?"),
@@ -342,8 +454,8 @@ pub fn main(cli: Cli) -> i32 {
         }),
         Command::Status { json: false } => runtime().and_then(|rt| {
             rt.block_on(async {
-                let c = ApiClient::new(&cli.api, cli.cacert.as_deref()).map_err(|e| e.0)?;
-                let v = c.call(Method::GET, "/v1/status", None).await.map_err(|e| e.0)?;
+                let c = admin_client(&cli.api, cli.cacert.as_deref(), token)?;
+                let v = c.call(Method::GET, "/v1/status", None).await.map_err(String::from)?;
                 print!("{}", status_table(&v));
                 Ok(())
             })
@@ -371,14 +483,17 @@ pub fn main(cli: Cli) -> i32 {
             }
         },
         admin => runtime().and_then(|rt| {
-            rt.block_on(admin_command(&cli.api, cli.cacert.as_deref(), admin))
+            rt.block_on(async {
+                let c = admin_client(&cli.api, cli.cacert.as_deref(), token)?;
+                admin_command(&c, admin).await
+            })
                 .map(|v| {
                     println!(
                         "{}",
                         serde_json::to_string_pretty(&v).expect("json serializes")
                     );
                 })
-                .map_err(|e| e.0)
+                .map_err(String::from)
         }),
     };
     match result {
@@ -397,12 +512,176 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
-async fn admin_command(
+/// The client of an admin command, with its credentials: `--token`, else `PEERCONF_TOKEN` (set
+/// and not empty), else the session stored for the URL, else none (the node then answers 401,
+/// which the client explains as "log in").
+fn admin_client(
     api: &str,
-    cacert: Option<&std::path::Path>,
-    cmd: Command,
-) -> Result<Value, CallError> {
+    cacert: Option<&Path>,
+    flag: Option<&str>,
+) -> Result<ApiClient, CallError> {
     let c = ApiClient::new(api, cacert)?;
+    let env = std::env::var(auth::TOKEN_ENV).ok();
+    let token = auth::resolve_token(flag, env.as_deref(), || {
+        // Without a configuration directory there is no stored session: none is sent.
+        let Ok(dir) = auth::default_config_dir() else {
+            return Ok(None);
+        };
+        Ok(SessionStore::new(dir).get(c.base())?.map(|s| s.token))
+    })
+    .map_err(CallError::new)?;
+    c.for_admin(token.map(|(t, _)| t))
+}
+
+/// The password of `init` or `admin reset`: from FILE (`-`: stdin), else generated; and whether
+/// it was generated (then it is printed once).
+fn new_password(file: Option<&Path>) -> Result<(String, bool), String> {
+    match file {
+        Some(f) => auth::read_password_file(f).map(|p| (p, false)),
+        None => auth::generate_password().map(|p| (p, true)),
+    }
+}
+
+fn check_admin_name(name: &str, flag: &str) -> Result<(), String> {
+    if name.trim().is_empty() {
+        return Err(format!("{flag}: the admin's name is empty"));
+    }
+    Ok(())
+}
+
+/// `peerconf init`: the node and its first SuperAdmin. Stdout's first line is the node ID alone;
+/// a generated password follows it, labelled.
+fn init(node: &NodeArgs, admin: &str, password_file: Option<&Path>) -> Result<(), String> {
+    check_admin_name(admin, "--admin")?;
+    let (password, generated) = new_password(password_file)?;
+    let data_dir = node.data_dir.clone();
+    let mut opts = node.options();
+    opts.admin = Some(AdminBootstrap {
+        name: admin.to_string(),
+        password: password.clone(),
+    });
+    let cfg = Node::init(&data_dir, &opts, &NodeOptions::default()).map_err(|e| e.to_string())?;
+    eprintln!(
+        "initialised node {} ({}) in {}; start it with: peerconf run --data-dir {}",
+        cfg.name,
+        cfg.node_id,
+        data_dir.display(),
+        data_dir.display()
+    );
+    println!("{}", cfg.node_id);
+    if generated {
+        println!("first SuperAdmin: {admin}");
+        println!("password (shown once, store it now): {password}");
+    } else {
+        eprintln!("first SuperAdmin: {admin} (with the password given)");
+    }
+    Ok(())
+}
+
+/// `peerconf admin reset`: on a stopped node, makes `user` an enabled SuperAdmin with a new
+/// password.
+fn admin_reset(data_dir: &Path, user: &str, password_file: Option<&Path>) -> Result<(), String> {
+    check_admin_name(user, "--user")?;
+    let (password, generated) = new_password(password_file)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let node = Node::open(data_dir, NodeOptions::default()).map_err(|e| {
+        format!(
+            "cannot open the node in {}: {e} (admin reset works on a stopped node: if `peerconf run` is running on it, stop it first)",
+            data_dir.display()
+        )
+    })?;
+    let reset = rt.block_on(node.reset_superadmin(user, &password));
+    node.shutdown();
+    reset.map_err(|e| format!("resetting admin {user} in {}: {e}", data_dir.display()))?;
+    eprintln!(
+        "{user} is an enabled SuperAdmin of the node in {} with a new password; the change replicates to the other nodes when this node next runs (peerconf run --data-dir {})",
+        data_dir.display(),
+        data_dir.display()
+    );
+    if generated {
+        println!("SuperAdmin: {user}");
+        println!("password (shown once, store it now): {password}");
+    }
+    Ok(())
+}
+
+/// `peerconf login`: asks the node for a session and stores it for the URL.
+fn login(api: &str, cacert: Option<&Path>, user: &str) -> Result<(), String> {
+    check_admin_name(user, "--user")?;
+    let c = ApiClient::new(api, cacert)?;
+    let store = SessionStore::new(auth::default_config_dir()?);
+    let password = auth::read_login_password(&format!("password of {user} at {}: ", c.base()))?;
+    let body = serde_json::to_vec(&serde_json::json!({ "name": user, "password": password }))
+        .map_err(|e| e.to_string())?;
+    let v = runtime()?.block_on(c.call(Method::POST, "/v1/login", Some(body)))?;
+    let Some(token) = v["token"].as_str().filter(|t| !t.is_empty()) else {
+        return Err(format!("the login answer of {} has no token", c.base()));
+    };
+    let session = auth::Session {
+        token: token.to_string(),
+        name: v["name"].as_str().unwrap_or(user).to_string(),
+        role: v["role"].as_str().unwrap_or_default().to_string(),
+        expires_at_ms: v["expires_at_ms"].as_u64(),
+    };
+    let (name, role, expires) = (
+        printable(&session.name),
+        printable(&session.role),
+        session.expires_at_ms,
+    );
+    store.put(c.base(), session)?;
+    eprintln!(
+        "logged in to {} as {name}{}{}; the session is kept in {}",
+        c.base(),
+        if role.is_empty() {
+            String::new()
+        } else {
+            format!(" ({role})")
+        },
+        expires.map_or(String::new(), |ms| format!(
+            " until {} at the latest",
+            auth::format_ms(ms)
+        )),
+        store.path().display()
+    );
+    Ok(())
+}
+
+/// `peerconf logout`: ends the stored session on the node (if it can be reached) and forgets it.
+fn logout(api: &str, cacert: Option<&Path>) -> Result<(), String> {
+    let c = ApiClient::new(api, cacert)?;
+    let base = c.base().to_string();
+    let store = SessionStore::new(auth::default_config_dir()?);
+    let Some(session) = store.get(&base)? else {
+        eprintln!(
+            "no session stored for {base} (in {}): nothing to do",
+            store.path().display()
+        );
+        return Ok(());
+    };
+    let ended = match c.with_bearer(&session.token) {
+        Ok(c) => runtime()?
+            .block_on(c.call(Method::POST, "/v1/logout", None))
+            .map(|_| ()),
+        Err(e) => Err(e),
+    };
+    store.remove(&base)?;
+    match ended {
+        Ok(()) => eprintln!(
+            "logged out of {base}: the node ended the session, and it is removed from {}",
+            store.path().display()
+        ),
+        Err(e) => eprintln!(
+            "the session of {base} is removed from {} (the node did not confirm ending it: {e})",
+            store.path().display()
+        ),
+    }
+    Ok(())
+}
+
+async fn admin_command(c: &ApiClient, cmd: Command) -> Result<Value, CallError> {
     let entity = |k: &str, n: &str| -> Result<String, CallError> {
         Ok(format!("/v1/entities/{}/{}", kind_arg(k)?, seg(n)))
     };
@@ -463,6 +742,20 @@ async fn admin_command(
         Command::Token {
             what: TokenCommand::List,
         } => c.call(Method::GET, "/v1/tokens", None).await,
+        Command::Whoami => c.call(Method::GET, "/v1/whoami", None).await,
+        Command::ApiToken {
+            what: ApiTokenCommand::List,
+        } => c.call(Method::GET, "/v1/api-tokens", None).await,
+        Command::ApiToken {
+            what: ApiTokenCommand::Revoke { id },
+        } => {
+            c.call(
+                Method::DELETE,
+                &format!("/v1/api-tokens/{}", seg(&id)),
+                None,
+            )
+            .await
+        }
         Command::Token {
             what: TokenCommand::Revoke { id },
         } => {
@@ -476,10 +769,16 @@ async fn admin_command(
         | Command::Demo { .. }
         | Command::Join { .. }
         | Command::Ca { .. }
+        | Command::Login { .. }
+        | Command::Logout
+        | Command::Admin { .. }
+        | Command::ApiToken {
+            what: ApiTokenCommand::Create { .. },
+        }
         | Command::Token {
             what: TokenCommand::Create { .. },
-        } => Err(CallError(
-            "this command does not talk to the admin API (internal error)".into(),
+        } => Err(CallError::new(
+            "this command does not talk to the admin API (internal error)",
         )),
     }
 }

@@ -19,46 +19,107 @@ pub struct ApiClient {
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
     /// For an https:// API: trusts only the CA given with `--cacert`.
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// Sent as `Authorization: Bearer ...` on every request.
+    token: Option<String>,
+    /// Whether a 401 is explained as "log in" (every admin command; not `login` itself, whose
+    /// 401 means a wrong name or password).
+    explain_401: bool,
 }
 
-/// A failed call: the message is what the user is shown.
+/// A failed call: `message` is what the user is shown.
 #[derive(Debug)]
-pub struct CallError(pub String);
+pub struct CallError {
+    pub message: String,
+    /// The HTTP status of an answer the node gave (none when it could not be reached).
+    pub status: Option<StatusCode>,
+}
+
+impl CallError {
+    pub fn new(message: impl Into<String>) -> CallError {
+        CallError {
+            message: message.into(),
+            status: None,
+        }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<CallError> for String {
+    fn from(e: CallError) -> String {
+        e.message
+    }
+}
+
+/// The admin API's URL as the CLI knows it (and keys stored sessions by): `http://` added when
+/// no scheme is given, trailing slashes removed.
+pub fn normalize_api(api: &str) -> String {
+    let base = if api.contains("://") {
+        api.to_string()
+    } else {
+        format!("http://{api}")
+    };
+    base.trim_end_matches('/').to_string()
+}
 
 impl ApiClient {
     pub fn new(api: &str, cacert: Option<&std::path::Path>) -> Result<ApiClient, CallError> {
-        let base = if api.contains("://") {
-            api.to_string()
-        } else {
-            format!("http://{api}")
-        };
+        let base = normalize_api(api);
         let tls = if base.starts_with("https://") {
             let Some(path) = cacert else {
-                return Err(CallError(format!(
+                return Err(CallError::new(format!(
                     "--api {api}: an https:// admin API is verified against the cluster CA: pass --cacert FILE or set PEERCONF_CACERT (peerconf ca show --data-dir DIR prints it)"
                 )));
             };
             let pem = std::fs::read_to_string(path)
-                .map_err(|e| CallError(format!("--cacert {}: {e}", path.display())))?;
+                .map_err(|e| CallError::new(format!("--cacert {}: {e}", path.display())))?;
             Some(
                 peerconf::net::tls::api_client_config(&pem)
-                    .map_err(|e| CallError(format!("--cacert {}: {e}", path.display())))?,
+                    .map_err(|e| CallError::new(format!("--cacert {}: {e}", path.display())))?,
             )
         } else if base.starts_with("http://") {
             None
         } else {
-            return Err(CallError(format!(
+            return Err(CallError::new(format!(
                 "--api {api}: the URL must start with http:// or https://"
             )));
         };
-        let base = base.trim_end_matches('/').to_string();
         base.parse::<hyper::Uri>()
-            .map_err(|e| CallError(format!("--api {api}: not a URL: {e}")))?;
+            .map_err(|e| CallError::new(format!("--api {api}: not a URL: {e}")))?;
         Ok(ApiClient {
             base,
             client: Client::builder(TokioExecutor::new()).build_http(),
             tls,
+            token: None,
+            explain_401: false,
         })
+    }
+
+    /// The client of an admin command: sends `token` (if any) as its bearer, and explains a 401
+    /// as "log in" (naming whether credentials were given at all).
+    pub fn for_admin(mut self, token: Option<String>) -> Result<ApiClient, CallError> {
+        if let Some(t) = &token {
+            check_token(t)?;
+        }
+        self.token = token;
+        self.explain_401 = true;
+        Ok(self)
+    }
+
+    /// Sends `token` as the bearer, without the "log in" explanation of a 401 (`logout`).
+    pub fn with_bearer(mut self, token: &str) -> Result<ApiClient, CallError> {
+        check_token(token)?;
+        self.token = Some(token.to_string());
+        Ok(self)
+    }
+
+    /// The API's URL (scheme, host, port; no trailing slash).
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     /// One request over a fresh TLS connection (the CLI makes one or two per run).
@@ -68,7 +129,7 @@ impl ApiClient {
         req: Request<Full<Bytes>>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, CallError> {
         let fail = |what: &str, e: &dyn std::fmt::Display| {
-            CallError(format!(
+            CallError::new(format!(
                 "cannot reach the node API at {}: {what}: {e} (is `peerconf run` running? is --cacert the cluster's CA?)",
                 self.base
             ))
@@ -112,6 +173,12 @@ impl ApiClient {
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
+        if let Some(token) = &self.token {
+            let mut v = hyper::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| CallError::new("the token has characters a token never has"))?;
+            v.set_sensitive(true);
+            req = req.header(hyper::header::AUTHORIZATION, v);
+        }
         if let Some(host) = url
             .parse::<hyper::Uri>()
             .ok()
@@ -122,12 +189,12 @@ impl ApiClient {
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| CallError(format!("bad request to {url}: {e}")))?;
+            .map_err(|e| CallError::new(format!("bad request to {url}: {e}")))?;
         let sent = async {
             match &self.tls {
                 Some(tls) => self.send_tls(tls.clone(), req).await,
                 None => self.client.request(req).await.map_err(|e| {
-                    CallError(format!(
+                    CallError::new(format!(
                         "cannot reach the node API at {}: {} (is `peerconf run` running? set --api or PEERCONF_API)",
                         self.base,
                         root_cause(&e)
@@ -138,17 +205,22 @@ impl ApiClient {
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, sent)
             .await
             .map_err(|_| {
-                CallError(format!(
+                CallError::new(format!(
                     "no answer from {} within {REQUEST_TIMEOUT:?}",
                     self.base
                 ))
             })??;
         let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(hyper::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
         let bytes = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| CallError(format!("reading the answer from {}: {e}", self.base)))?
+            .map_err(|e| CallError::new(format!("reading the answer from {}: {e}", self.base)))?
             .to_bytes();
         let v: Value = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).trim().to_string()));
@@ -159,15 +231,46 @@ impl ApiClient {
                 .as_str()
                 .map(str::to_string)
                 .unwrap_or_else(|| format!("{status}: {v}"));
-            Err(CallError(
-                if status == StatusCode::NOT_FOUND || status.is_client_error() {
-                    msg
-                } else {
-                    format!("{msg} ({status})")
-                },
-            ))
+            let message = if status == StatusCode::UNAUTHORIZED && self.explain_401 {
+                unauthorized_message(&self.base, self.token.is_some())
+            } else if status == StatusCode::TOO_MANY_REQUESTS {
+                match retry_after {
+                    Some(s) => format!("{msg} (retry after {s} s)"),
+                    None => msg,
+                }
+            } else if status.is_client_error() {
+                msg
+            } else {
+                format!("{msg} ({status})")
+            };
+            Err(CallError {
+                message,
+                status: Some(status),
+            })
         }
     }
+}
+
+/// What an admin command that got a 401 from `base` says: whether credentials were given at all.
+pub fn unauthorized_message(base: &str, had_credentials: bool) -> String {
+    if had_credentials {
+        format!("credentials refused by {base} (expired, revoked, or the account disabled): run 'peerconf login --user NAME' again")
+    } else {
+        format!("not logged in to {base}: run 'peerconf login --user NAME' (or pass --token / set PEERCONF_TOKEN)")
+    }
+}
+
+/// A token goes into an HTTP header: visible ASCII only (what the node issues).
+fn check_token(token: &str) -> Result<(), CallError> {
+    if token.is_empty() {
+        return Err(CallError::new("the token is empty"));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(CallError::new(
+            "the token has characters a token never has (spaces, control characters or non-ASCII)",
+        ));
+    }
+    Ok(())
 }
 
 fn root_cause(e: &dyn std::error::Error) -> String {

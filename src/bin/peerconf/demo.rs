@@ -2,8 +2,13 @@
 //!
 //! `peerconf demo`: local nodes on loopback in a temporary directory, until Ctrl-C.
 
-use peerconf::node::{InitOptions, Node, NodeOptions};
+use crate::client::ApiClient;
+use hyper::Method;
+use peerconf::node::{AdminBootstrap, InitOptions, Node, NodeOptions};
 use std::net::{SocketAddr, TcpListener};
+
+/// The demo cluster's first SuperAdmin.
+const DEMO_ADMIN: &str = "admin";
 
 /// The preferred port if free, else any free loopback port.
 fn loopback_port(preferred: u16) -> SocketAddr {
@@ -26,6 +31,40 @@ async fn wait_up(addr: SocketAddr) {
     }
 }
 
+/// Logs in to the first node as its SuperAdmin (retrying while the node starts); returns the
+/// session token.
+async fn login(api: SocketAddr, password: &str) -> Result<String, String> {
+    let c = ApiClient::new(&api.to_string(), None)?;
+    let body = serde_json::to_vec(&serde_json::json!({ "name": DEMO_ADMIN, "password": password }))
+        .map_err(|e| e.to_string())?;
+    let mut tries = 0;
+    loop {
+        match c.call(Method::POST, "/v1/login", Some(body.clone())).await {
+            Ok(v) => {
+                return v["token"]
+                    .as_str()
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("the login answer of {} has no token", c.base()))
+            }
+            // Not listening yet, or busy starting: try again for a while.
+            Err(e)
+                if tries < 40
+                    && e.status
+                        .is_none_or(|s| s == hyper::StatusCode::SERVICE_UNAVAILABLE) =>
+            {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(format!(
+                    "logging in to the demo's first node as {DEMO_ADMIN}: {e}"
+                ))
+            }
+        }
+    }
+}
+
 pub async fn run(nodes: usize) -> Result<(), String> {
     if !(1..=16).contains(&nodes) {
         return Err(format!("--nodes {nodes}: between 1 and 16"));
@@ -38,6 +77,9 @@ pub async fn run(nodes: usize) -> Result<(), String> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     let mut first_ipc = None;
+    let password = crate::auth::generate_password()?;
+    // The first node's admin API, logged in as the SuperAdmin: it makes the join tokens.
+    let mut admin: Option<ApiClient> = None;
     for i in 0..nodes {
         let dir = tmp.path().join(format!("node{}", i + 1));
         let opts = InitOptions {
@@ -46,7 +88,10 @@ pub async fn run(nodes: usize) -> Result<(), String> {
             ipc_listen: loopback_port(7701 + 10 * i as u16),
             ipc_advertise: None,
             api_tls: false,
-            admin: None,
+            admin: (i == 0).then(|| AdminBootstrap {
+                name: DEMO_ADMIN.into(),
+                password: password.clone(),
+            }),
         };
         match first_ipc {
             None => {
@@ -54,12 +99,15 @@ pub async fn run(nodes: usize) -> Result<(), String> {
                 first_ipc = Some((opts.ipc_listen, apis.len()));
             }
             Some((ipc, _)) => {
-                let api =
-                    crate::client::ApiClient::new(&apis[0].to_string(), None).map_err(|e| e.0)?;
+                let Some(api) = &admin else {
+                    return Err(
+                        "the demo's first node has no admin session (internal error)".into(),
+                    );
+                };
                 let t = api
-                    .call(hyper::Method::POST, "/v1/tokens", Some(b"{}".to_vec()))
+                    .call(Method::POST, "/v1/tokens", Some(b"{}".to_vec()))
                     .await
-                    .map_err(|e| e.0)?;
+                    .map_err(String::from)?;
                 let token = t["token"].as_str().unwrap_or_default().to_string();
                 peerconf::cluster::join::join(&dir, &ipc.to_string(), &token, &opts)
                     .await
@@ -76,14 +124,36 @@ pub async fn run(nodes: usize) -> Result<(), String> {
             .map_err(|e| e.to_string())
         }));
         wait_up(opts.api_listen).await;
+        if i == 0 {
+            let session = login(opts.api_listen, &password).await?;
+            admin =
+                Some(ApiClient::new(&opts.api_listen.to_string(), None)?.for_admin(Some(session))?);
+        }
     }
+    let Some(admin) = admin else {
+        return Err("the demo's first node has no admin session (internal error)".into());
+    };
+    // An API token for the commands the demo suggests (the session stays the demo's own).
+    let made = admin
+        .call(
+            Method::POST,
+            "/v1/api-tokens",
+            Some(br#"{"label":"peerconf demo"}"#.to_vec()),
+        )
+        .await
+        .map_err(|e| format!("making an API token on the demo's first node: {e}"))?;
+    let Some(api_token) = made["token"].as_str().filter(|t| !t.is_empty()) else {
+        return Err("the demo's first node made an API token but its answer has no token".into());
+    };
     println!("peerconf demo: {nodes} node(s) in {}", tmp.path().display());
     for (i, api) in apis.iter().enumerate() {
         println!("  node{}  admin API http://{api}", i + 1);
     }
     let api = apis[0];
+    println!("\nSuperAdmin: {DEMO_ADMIN}  password: {password}");
     println!("\nTry, in another terminal:");
     println!("  export PEERCONF_API=http://{api}");
+    println!("  export PEERCONF_TOKEN={api_token}     # an API token of {DEMO_ADMIN}");
     println!("  peerconf put site main --json '{{\"protocols\":[\"sftp\"],\"bindings\":[\"0.0.0.0:2222\"],\"root_dir\":\"/srv\"}}'");
     println!("  peerconf put user alice --json '{{\"home_dir\":\"/srv/alice\",\"site\":\"main\",\"password\":\"a long password\"}}'");
     println!("  peerconf list user");
@@ -95,7 +165,10 @@ pub async fn run(nodes: usize) -> Result<(), String> {
         println!("  peerconf node list");
     }
     println!("  peerconf history user alice");
-    println!("  curl -s http://{api}/v1/entities/user/alice");
+    println!("  curl -s -H \"Authorization: Bearer $PEERCONF_TOKEN\" http://{api}/v1/entities/user/alice");
+    println!("\nOr log in instead of the API token (the session is kept for that URL):");
+    println!("  unset PEERCONF_TOKEN");
+    println!("  printf '%s' '{password}' | peerconf --api http://{api} login --user {DEMO_ADMIN}");
     println!("\nCtrl-C stops the demo and removes its directory.");
     peerconf::daemon::stop_signal().await;
     let _ = stop_tx.send(true);

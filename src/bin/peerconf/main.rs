@@ -2,6 +2,7 @@
 //! node commands (`init`, `join`, `run`), `demo` and `bench`. Built on the library's public API
 //! only; none of this ships in an embedder's build.
 
+mod auth;
 mod bench;
 mod cli;
 mod client;
