@@ -495,10 +495,7 @@ impl Auth {
             Some(_) => self.node.secret(Kind::Admin, key, "password")?,
             None => None,
         };
-        let decoy = self
-            .decoy
-            .get_or_init(|| entity::decoy_password_hash())
-            .clone();
+        let decoy = self.decoy.get_or_init(entity::decoy_password_hash).clone();
         let (hash, real) = match stored {
             Some(h) => (h, true),
             None => (decoy, false),

@@ -170,7 +170,8 @@ fn an_api_served_over_https_is_verified_with_the_cluster_ca() {
     assert!(d.stop().success(), "{}", d.log_text());
 }
 
-/// Every change made through the admin API records who asked and from where; history shows it.
+/// Every change made through the admin API records who asked (the admin the credentials belong
+/// to) and from where; history shows it.
 #[test]
 fn history_names_who_made_each_change_and_from_where() {
     let tmp = tempfile::tempdir().unwrap();
@@ -185,7 +186,7 @@ fn history_names_who_made_each_change_and_from_where() {
     let changes = h["changes"].as_array().unwrap_or_else(|| panic!("{h}"));
     assert_eq!(changes.len(), 2, "{h}");
     for c in changes {
-        assert_eq!(c["by"], "operator", "{c}");
+        assert_eq!(c["by"], "admin", "{c}");
         assert_eq!(c["from"], "127.0.0.1", "{c}");
     }
     assert!(d.stop().success());

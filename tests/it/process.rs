@@ -17,8 +17,8 @@ fn init_prints_a_node_id_and_refuses_twice() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    let id = String::from_utf8(o.stdout).unwrap();
-    let id = id.trim();
+    let out = String::from_utf8(o.stdout).unwrap();
+    let id = out.trim();
     assert_eq!(id.len(), 32, "node ID {id:?}");
     assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
     let o = Command::new(BIN)
@@ -113,7 +113,7 @@ fn every_cli_command_against_a_running_node() {
     assert_eq!(changes[1]["op"], json!("patch"));
     // schema
     let s = stdout_json(&d.cli(&["schema"]));
-    assert_eq!(s["kinds"].as_array().unwrap().len(), 9);
+    assert_eq!(s["kinds"].as_array().unwrap().len(), 10);
     let s = stdout_json(&d.cli(&["schema", "rule"]));
     assert_eq!(s["kinds"][0]["kind"], json!("rule"));
     // conflicts: none on a single node
@@ -250,4 +250,42 @@ fn acknowledged_writes_survive_kill_9() {
         assert_eq!(g["fields"]["home_dir"], json!("/srv/dave"), "round {round}");
         drop(d);
     }
+}
+
+/// Promise: `init` without `--admin-password-file` makes the SuperAdmin `admin` with a random
+/// password printed once on stdout, labelled, after the node ID; it logs in, and no file of the
+/// data directory holds it in clear.
+#[test]
+fn init_without_a_password_prints_a_generated_one_that_logs_in() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n1");
+    let api = free_addr();
+    let o = Command::new(BIN)
+        .args(["init", "--data-dir"])
+        .arg(&dir)
+        .args(["--api-listen", &api, "--ipc-listen", &free_addr()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let mut lines = out.lines();
+    assert_eq!(lines.next().map(str::len), Some(32), "{out}");
+    let pw = lines
+        .find_map(|l| l.strip_prefix("password (shown once, store it now): "))
+        .unwrap_or_else(|| panic!("no labelled password in {out:?}"))
+        .trim()
+        .to_string();
+    assert!(pw.len() >= 16, "{pw:?}");
+    assert!(out.contains("first SuperAdmin: admin"), "{out}");
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        if e.path().is_file() {
+            let bytes = std::fs::read(e.path()).unwrap();
+            let found = bytes.windows(pw.len()).any(|w| w == pw.as_bytes());
+            assert!(!found, "{} holds the password in clear", e.path().display());
+        }
+    }
+    let _d = Daemon::start(&dir, &api);
+    let body = json!({"name": "admin", "password": pw}).to_string();
+    let (status, b) = try_http_as(&api, "POST", "/v1/login", Some(&body), None).unwrap();
+    assert_eq!(status, 200, "{b}");
 }

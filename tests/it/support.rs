@@ -565,8 +565,11 @@ impl Daemon {
             {
                 return Some(Err(format!("it exited with {status}")));
             }
-            match try_http(&self.api, "GET", "/v1/node", None) {
-                Ok((200, _)) => Some(Ok(())),
+            // Ready once the store is open: the gate answers 503 until then, the API itself 401
+            // without credentials (no login here: a node whose admin password the test changed
+            // must not count failed logins).
+            match try_http_as(&self.api, "GET", "/v1/node", None, None) {
+                Ok((401 | 200, _)) => Some(Ok(())),
                 Ok((status, body)) => {
                     last = format!("GET /v1/node answered {status}: {body}");
                     None
