@@ -45,41 +45,11 @@ fn api_token(addr: &str, session: &str) -> String {
     v["token"].as_str().expect("token").to_string()
 }
 
-/// Runs `peerconf init`/`join` + `run` for a 2-node cluster with every log level on.
+/// A 2-node cluster with every log level on.
 fn traced_cluster(root: &Path) -> Vec<ClusterNode> {
-    let env = [("PEERCONF_LOG", "trace")];
-    let dir = root.join("n1");
-    let (api, ipc, id) = init_node(&dir, "n1");
-    let d = Daemon::start_env(&dir, &api, &env);
-    wait_listening(&ipc, "n1's IPC port");
     let settings =
         r#"{"heartbeat_interval_ms":200,"offline_timeout_ms":2000,"replication_interval_ms":300}"#;
-    let o = d.cli(&["put", "settings", "global", "--json", settings]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let mut nodes = vec![ClusterNode {
-        name: "n1".into(),
-        dir,
-        api,
-        ipc,
-        id,
-        d,
-    }];
-    let dir = root.join("n2");
-    let token = token_create(&nodes[0].api, None);
-    let (o, api, ipc) = join_node(&dir, &nodes[0].ipc, &token, "n2", &[]);
-    assert!(o.status.success(), "join: {}", stderr(&o));
-    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
-    let d = Daemon::start_env(&dir, &api, &env);
-    wait_listening(&ipc, "n2's IPC port");
-    nodes.push(ClusterNode {
-        name: "n2".into(),
-        dir,
-        api,
-        ipc,
-        id,
-        d,
-    });
-    nodes
+    form_cluster_env(root, 2, settings, &[("PEERCONF_LOG", "trace")])
 }
 
 /// Waits until `GET /v1/whoami` with `token` on `addr` answers `want`; the time it took.

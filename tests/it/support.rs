@@ -492,9 +492,19 @@ impl ClusterNode {
 /// settings `settings` (JSON) put on n1, then `token create` on n1 + `join --peer <n1's IPC>` +
 /// `run` for each other node.
 pub fn form_cluster(root: &Path, n: usize, settings: &str) -> Vec<ClusterNode> {
+    form_cluster_env(root, n, settings, &[])
+}
+
+/// [`form_cluster`] with extra environment variables for every `peerconf run`.
+pub fn form_cluster_env(
+    root: &Path,
+    n: usize,
+    settings: &str,
+    envs: &[(&str, &str)],
+) -> Vec<ClusterNode> {
     let dir = root.join("n1");
     let (api, ipc, id) = init_node(&dir, "n1");
-    let d = Daemon::start(&dir, &api);
+    let d = Daemon::start_env(&dir, &api, envs);
     wait_listening(&ipc, "n1's IPC port");
     stdout_json(&d.cli(&["put", "settings", "global", "--json", settings]));
     let mut nodes = vec![ClusterNode {
@@ -513,7 +523,7 @@ pub fn form_cluster(root: &Path, n: usize, settings: &str) -> Vec<ClusterNode> {
         assert!(o.status.success(), "join of {name} failed: {}", stderr(&o));
         let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
         assert_eq!(id.len(), 32, "join of {name} printed {id:?}, not a node ID");
-        let d = Daemon::start(&dir, &api);
+        let d = Daemon::start_env(&dir, &api, envs);
         wait_listening(&ipc, &format!("{name}'s IPC port"));
         nodes.push(ClusterNode {
             name,
