@@ -59,7 +59,22 @@ struct ApiListener {
 /// issued by the cluster CA at each start for the addresses and names the node is reached by;
 /// there is no way to serve plain HTTP off loopback.
 async fn listen_api(cfg: &NodeConfig, dir: &Path) -> Result<ApiListener, ServeError> {
-    let tls = if cfg.api_https() {
+    let tls = if let Some(files) = &cfg.api_cert {
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p)
+                .map_err(|e| crate::net::tls::TlsError(format!("cannot read {}: {e}", p.display())))
+        };
+        let (cert, key) = (read(&files.cert)?, read(&files.key)?);
+        Some(
+            crate::net::tls::api_server_config_pem(&cert, &key).map_err(|e| {
+                crate::net::tls::TlsError(format!(
+                    "--api-cert {} --api-key {}: {e}",
+                    files.cert.display(),
+                    files.key.display()
+                ))
+            })?,
+        )
+    } else if cfg.api_https() {
         let material = crate::net::tls::TlsFiles::new(dir).read()?;
         let (dns, ips) = super::api::node_names(cfg);
         Some(crate::net::tls::api_server_config(

@@ -352,6 +352,28 @@ pub fn api_server_config(
     Ok(Arc::new(c))
 }
 
+/// The admin API's server configuration with a certificate the operator provides: `cert_pem`
+/// (the chain, the node's certificate first) and `key_pem` (its private key, which must match).
+pub fn api_server_config_pem(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError(format!("certificate: not PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(TlsError(
+            "certificate: the file holds no CERTIFICATE block".into(),
+        ));
+    }
+    let mut c = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der(key_pem)?)
+        .map_err(|e| TlsError(format!("certificate and key: {e}")))?;
+    c.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(c))
+}
+
 /// A client of the admin API over HTTPS that trusts only the CA certificate(s) in `ca_pem`.
 pub fn api_client_config(ca_pem: &str) -> Result<Arc<ClientConfig>, TlsError> {
     use rustls::pki_types::pem::PemObject;

@@ -25,7 +25,8 @@ pub mod time;
 pub use error::Error;
 pub use events::{ChangeEvent, Origin};
 pub use setup::{
-    AdminBootstrap, InitOptions, NodeConfig, DB_FILE, DEFAULT_API_LISTEN, DEFAULT_IPC_LISTEN,
+    AdminBootstrap, ApiCertFiles, InitOptions, NodeConfig, DB_FILE, DEFAULT_API_LISTEN,
+    DEFAULT_IPC_LISTEN,
 };
 
 use crate::core::clock::Clock;

@@ -41,13 +41,26 @@ pub struct NodeConfig {
     /// Serve the admin API over HTTPS even on a loopback address (it always is on any other).
     #[serde(default)]
     pub api_tls: bool,
+    /// The admin API's certificate chain and key (PEM files the operator names); None: one
+    /// issued by the cluster CA at each start.
+    #[serde(default)]
+    pub api_cert: Option<ApiCertFiles>,
+}
+
+/// An admin API certificate the operator provides (`--api-cert FILE --api-key FILE`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiCertFiles {
+    /// PEM certificate chain, the node's certificate first.
+    pub cert: std::path::PathBuf,
+    /// PEM private key of that certificate.
+    pub key: std::path::PathBuf,
 }
 
 impl NodeConfig {
     /// Whether the admin API is served over HTTPS: always off loopback (`0.0.0.0` included), and
-    /// on loopback when asked for (`init --api-tls`).
+    /// on loopback when asked for (`init --api-tls`, or a certificate named with `--api-cert`).
     pub fn api_https(&self) -> bool {
-        self.api_tls || !self.api_listen.ip().is_loopback()
+        self.api_tls || self.api_cert.is_some() || !self.api_listen.ip().is_loopback()
     }
 }
 
@@ -61,6 +74,8 @@ pub struct InitOptions {
     pub ipc_advertise: Option<String>,
     /// HTTPS on loopback too ([`NodeConfig::api_tls`]).
     pub api_tls: bool,
+    /// The admin API's certificate, when not one of the cluster CA ([`NodeConfig::api_cert`]).
+    pub api_cert: Option<ApiCertFiles>,
     /// The first SuperAdmin, created in the same transaction as the node (`peerconf init`
     /// always names one; an embedding server may manage without).
     pub admin: Option<AdminBootstrap>,
@@ -163,6 +178,7 @@ impl Default for InitOptions {
             ipc_listen: DEFAULT_IPC_LISTEN.parse().expect("valid default"),
             ipc_advertise: None,
             api_tls: false,
+            api_cert: None,
             admin: None,
         }
     }
@@ -205,6 +221,7 @@ pub fn new_config(
         created_wall_ms: clock.wall_ms(),
         schema_version: crdt_schema::SCHEMA_VERSION,
         api_tls: opts.api_tls,
+        api_cert: opts.api_cert.clone(),
     }
 }
 

@@ -67,6 +67,7 @@ fn off_loopback_or_when_asked_the_api_is_https_only() {
         created_wall_ms: 0,
         schema_version: 1,
         api_tls: tls,
+        api_cert: None,
     };
     assert!(!cfg("127.0.0.1:7700", false).api_https());
     assert!(!cfg("[::1]:7700", false).api_https());
@@ -190,4 +191,101 @@ fn history_names_who_made_each_change_and_from_where() {
         assert_eq!(c["from"], "127.0.0.1", "{c}");
     }
     assert!(d.stop().success());
+}
+
+/// A CA of the operator's own and a certificate it issued for 127.0.0.1, as PEM:
+/// (CA certificate, node certificate, node key).
+fn operator_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = p.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    leaf.subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let issuer = Issuer::from_ca_cert_pem(&ca.pem(), ca_key).unwrap();
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// Promise: `init --api-cert FILE --api-key FILE` serves the admin API over HTTPS with the
+/// operator's certificate: the CLI verifies it with the operator's CA, not the cluster's; a
+/// key that does not match its certificate stops `run` with a message naming the options.
+#[test]
+fn an_operator_certificate_serves_the_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = operator_pki();
+    let files = |name: &str, body: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let (ca_f, cert_f, key_f) = (
+        files("op-ca.pem", &ca),
+        files("api.pem", &cert),
+        files("api.key", &key),
+    );
+    let init_with = |dir: &Path, key: &Path| {
+        let api = free_addr();
+        let o = Command::new(BIN)
+            .arg("init")
+            .args(admin_args())
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--api-listen", &api, "--ipc-listen", &free_addr()])
+            .arg("--api-cert")
+            .arg(&cert_f)
+            .arg("--api-key")
+            .arg(key)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "init: {}", stderr(&o));
+        api
+    };
+    let dir = tmp.path().join("n1");
+    let api = init_with(&dir, &key_f);
+    let log = tmp.path().join("n1.log");
+    let child = Command::new(BIN)
+        .args(["run", "--data-dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let d = Daemon {
+        child: Some(child),
+        api: api.clone(),
+        log,
+    };
+    let https = format!("https://{api}");
+    wait_for(Duration::from_secs(20), || {
+        pc_login(&https, Some(&ca_f)).status.success().then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no HTTPS login with the operator's CA; log: {}",
+            d.log_text()
+        )
+    });
+    let o = pc(&https, Some(&ca_f), &["list", "group"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cluster_ca = tmp.path().join("cluster-ca.pem");
+    std::fs::write(&cluster_ca, ca_show(&dir)).unwrap();
+    let o = pc(&https, Some(&cluster_ca), &["list", "group"]);
+    assert!(
+        !o.status.success(),
+        "the cluster CA verified the operator's certificate"
+    );
+    drop(d);
+
+    // A key of another certificate: refused at start, naming the options.
+    let (_, _, other_key) = operator_pki();
+    let wrong = files("other.key", &other_key);
+    let dir2 = tmp.path().join("n2");
+    init_with(&dir2, &wrong);
+    let o = run_must_fail(&dir2);
+    assert!(stderr(&o).contains("--api-cert"), "{}", stderr(&o));
 }

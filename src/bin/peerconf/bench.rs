@@ -438,6 +438,7 @@ pub async fn cluster(
         ipc_listen: free_loopback(),
         ipc_advertise: None,
         api_tls: false,
+        api_cert: None,
         admin: None,
     };
     let dir = |i: usize| tmp.path().join(format!("n{i}"));

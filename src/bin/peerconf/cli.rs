@@ -196,6 +196,13 @@ pub struct NodeArgs {
     /// Serve the admin API over HTTPS on a loopback address too (off loopback it always is).
     #[arg(long)]
     api_tls: bool,
+    /// Serve the admin API over HTTPS with this certificate chain (PEM, the node's certificate
+    /// first) instead of one issued by the cluster CA; needs --api-key.
+    #[arg(long, requires = "api_key")]
+    api_cert: Option<PathBuf>,
+    /// The private key (PEM) of --api-cert.
+    #[arg(long, requires = "api_cert")]
+    api_key: Option<PathBuf>,
 }
 
 impl NodeArgs {
@@ -206,6 +213,17 @@ impl NodeArgs {
             ipc_listen: self.ipc_listen,
             ipc_advertise: self.ipc_advertise.clone(),
             api_tls: self.api_tls,
+            api_cert: self
+                .api_cert
+                .as_ref()
+                .zip(self.api_key.as_ref())
+                .map(|(c, k)| {
+                    let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+                    peerconf::node::ApiCertFiles {
+                        cert: abs(c),
+                        key: abs(k),
+                    }
+                }),
             admin: None,
         }
     }

@@ -88,6 +88,7 @@ pub async fn run(nodes: usize) -> Result<(), String> {
             ipc_listen: loopback_port(7701 + 10 * i as u16),
             ipc_advertise: None,
             api_tls: false,
+            api_cert: None,
             admin: (i == 0).then(|| AdminBootstrap {
                 name: DEMO_ADMIN.into(),
                 password: password.clone(),
