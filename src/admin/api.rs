@@ -77,6 +77,7 @@ pub fn router(cluster: Arc<ClusterState>) -> Router {
         )
         .route("/v1/entities/{kind}/{name}/history", get(history))
         .route("/v1/conflicts", get(conflicts))
+        .route("/v1/watch", get(watch))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/v1/nodes", get(nodes))
@@ -692,6 +693,23 @@ async fn history(
     }
     let h = st.node.history(k, &name)?;
     Ok(Json(json!({"kind": k.as_str(), "name": name, "changes": h})).into_response())
+}
+
+/// `GET /v1/watch`: committed changes as Server-Sent Events (see [`super::watch`]).
+async fn watch(
+    State(st): State<ApiState>,
+    Extension(who): Extension<Caller>,
+    headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
+) -> ApiResult {
+    let q = super::watch::parse_query(uri.query(), &headers).map_err(|e| {
+        let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string());
+        if let super::watch::WatchError::Kind(SchemaError::UnknownKind { .. }) = e {
+            err.body["error"]["code"] = json!("unknown_kind");
+        }
+        err
+    })?;
+    Ok(super::watch::stream(st.node.clone(), who, q))
 }
 
 async fn conflicts(State(st): State<ApiState>, Extension(who): Extension<Caller>) -> ApiResult {

@@ -204,6 +204,47 @@ fn auth_families(r: &mut Registry, auth: &super::auth::Auth) {
     );
 }
 
+/// What the watch streams cost: open streams, events and bytes sent, events buffered, resets.
+fn watch_families(r: &mut Registry) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let m = &super::watch::METRICS;
+    let open: Gauge = Gauge::default();
+    open.set(m.open.load(Relaxed));
+    r.register(
+        "peerconf_watch_streams",
+        "Watch streams open on this node",
+        open,
+    );
+    let buffered: Gauge = Gauge::default();
+    buffered.set(m.buffered.load(Relaxed).max(0));
+    r.register(
+        "peerconf_watch_buffered_events",
+        "Events waiting in watch streams' buffers for their readers",
+        buffered,
+    );
+    for (name, help, v) in [
+        (
+            "peerconf_watch_events",
+            "Events sent to watch streams",
+            &m.events,
+        ),
+        (
+            "peerconf_watch_bytes",
+            "Bytes sent to watch streams",
+            &m.bytes,
+        ),
+        (
+            "peerconf_watch_resets",
+            "Watch streams sent a reset (position too old, or a reader that fell behind)",
+            &m.resets,
+        ),
+    ] {
+        let c: Counter = Counter::default();
+        c.inc_by(v.load(Relaxed));
+        r.register(name, help, c);
+    }
+}
+
 /// The metrics of a node; with `auth`, those of its admin API's logins too.
 pub fn encode(state: &ClusterState, auth: Option<&super::auth::Auth>) -> String {
     let node = &state.node;
@@ -233,6 +274,7 @@ pub fn encode(state: &ClusterState, auth: Option<&super::auth::Auth>) -> String 
     if let Some(a) = auth {
         auth_families(&mut r, a);
     }
+    watch_families(&mut r);
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &r);

@@ -466,6 +466,8 @@ pub struct Driver {
     last_disk_check: Option<std::time::Instant>,
     /// When the at-rest key was last rotated without being asked (monotonic ms).
     last_rotation_ms: Option<u64>,
+    /// The change feed's next number (read from the store at the first batch).
+    feed_next: Option<u64>,
 }
 
 /// Forgotten secrets make the at-rest key rotate by itself at most this often (milliseconds):
@@ -519,6 +521,8 @@ struct Batch {
     /// changes may be in a record started ahead, which must then never be replayed.
     refused: usize,
     poisoned: Option<StoreError>,
+    /// Who made each local change of the batch (the change feed records it).
+    by: HashMap<String, String>,
 }
 
 /// One local write's push: document, heads after, changes, secret values written.
@@ -649,6 +653,8 @@ pub struct Pending {
     changed: BTreeMap<String, Origin>,
     entries: BTreeMap<String, IndexEntry>,
     follow_ups: Vec<(Arc<dyn PeerInbox>, LinkWork)>,
+    /// The batch's change events, numbered, their feed rows in the transaction.
+    events: Vec<ChangeEvent>,
 }
 
 enum CommitMode {
@@ -904,6 +910,7 @@ impl Driver {
             full: false,
             last_disk_check: None,
             last_rotation_ms: None,
+            feed_next: None,
         }
     }
 
@@ -1186,11 +1193,13 @@ impl Driver {
             wrote_local: false,
             refused: 0,
             poisoned: None,
+            by: HashMap::new(),
         };
         let mut deferred = Vec::with_capacity(cmds.len());
         for c in cmds {
             deferred.push(self.exec(&mut b, c));
         }
+        let events = self.feed(&mut b);
         let Batch {
             txn,
             touched,
@@ -1259,8 +1268,60 @@ impl Driver {
                 changed,
                 entries,
                 follow_ups,
+                events,
             },
         }
+    }
+
+    /// Numbers the batch's entity changes for the change feed and writes their rows into its
+    /// transaction (durable with the changes themselves). Members' list changes are not entity
+    /// changes and get no row.
+    fn feed(&mut self, b: &mut Batch) -> Vec<ChangeEvent> {
+        if b.poisoned.is_some() || b.changed.is_empty() {
+            return Vec::new();
+        }
+        let mut next = match self.feed_next {
+            Some(n) => n,
+            None => match b.txn.feed_bounds() {
+                Ok(f) => f.next,
+                Err(e) => {
+                    b.poisoned = Some(e);
+                    return Vec::new();
+                }
+            },
+        };
+        let mut events = Vec::new();
+        let mut rows = Vec::new();
+        for (id, origin) in &b.changed {
+            let Some(e) = b.entries.get(id) else { continue };
+            if id == MEMBERS_DOC {
+                continue;
+            }
+            let Ok((kind, name)) = crdt_schema::parse_doc_id(id) else {
+                continue;
+            };
+            let ev = ChangeEvent {
+                seq: next,
+                kind,
+                name: name.to_string(),
+                alive: e.alive,
+                origin: origin.clone(),
+                by: b.by.get(id).cloned(),
+            };
+            next += 1;
+            rows.push((
+                ev.seq,
+                serde_json::to_vec(&ev).expect("an event serializes"),
+            ));
+            events.push(ev);
+        }
+        // Numbers are never handed out twice, even when this batch's commit fails.
+        self.feed_next = Some(next);
+        if let Err(e) = b.txn.feed_append(&rows) {
+            b.poisoned = Some(e);
+            return Vec::new();
+        }
+        events
     }
 
     /// After a failed commit: the batch's changes may already be at peers (pushed before the
@@ -1864,6 +1925,9 @@ impl Driver {
             }
             b.entries.insert(id.clone(), entry);
             b.changed.insert(id.clone(), Origin::Local);
+            if let Some(p) = by {
+                b.by.insert(id.clone(), p.name.clone());
+            }
         }
         b.touched.insert(id, d);
         Ok(outcome.state)
@@ -1887,6 +1951,7 @@ impl Pending {
             changed: BTreeMap::new(),
             entries: BTreeMap::new(),
             follow_ups: Vec::new(),
+            events: Vec::new(),
         }
     }
 
@@ -1901,6 +1966,7 @@ impl Pending {
             changed,
             entries,
             follow_ups,
+            events: batch_events,
         } = self;
         // Dropping a transaction aborts it.
         let result = match (poisoned, mode, txn) {
@@ -1933,7 +1999,7 @@ impl Pending {
                         }
                         continue;
                     }
-                    let Ok((kind, name)) = crdt_schema::parse_doc_id(id) else {
+                    let Ok((kind, _)) = crdt_schema::parse_doc_id(id) else {
                         continue;
                     };
                     match kind {
@@ -1947,13 +2013,8 @@ impl Pending {
                         }
                         _ => {}
                     }
-                    events.push(ChangeEvent {
-                        kind,
-                        name: name.to_string(),
-                        alive: e.alive,
-                        origin: origin.clone(),
-                    });
                 }
+                events = batch_events;
             }
             // The touched documents may hold changes that are not durable: they are dropped, so
             // the next use reloads what is committed.

@@ -7,7 +7,7 @@ use crdt_schema::Kind;
 use serde::Serialize;
 
 /// Where a change came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "origin", rename_all = "lowercase")]
 pub enum Origin {
     Local,
@@ -15,12 +15,17 @@ pub enum Origin {
 }
 
 /// One committed change of one entity, published after it is durable.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ChangeEvent {
+    /// Its number in this node's change feed (`GET /v1/watch`): increasing, never reused.
+    pub seq: u64,
     pub kind: Kind,
     pub name: String,
     /// False when the change deleted the entity (or it is still deleted).
     pub alive: bool,
     #[serde(flatten)]
     pub origin: Origin,
+    /// Who asked for it, when it was made on this node through a principal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use secrets::{KeyFile, Keyring};
 use wal::Wal;
 
+pub mod feed;
 pub mod metrics;
 pub mod secrets;
 #[cfg(any(test, feature = "sim"))]
@@ -429,6 +430,9 @@ fn replay_log(
             last_report = std::time::Instant::now();
             tracing::info!(done = n + 1, of = total, "replaying the write-ahead log");
         }
+    }
+    if !records.is_empty() {
+        replay.feed_after_crash()?;
     }
     replay.checkpoint()?;
     if !records.is_empty() {

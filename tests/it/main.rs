@@ -16,3 +16,4 @@ mod secrets;
 mod security;
 mod simulation;
 mod storage;
+mod watch;

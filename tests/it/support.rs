@@ -507,6 +507,15 @@ pub fn form_cluster_env(
     let d = Daemon::start_env(&dir, &api, envs);
     wait_listening(&ipc, "n1's IPC port");
     stdout_json(&d.cli(&["put", "settings", "global", "--json", settings]));
+    // A joined node learns the accounts by replication; the test support's first login there
+    // may come before they do, and must not lock loopback out.
+    stdout_json(&d.cli(&[
+        "patch",
+        "security",
+        "global",
+        "--json",
+        r#"{"max_login_attempts":0}"#,
+    ]));
     let mut nodes = vec![ClusterNode {
         name: "n1".into(),
         dir,

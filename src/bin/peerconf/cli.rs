@@ -71,6 +71,18 @@ pub enum Command {
     Logout,
     /// Who the admin API takes this command's credentials for: name, role, session or API token.
     Whoami,
+    /// Follow committed changes (GET /v1/watch): one JSON object per line, `event` (put, delete,
+    /// reset) beside the event's data; runs until interrupted.
+    Watch {
+        /// Only this kind.
+        kind: Option<String>,
+        /// Only this entity (with KIND).
+        #[arg(long)]
+        name: Option<String>,
+        /// Replay the changes after this event number first (`seq` of an event printed before).
+        #[arg(long)]
+        since: Option<u64>,
+    },
     /// API tokens: bearer tokens for scripts, acting as the admin who made them.
     ApiToken {
         #[command(subcommand)]
@@ -376,6 +388,45 @@ pub fn main(cli: Cli) -> i32 {
                     password_file,
                 },
         } => admin_reset(&data_dir, &user, password_file.as_deref()),
+        Command::Watch { kind, name, since } => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let c = admin_client(&cli.api, cli.cacert.as_deref(), token)?;
+                let mut q = Vec::new();
+                if let Some(k) = &kind {
+                    q.push(format!("kind={}", kind_arg(k)?));
+                }
+                if let Some(n) = &name {
+                    q.push(format!("name={}", seg(n)));
+                }
+                if let Some(s) = since {
+                    q.push(format!("since={s}"));
+                }
+                let path = format!("/v1/watch?{}", q.join("&"));
+                let mut event = String::from("message");
+                let mut out = std::io::stdout();
+                c.stream_lines(&path, |line| {
+                    use std::io::Write;
+                    if let Some(e) = line.strip_prefix("event:") {
+                        event = e.trim().to_string();
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        let mut v: Value = serde_json::from_str(d.trim())
+                            .unwrap_or_else(|_| Value::String(d.trim().to_string()));
+                        if let Some(o) = v.as_object_mut() {
+                            o.insert("event".into(), Value::String(event.clone()));
+                        }
+                        // A closed stdout (a pipe whose reader left) ends the watch.
+                        if writeln!(out, "{v}").and_then(|_| out.flush()).is_err() {
+                            return false;
+                        }
+                    } else if line.is_empty() {
+                        event = "message".into();
+                    }
+                    true
+                })
+                .await
+                .map_err(|e| e.to_string())
+            })
+        }),
         Command::ApiToken {
             what: ApiTokenCommand::Create { ttl, label },
         } => runtime().and_then(|rt| {
@@ -790,6 +841,7 @@ async fn admin_command(c: &ApiClient, cmd: Command) -> Result<Value, CallError> 
         | Command::Login { .. }
         | Command::Logout
         | Command::Admin { .. }
+        | Command::Watch { .. }
         | Command::ApiToken {
             what: ApiTokenCommand::Create { .. },
         }

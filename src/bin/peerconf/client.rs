@@ -168,6 +168,66 @@ impl ApiClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Value, CallError> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(hyper::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| CallError::new(format!("reading the answer from {}: {e}", self.base)))?
+            .to_bytes();
+        self.answer(status, retry_after, &bytes)
+    }
+
+    /// A streamed GET (`text/event-stream`): calls `line` with each line of the answer as it
+    /// arrives, until the stream ends or `line` returns false.
+    pub async fn stream_lines(
+        &self,
+        path: &str,
+        mut line: impl FnMut(&str) -> bool,
+    ) -> Result<(), CallError> {
+        let resp = self.send(Method::GET, path, None).await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| CallError::new(format!("reading the answer from {}: {e}", self.base)))?
+                .to_bytes();
+            return self.answer(status, None, &bytes).map(|_| ());
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|e| CallError::new(format!("the stream from {} broke: {e}", self.base)))?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            pending.extend_from_slice(data);
+            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                let l: Vec<u8> = pending.drain(..=i).collect();
+                let text = String::from_utf8_lossy(&l[..l.len() - 1]);
+                if !line(text.trim_end_matches('\r')) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a request and waits (at most [`REQUEST_TIMEOUT`]) for its answer's head.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, CallError> {
         let url = format!("{}{}", self.base, path);
         let mut req = Request::builder().method(method).uri(&url);
         if body.is_some() {
@@ -210,20 +270,18 @@ impl ApiClient {
                     self.base
                 ))
             })??;
-        let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(hyper::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| CallError::new(format!("reading the answer from {}: {e}", self.base)))?
-            .to_bytes();
-        let v: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).trim().to_string()));
+        Ok(resp)
+    }
+
+    /// The JSON of a 2xx answer, or the error the node gave, in the words the user is shown.
+    fn answer(
+        &self,
+        status: StatusCode,
+        retry_after: Option<u64>,
+        bytes: &[u8],
+    ) -> Result<Value, CallError> {
+        let v: Value = serde_json::from_slice(bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).trim().to_string()));
         if status.is_success() {
             Ok(v)
         } else {

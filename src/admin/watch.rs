@@ -1,0 +1,395 @@
+//! Layer: admin (imports node, store; the HTTP API's router mounts it).
+//!
+//! `GET /v1/watch`: the node's committed changes as Server-Sent Events, in commit order.
+//!
+//! - Each event: `id:` its number in the node's change feed ([`crate::store::feed`]), `event:`
+//!   `put` or `delete`, `data:` one line of JSON: `seq`, `kind`, `name`, `origin` (`local`, or
+//!   the peer it came from), `by` where known, and `entity` as `GET /v1/entities/{kind}/{name}`
+//!   reads it when the event is sent (null once deleted). Secrets are never in it.
+//! - Resume: `Last-Event-ID` (or `?since=SEQ`) replays the feed rows after it, then follows live
+//!   events, skipping any the replay already sent: the live subscription starts before the
+//!   replay reads the store, so nothing falls between them. A position the node cannot replay
+//!   from (older than the rows kept, from before an unclean stop, or not yet reached) gets a
+//!   first `event: reset`, and the stream goes on from now: the client re-lists.
+//! - A reader that falls [`STREAM_BUFFER`] events behind live changes is sent `reset` and
+//!   closed; a writer never waits for a reader (the node's change feed is a broadcast channel
+//!   and each stream copies from it into its own bounded buffer).
+//! - `: keep-alive` comments every [`KEEP_ALIVE`].
+
+use super::auth::Caller;
+use crate::node::{ChangeEvent, Node, Origin};
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use crdt_schema::Kind;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Events a stream holds for a slow reader before it is reset.
+pub const STREAM_BUFFER: usize = 256;
+/// A comment line this often keeps proxies and clients from closing an idle stream.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Feed rows read from the store at a time while replaying.
+const REPLAY_PAGE: usize = 512;
+
+/// What the watch streams cost, for `/metrics`.
+#[derive(Default)]
+pub struct WatchMetrics {
+    pub open: AtomicI64,
+    pub events: AtomicU64,
+    pub bytes: AtomicU64,
+    pub resets: AtomicU64,
+    /// Events buffered in all streams now.
+    pub buffered: AtomicI64,
+}
+
+pub static METRICS: WatchMetrics = WatchMetrics {
+    open: AtomicI64::new(0),
+    events: AtomicU64::new(0),
+    bytes: AtomicU64::new(0),
+    resets: AtomicU64::new(0),
+    buffered: AtomicI64::new(0),
+};
+
+/// Why a watch request is refused (400).
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("{0}")]
+    Kind(#[from] crdt_schema::SchemaError),
+    #[error("name={0:?} needs kind=KIND beside it")]
+    NameWithoutKind(String),
+    #[error("since / Last-Event-ID {0:?} is not an event number")]
+    BadSince(String),
+}
+
+/// The stream's filters and starting point.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct WatchQuery {
+    pub kinds: Vec<Kind>,
+    pub name: Option<String>,
+    pub since: Option<u64>,
+}
+
+fn decode(s: &str) -> String {
+    let s = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// Parses `?kind=K&kind=K2&name=N&since=SEQ` and the `Last-Event-ID` header (which wins).
+pub fn parse_query(query: Option<&str>, headers: &HeaderMap) -> Result<WatchQuery, WatchError> {
+    let mut q = WatchQuery::default();
+    let mut since = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match decode(k).as_str() {
+            "kind" => {
+                let kind = Kind::parse(&decode(v))?;
+                if !q.kinds.contains(&kind) {
+                    q.kinds.push(kind);
+                }
+            }
+            "name" => q.name = Some(decode(v)),
+            "since" => since = Some(decode(v)),
+            _ => {}
+        }
+    }
+    if let Some(id) = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty())
+    {
+        since = Some(id.trim().to_string());
+    }
+    if let Some(s) = since {
+        q.since = Some(
+            s.trim()
+                .parse()
+                .map_err(|_| WatchError::BadSince(s.chars().take(40).collect::<String>()))?,
+        );
+    }
+    if let Some(n) = &q.name {
+        if q.kinds.is_empty() {
+            return Err(WatchError::NameWithoutKind(n.chars().take(40).collect()));
+        }
+    }
+    Ok(q)
+}
+
+impl WatchQuery {
+    fn wants(&self, ev: &ChangeEvent) -> bool {
+        (self.kinds.is_empty() || self.kinds.contains(&ev.kind))
+            && self.name.as_ref().is_none_or(|n| *n == ev.name)
+    }
+}
+
+/// One event in SSE form, or None when the caller may not see it.
+fn event_text(node: &Node, who: &Caller, ev: &ChangeEvent) -> Option<String> {
+    let entity = if ev.alive {
+        node.get(ev.kind, &ev.name).ok().flatten()
+    } else {
+        None
+    };
+    let fields = entity
+        .as_ref()
+        .map(|e| e["fields"].clone())
+        .unwrap_or(Value::Null);
+    if !who.may_see(ev.kind, &ev.name, &fields) {
+        return None;
+    }
+    let origin = match &ev.origin {
+        Origin::Local => "local".to_string(),
+        Origin::Remote { peer } => peer.clone(),
+    };
+    let data = json!({
+        "seq": ev.seq,
+        "kind": ev.kind.as_str(),
+        "name": ev.name,
+        "origin": origin,
+        "by": ev.by,
+        "entity": entity,
+    });
+    let kind = if ev.alive { "put" } else { "delete" };
+    Some(format!("id: {}\nevent: {kind}\ndata: {data}\n\n", ev.seq))
+}
+
+fn reset_text(reason: &str, since: Option<u64>, next: u64) -> String {
+    let data = json!({"reason": reason, "since": since, "next": next});
+    format!("event: reset\ndata: {data}\n\n")
+}
+
+/// Counts a stream open while it lives.
+struct Open;
+
+impl Open {
+    fn new() -> Open {
+        METRICS.open.fetch_add(1, Relaxed);
+        Open
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        METRICS.open.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The response: headers now, then the events as the feeder task makes them.
+pub fn stream(node: Node, who: Caller, q: WatchQuery) -> Response {
+    // Subscribed before anything is read: every change committed from now on reaches `live`.
+    let live = node.subscribe();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(STREAM_BUFFER);
+    // The last words of a stream the feeder ended (a reset), sent once the buffer is read.
+    let tail: Tail = Default::default();
+    tokio::spawn(feed(
+        node,
+        who,
+        q,
+        live,
+        Out {
+            tx,
+            tail: tail.clone(),
+        },
+    ));
+    let body = futures_util::stream::unfold((rx, tail), |(mut rx, tail)| async move {
+        let b = match rx.recv().await {
+            Some(b) => {
+                METRICS.buffered.fetch_sub(1, Relaxed);
+                b
+            }
+            None => Bytes::from(tail.lock().ok()?.take()?),
+        };
+        METRICS.bytes.fetch_add(b.len() as u64, Relaxed);
+        Some((Ok::<_, std::convert::Infallible>(b), (rx, tail)))
+    });
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+type Tail = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
+/// Where a stream's feeder writes: the bounded buffer, and the tail read after it.
+struct Out {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    tail: Tail,
+}
+
+/// Sends `text` into the stream, waiting for room (replay); false once the reader is gone.
+async fn send_wait(out: &Out, text: String) -> bool {
+    METRICS.buffered.fetch_add(1, Relaxed);
+    if out.tx.send(Bytes::from(text)).await.is_err() {
+        METRICS.buffered.fetch_sub(1, Relaxed);
+        return false;
+    }
+    true
+}
+
+/// Copies replayed and live events into one stream's buffer (see the module doc).
+async fn feed(
+    node: Node,
+    who: Caller,
+    q: WatchQuery,
+    mut live: tokio::sync::broadcast::Receiver<ChangeEvent>,
+    out: Out,
+) {
+    let tx = &out;
+    let _open = Open::new();
+    let store = node.store().clone();
+    let bounds = match store.feed_bounds() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "watch: the change feed cannot be read");
+            return;
+        }
+    };
+    // The last number sent (or skipped as filtered): live events up to it were replayed.
+    let mut last = bounds.next - 1;
+    match q.since {
+        None => {}
+        Some(s) if s < bounds.floor || s >= bounds.next => {
+            let reason = if s >= bounds.next {
+                "not_yet"
+            } else {
+                "too_old"
+            };
+            METRICS.resets.fetch_add(1, Relaxed);
+            if !send_wait(tx, reset_text(reason, Some(s), bounds.next)).await {
+                return;
+            }
+        }
+        Some(s) => {
+            // Everything after `s`, from the store, then whatever the live feed adds.
+            let mut at = s;
+            loop {
+                let s2 = store.clone();
+                let page = match tokio::task::spawn_blocking(move || s2.feed_after(at, REPLAY_PAGE))
+                    .await
+                {
+                    Ok(Ok(p)) => p,
+                    _ => return,
+                };
+                if page.is_empty() {
+                    break;
+                }
+                for (seq, row) in page {
+                    at = seq;
+                    let Ok(ev) = serde_json::from_slice::<ChangeEvent>(&row) else {
+                        continue;
+                    };
+                    if q.wants(&ev) {
+                        if let Some(t) = event_text(&node, &who, &ev) {
+                            METRICS.events.fetch_add(1, Relaxed);
+                            if !send_wait(tx, t).await {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            last = at.max(s);
+        }
+    }
+    let mut tick = tokio::time::interval(KEEP_ALIVE);
+    tick.reset();
+    loop {
+        let ev = tokio::select! {
+            r = live.recv() => r,
+            _ = tick.tick() => {
+                if !push(tx, ": keep-alive\n\n".to_string()) {
+                    return;
+                }
+                continue;
+            }
+        };
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                overflow(tx, last);
+                return;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        if ev.seq <= last {
+            continue;
+        }
+        last = ev.seq;
+        if !q.wants(&ev) {
+            continue;
+        }
+        let Some(t) = event_text(&node, &who, &ev) else {
+            continue;
+        };
+        METRICS.events.fetch_add(1, Relaxed);
+        match tx.tx.try_send(Bytes::from(t)) {
+            Ok(()) => {
+                METRICS.buffered.fetch_add(1, Relaxed);
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                overflow(tx, last);
+                return;
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return,
+        }
+    }
+}
+
+/// Queues `text` if there is room; false once the reader is gone or the buffer is full.
+fn push(out: &Out, text: String) -> bool {
+    match out.tx.try_send(Bytes::from(text)) {
+        Ok(()) => {
+            METRICS.buffered.fetch_add(1, Relaxed);
+            true
+        }
+        Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => true,
+        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+/// The reader fell behind: once it has read what is buffered, it gets `reset` and the end of
+/// the stream.
+fn overflow(out: &Out, last: u64) {
+    METRICS.resets.fetch_add(1, Relaxed);
+    tracing::info!(last, "watch: a reader fell behind; it is reset and closed");
+    if let Ok(mut t) = out.tail.lock() {
+        *t = Some(reset_text("slow_reader", Some(last), last + 1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_parse_and_refuse_what_they_cannot_mean() {
+        let h = HeaderMap::new();
+        let q = parse_query(Some("kind=group&kind=user&kind=group&since=7"), &h).unwrap();
+        assert_eq!(q.kinds, vec![Kind::Group, Kind::User]);
+        assert_eq!(q.since, Some(7));
+        let mut h2 = HeaderMap::new();
+        h2.insert("last-event-id", "42".parse().unwrap());
+        assert_eq!(parse_query(Some("since=7"), &h2).unwrap().since, Some(42));
+        assert!(matches!(
+            parse_query(Some("kind=nope"), &h),
+            Err(WatchError::Kind(_))
+        ));
+        assert!(matches!(
+            parse_query(Some("name=x"), &h),
+            Err(WatchError::NameWithoutKind(_))
+        ));
+        assert!(matches!(
+            parse_query(Some("since=abc"), &h),
+            Err(WatchError::BadSince(_))
+        ));
+        let q = parse_query(Some("kind=user&name=a%20b"), &h).unwrap();
+        assert_eq!(q.name.as_deref(), Some("a b"));
+    }
+}
