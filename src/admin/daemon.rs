@@ -266,11 +266,14 @@ async fn serve_on(
         }
     };
     gate.open(super::api::router(cluster.state().clone()));
-    tracing::info!(node = %cfg.node_id, name = %cfg.name, api = %cfg.api_listen, "node running");
     let scheme = if cfg.api_https() { "https" } else { "http" };
-    eprintln!(
-        "peerconf: node {} ({}) of cluster {}: admin API on {scheme}://{}, IPC on {}",
-        cfg.node_id, cfg.name, cfg.cluster_id, cfg.api_listen, cfg.ipc_listen
+    tracing::info!(
+        node = %cfg.node_id,
+        name = %cfg.name,
+        cluster = %cfg.cluster_id,
+        api = %format!("{scheme}://{}", cfg.api_listen),
+        ipc = %cfg.ipc_listen,
+        "node running"
     );
     let served = tokio::select! {
         r = api => r.unwrap_or(Ok(())),

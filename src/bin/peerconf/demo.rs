@@ -151,25 +151,38 @@ pub async fn run(nodes: usize) -> Result<(), String> {
         println!("  node{}  admin API http://{api}", i + 1);
     }
     let api = apis[0];
+    // The commands run as printed from where the demo was started: the binary by its path
+    // relative to here (target/release/peerconf after `cargo run --release -- demo`).
+    let pc = std::env::current_exe()
+        .ok()
+        .map(|exe| {
+            std::env::current_dir()
+                .ok()
+                .and_then(|cwd| exe.strip_prefix(cwd).ok().map(|p| p.to_path_buf()))
+                .unwrap_or(exe)
+        })
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "peerconf".into());
     println!("\nSuperAdmin: {DEMO_ADMIN}  password: {password}");
     println!("\nTry, in another terminal:");
     println!("  export PEERCONF_API=http://{api}");
     println!("  export PEERCONF_TOKEN={api_token}     # an API token of {DEMO_ADMIN}");
-    println!("  peerconf put site main --json '{{\"protocols\":[\"sftp\"],\"bindings\":[\"0.0.0.0:2222\"],\"root_dir\":\"/srv\"}}'");
-    println!("  peerconf put user alice --json '{{\"home_dir\":\"/srv/alice\",\"site\":\"main\",\"password\":\"a long password\"}}'");
-    println!("  peerconf list user");
+    println!("  {pc} put site main --json '{{\"protocols\":[\"sftp\"],\"bindings\":[\"0.0.0.0:2222\"],\"root_dir\":\"/srv\"}}'");
+    println!("  {pc} put user alice --json '{{\"home_dir\":\"/srv/alice\",\"site\":\"main\",\"password\":\"a long password\"}}'");
+    println!("  {pc} list user");
     if apis.len() > 1 {
         println!(
-            "  peerconf --api http://{} get user alice     # replicated to node2",
+            "  {pc} --api http://{} get user alice     # replicated to node2",
             apis[1]
         );
-        println!("  peerconf node list");
+        println!("  {pc} node list");
     }
-    println!("  peerconf history user alice");
+    println!("  {pc} history user alice");
+    println!("  {pc} watch user     # follows changes (Ctrl-C to stop)");
     println!("  curl -s -H \"Authorization: Bearer $PEERCONF_TOKEN\" http://{api}/v1/entities/user/alice");
     println!("\nOr log in instead of the API token (the session is kept for that URL):");
     println!("  unset PEERCONF_TOKEN");
-    println!("  printf '%s' '{password}' | peerconf --api http://{api} login --user {DEMO_ADMIN}");
+    println!("  printf '%s' '{password}' | {pc} --api http://{api} login --user {DEMO_ADMIN}");
     println!("\nCtrl-C stops the demo and removes its directory.");
     peerconf::daemon::stop_signal().await;
     let _ = stop_tx.send(true);

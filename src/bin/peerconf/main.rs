@@ -12,12 +12,19 @@ use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::parse();
+    // The demo's nodes start together and briefly miss each other: their logs would bury what a
+    // newcomer needs (PEERCONF_LOG still shows them).
+    let default_filter = if matches!(cli.command, cli::Command::Demo { .. }) {
+        "error"
+    } else {
+        "warn,peerconf=info"
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PEERCONF_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,peerconf=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .init();
     std::process::exit(cli::main(cli));
