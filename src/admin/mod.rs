@@ -8,3 +8,4 @@ pub mod api;
 pub mod auth;
 pub mod daemon;
 pub mod metrics;
+pub mod openapi;
