@@ -2010,6 +2010,77 @@ mod tests {
         assert!(!all.to_string().contains("argon2"), "{all}");
     }
 
+    /// The OpenAPI document needs credentials like every route but the public three.
+    #[tokio::test]
+    async fn the_openapi_document_needs_a_token() {
+        let (app, _node, _dir) = app().await;
+        let (status, headers, _) = send(
+            &app,
+            "GET",
+            "/v1/openapi.json",
+            &[("authorization", "Bearer ")],
+            None,
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(headers.contains_key("www-authenticate"));
+        let (status, headers, doc) = send(&app, "GET", "/v1/openapi.json", &[], None, "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(doc["openapi"], json!("3.1.0"));
+        assert!(doc["paths"]["/v1/entities/{kind}/{name}"]["put"].is_object());
+    }
+
+    /// The router serves every operation the document describes, and on a described path no
+    /// method the document does not name.
+    #[tokio::test]
+    async fn the_router_serves_exactly_the_described_operations() {
+        let (app, _node, _dir) = app().await;
+        let doc = super::super::openapi::document();
+        let ops = super::super::openapi::operations(&doc);
+        let all = ["GET", "PUT", "POST", "DELETE", "PATCH"];
+        for (path, _) in &doc.paths.paths {
+            let concrete = path
+                .replace("{kind}", "group")
+                .replace("{name}", "g-openapi")
+                .replace("{id}", "0123456789abcdef");
+            for m in all {
+                let described = ops
+                    .iter()
+                    .any(|(om, p, _)| p == path && super::super::openapi::method_str(om) == m);
+                if m == "POST"
+                    && ["/v1/drain", "/v1/compact", "/v1/logout"].contains(&path.as_str())
+                {
+                    // Served, but not sent here: it would drain the node, rotate its key or end
+                    // the session of the requests that follow.
+                    assert!(described, "{m} {path}");
+                    continue;
+                }
+                let body = if matches!(m, "PUT" | "PATCH" | "POST") {
+                    "{}"
+                } else {
+                    ""
+                };
+                let (status, _, v) = send(&app, m, &concrete, &[], None, body).await;
+                let fallback = status == StatusCode::NOT_FOUND
+                    && v["error"]["message"] == json!("no such API route");
+                if described {
+                    assert!(
+                        !fallback && status != StatusCode::METHOD_NOT_ALLOWED,
+                        "{m} {concrete} is described but not served: {status} {v}"
+                    );
+                } else {
+                    assert_eq!(
+                        status,
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "{m} {concrete} is served but not described: {v}"
+                    );
+                }
+            }
+        }
+    }
+
     /// Unknown account and wrong password get the same answer; failures lock out an account
     /// and an address (429 with Retry-After, even for the right password); a success resets
     /// the count; another address still logs in to an account not itself locked.

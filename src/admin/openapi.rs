@@ -429,6 +429,7 @@ pub fn entity_schemas() -> Schemas {
         out.push((format!("{n}_entity"), entity_schema(k).into()));
     }
     out.push(("EntityName".into(), EntityName::schema()));
+    out.push(("Kind".into(), KindName::schema()));
     out
 }
 
@@ -536,7 +537,7 @@ pub fn operations(doc: &OpenApi) -> Vec<(HttpMethod, &str, &Operation)> {
     out
 }
 
-fn method_str(m: &HttpMethod) -> &'static str {
+pub fn method_str(m: &HttpMethod) -> &'static str {
     match m {
         HttpMethod::Get => "GET",
         HttpMethod::Put => "PUT",
@@ -626,4 +627,277 @@ pub fn document_json() -> &'static str {
             .to_json()
             .expect("the OpenAPI document serializes")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc_json() -> Value {
+        serde_json::from_str(document_json()).expect("the document is JSON")
+    }
+
+    /// Every `$ref` of the document, with where it points.
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(o) => {
+                for (k, v) in o {
+                    match (k.as_str(), v) {
+                        ("$ref", Value::String(r)) => out.push(r.clone()),
+                        _ => refs(v, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+
+    /// The document is OpenAPI 3.1 (it reads back as one), names the crate's version, and
+    /// every reference in it resolves.
+    #[test]
+    fn the_document_is_openapi_3_1_and_its_references_resolve() {
+        if let Ok(p) = std::env::var("PEERCONF_OPENAPI_DUMP") {
+            std::fs::write(p, document_json()).expect("dump");
+        }
+        let v = doc_json();
+        assert_eq!(v["openapi"], json!("3.1.0"));
+        assert_eq!(v["info"]["version"], json!(env!("CARGO_PKG_VERSION")));
+        for (name, schema) in v["components"]["schemas"].as_object().expect("schemas") {
+            let back: Result<RefOr<Schema>, _> = serde_json::from_value(schema.clone());
+            assert!(back.is_ok(), "{name}: {:?} {schema}", back.err());
+        }
+        let mut all = Vec::new();
+        refs(&v, &mut all);
+        assert!(!all.is_empty());
+        for r in all {
+            let pointer = r.strip_prefix('#').expect("a local reference");
+            assert!(v.pointer(pointer).is_some(), "{r} does not resolve");
+        }
+        assert_eq!(
+            v["components"]["securitySchemes"][BEARER],
+            json!({"type": "http", "scheme": "bearer", "description": v["components"]["securitySchemes"][BEARER]["description"]})
+        );
+        assert_eq!(v["security"], json!([{ BEARER: [] }]));
+    }
+
+    /// The document's operations are exactly the route table's (the table the router is made
+    /// of), and each has a summary, a 2xx answer and, unless the `authorize` layer lets it
+    /// through without credentials, a 401 answer; the public ones say `security: []`.
+    #[test]
+    fn every_route_is_described() {
+        let table = super::super::api::api_routes().into_openapi();
+        let from_table: Vec<(String, String)> = operations(&table)
+            .into_iter()
+            .map(|(m, p, _)| (method_str(&m).to_string(), p.to_string()))
+            .collect();
+        let doc = document();
+        let ops = operations(&doc);
+        let described: Vec<(String, String)> = ops
+            .iter()
+            .map(|(m, p, _)| (method_str(m).to_string(), p.to_string()))
+            .collect();
+        assert_eq!(described, from_table);
+        assert!(described.len() >= 28, "{described:?}");
+        let mut public = Vec::new();
+        for (m, path, op) in ops {
+            let what = format!("{} {path}", method_str(&m));
+            assert!(
+                op.summary.as_deref().is_some_and(|s| !s.is_empty())
+                    || op.description.as_deref().is_some_and(|s| !s.is_empty()),
+                "{what} has no summary"
+            );
+            let statuses: Vec<&String> = op.responses.responses.keys().collect();
+            assert!(
+                statuses.iter().any(|s| s.starts_with('2')),
+                "{what}: {statuses:?}"
+            );
+            let is_public = super::super::api::is_public(method_str(&m), path);
+            if is_public {
+                public.push(what.clone());
+                assert_eq!(op.security.as_deref().map(<[_]>::len), Some(0), "{what}");
+            } else {
+                assert!(statuses.iter().any(|s| *s == "401"), "{what}: {statuses:?}");
+                assert!(op.security.is_none(), "{what}: the global scheme applies");
+            }
+            for p in path.split('/').filter(|s| s.starts_with('{')) {
+                let name = p.trim_matches(['{', '}']);
+                let params = op.parameters.as_deref().unwrap_or_default();
+                assert!(
+                    params.iter().any(|q| q.name == name),
+                    "{what}: parameter {name} is not described"
+                );
+            }
+        }
+        public.sort();
+        assert_eq!(public, ["GET /livez", "GET /readyz", "POST /v1/login"]);
+        let v = doc_json();
+        let login = &v["paths"]["/v1/login"]["post"];
+        assert_eq!(login["security"], json!([]));
+        assert!(login["responses"]["429"]["headers"]["Retry-After"].is_object());
+    }
+
+    /// Each kind's fields schema lists exactly its fields, with their bounds, formats, enums,
+    /// defaults and whether they are required; secrets are write-only, derived fields
+    /// read-only; the entity schemas are discriminated by `kind`.
+    #[test]
+    fn entity_schemas_follow_crdt_schema() {
+        let v = doc_json();
+        let schemas = &v["components"]["schemas"];
+        for k in Kind::ALL {
+            let n = k.as_str();
+            let fields = &schemas[format!("{n}_fields")];
+            let props = fields["properties"].as_object().expect("properties");
+            let names: Vec<&str> = props.keys().map(String::as_str).collect();
+            let mut want: Vec<&str> = k.fields().iter().map(|f| f.name).collect();
+            want.sort();
+            let mut got = names.clone();
+            got.sort();
+            assert_eq!(got, want, "{n}");
+            assert_eq!(fields["additionalProperties"], json!(false), "{n}");
+            let mut required: Vec<&str> = k
+                .fields()
+                .iter()
+                .filter(|f| f.required)
+                .map(|f| f.name)
+                .collect();
+            required.sort();
+            let mut got_required: Vec<&str> = fields["required"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            got_required.sort();
+            assert_eq!(got_required, required, "{n}");
+            for f in k.fields() {
+                let p = &props[f.name];
+                let what = format!("{n}.{}", f.name);
+                assert_eq!(p["writeOnly"].as_bool(), f.secret.then_some(true), "{what}");
+                assert_eq!(
+                    p["readOnly"].as_bool(),
+                    f.read_only.then_some(true),
+                    "{what}"
+                );
+                assert_eq!(
+                    p["description"].as_str().map(|d| d.starts_with(f.doc)),
+                    Some(true),
+                    "{what}"
+                );
+                assert_eq!(p.get("default").cloned(), f.default.to_json(), "{what}");
+                match f.ty {
+                    Type::Int { min, max } => {
+                        assert_eq!(
+                            (p["minimum"].as_i64(), p["maximum"].as_i64()),
+                            (Some(min), Some(max)),
+                            "{what}"
+                        );
+                    }
+                    Type::Str { max_len, format } => {
+                        assert_eq!(p["maxLength"].as_u64(), Some(max_len as u64), "{what}");
+                        assert_eq!(p["format"].as_str(), Some(format.as_str()), "{what}");
+                    }
+                    Type::Enum(vals) => assert_eq!(p["enum"], json!(vals), "{what}"),
+                    Type::Ref(r) => {
+                        assert!(
+                            p["description"]
+                                .as_str()
+                                .unwrap_or_default()
+                                .contains(&format!("`{}`", r.as_str())),
+                            "{what}"
+                        );
+                    }
+                    Type::Set { max_items, .. } => {
+                        assert_eq!(p["type"], json!("array"), "{what}");
+                        assert_eq!(p["uniqueItems"], json!(true), "{what}");
+                        assert_eq!(p["maxItems"].as_u64(), Some(max_items as u64), "{what}");
+                    }
+                    Type::Bool => assert_eq!(p["type"], json!("boolean"), "{what}"),
+                    Type::Text { max_len } => {
+                        assert_eq!(p["maxLength"].as_u64(), Some(max_len as u64), "{what}")
+                    }
+                }
+                let patch = &schemas[format!("{n}_patch")]["properties"][f.name];
+                assert!(
+                    patch["type"]
+                        .as_array()
+                        .is_some_and(|t| t.contains(&json!("null"))),
+                    "{what} patch: {patch}"
+                );
+            }
+            assert!(
+                schemas[format!("{n}_patch")].get("required").is_none(),
+                "{n}"
+            );
+            let entity = &schemas[format!("{n}_entity")];
+            assert_eq!(entity["properties"]["kind"]["enum"], json!([n]));
+            let secrets: Vec<&str> = k
+                .fields()
+                .iter()
+                .filter(|f| f.secret)
+                .map(|f| f.name)
+                .collect();
+            if secrets.is_empty() {
+                assert!(entity["properties"].get("secrets_set").is_none(), "{n}");
+            } else {
+                assert_eq!(
+                    entity["properties"]["secrets_set"]["items"]["enum"],
+                    json!(secrets),
+                    "{n}"
+                );
+            }
+        }
+        let kinds: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(schemas["Kind"]["enum"], json!(kinds));
+        assert_eq!(
+            schemas["EntityName"]["maxLength"],
+            json!(crdt_schema::NAME_LEN_MAX)
+        );
+        assert_eq!(schemas["EntityName"]["minLength"], json!(1));
+        assert_eq!(
+            schemas["Entity"]["discriminator"]["propertyName"],
+            json!("kind")
+        );
+        assert_eq!(
+            schemas["EntityPut"]["oneOf"].as_array().map(Vec::len),
+            Some(Kind::ALL.len())
+        );
+    }
+
+    /// Routes are registered in one place only, with `routes!` (so each has a description):
+    /// no admin source outside the tests adds a route another way.
+    #[test]
+    fn routes_are_registered_only_through_the_route_table() {
+        let sources = [
+            ("api.rs", include_str!("api.rs")),
+            ("auth.rs", include_str!("auth.rs")),
+            ("daemon.rs", include_str!("daemon.rs")),
+            ("metrics.rs", include_str!("metrics.rs")),
+            ("openapi.rs", include_str!("openapi.rs")),
+        ];
+        let forbidden = [
+            ".route(",
+            ".route_service(",
+            ".nest(",
+            ".nest_service(",
+            ".merge(",
+            "routing::",
+        ];
+        for (file, text) in sources {
+            let code = text.split("#[cfg(test)]\nmod tests").next().unwrap_or(text);
+            for (n, line) in code.lines().enumerate() {
+                let line = line.trim_start();
+                if line.starts_with("//") {
+                    continue;
+                }
+                for f in forbidden {
+                    assert!(
+                        !line.contains(f),
+                        "{file}:{}: a route registered outside `api_routes` (use routes! with #[utoipa::path]): {line}",
+                        n + 1
+                    );
+                }
+            }
+        }
+        let api = include_str!("api.rs");
+        assert_eq!(api.matches("OpenApiRouter::new()").count(), 1);
+    }
 }
