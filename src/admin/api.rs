@@ -2040,7 +2040,7 @@ mod tests {
         let doc = super::super::openapi::document();
         let ops = super::super::openapi::operations(&doc);
         let all = ["GET", "PUT", "POST", "DELETE", "PATCH"];
-        for (path, _) in &doc.paths.paths {
+        for path in doc.paths.paths.keys() {
             let concrete = path
                 .replace("{kind}", "group")
                 .replace("{name}", "g-openapi")
