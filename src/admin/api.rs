@@ -66,7 +66,7 @@ pub(super) fn api_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(undrain))
         .routes(routes!(compact))
         .routes(routes!(node_info))
-        .routes(routes!(openapi_json))
+        .routes(routes!(openapi_doc))
         .routes(routes!(schema_all))
         .routes(routes!(schema_kind))
         .routes(routes!(list))
@@ -77,6 +77,21 @@ pub(super) fn api_routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(revoke_token))
         .routes(routes!(nodes))
         .routes(routes!(remove_node))
+}
+
+/// The OpenAPI document of the route table, as served at `GET /v1/openapi.json`.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    super::openapi::finish(api_routes().into_openapi(), is_public)
+}
+
+/// [`openapi_document`] as JSON, made once.
+pub fn openapi_json() -> &'static str {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        openapi_document()
+            .to_json()
+            .expect("the OpenAPI document serializes")
+    })
 }
 
 pub fn router(cluster: Arc<ClusterState>) -> Router {
@@ -1190,12 +1205,8 @@ async fn livez() -> &'static str {
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "meta",
     responses((status = 200, description = "the OpenAPI 3.1 document", body = serde_json::Value))
 )]
-async fn openapi_json() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        super::openapi::document_json(),
-    )
-        .into_response()
+async fn openapi_doc() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
 }
 
 // Request bodies (described here; the handlers read them field by field, with errors that name
@@ -2037,7 +2048,7 @@ mod tests {
     #[tokio::test]
     async fn the_router_serves_exactly_the_described_operations() {
         let (app, _node, _dir) = app().await;
-        let doc = super::super::openapi::document();
+        let doc = openapi_document();
         let ops = super::super::openapi::operations(&doc);
         let all = ["GET", "PUT", "POST", "DELETE", "PATCH"];
         for path in doc.paths.paths.keys() {

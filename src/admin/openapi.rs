@@ -1,8 +1,8 @@
-//! Layer: admin (imports the API's route table; nothing below it but `crdt-schema`).
+//! Layer: admin (imports nothing of the crate: `crdt-schema` and `utoipa` only; the API imports it).
 //!
 //! The OpenAPI 3.1 description of the admin API, served at `GET /v1/openapi.json` and generated
 //! from the code, never written by hand:
-//! - **Operations** come from the route table ([`super::api::api_routes`]): every route is
+//! - **Operations** come from the route table (`api_routes` in `api.rs`): every route is
 //!   registered with `utoipa_axum::routes!`, which takes the method and path from the handler's
 //!   `#[utoipa::path]` attribute, so a route without a description does not compile.
 //! - **Entity bodies** are built at run time from `crdt-schema` ([`entity_schemas`]): per kind a
@@ -10,8 +10,8 @@
 //!   (`site_entity`).
 //! - **What the layers answer** (401 without credentials, 403 for another origin, 408, 415, 421,
 //!   503 while recovering, 413 for bodies) is added to every operation by [`finish`], and which
-//!   operations need no credentials is asked of the `authorize` layer's own table
-//!   ([`super::api::is_public`]).
+//!   operations need no credentials is asked of the `authorize` layer's own table (`is_public`
+//!   in `api.rs`, passed in: this module does not import the API, the API imports it).
 
 use crdt_schema::{Field, Format, Item, Kind, Type};
 use serde::Serialize;
@@ -552,7 +552,7 @@ pub fn method_str(m: &HttpMethod) -> &'static str {
 
 /// Completes the document of the route table: info, the bearer scheme (global, and none on the
 /// routes the `authorize` layer lets through), the layers' answers on every operation.
-pub fn finish(mut doc: OpenApi) -> OpenApi {
+pub fn finish(mut doc: OpenApi, is_public: fn(&str, &str) -> bool) -> OpenApi {
     doc.info.title = "peerconf admin API".into();
     doc.info.version = env!("CARGO_PKG_VERSION").into();
     doc.info.description = Some(
@@ -591,7 +591,7 @@ pub fn finish(mut doc: OpenApi) -> OpenApi {
             (HttpMethod::Patch, &mut item.patch),
         ] {
             let Some(op) = op else { continue };
-            let public = super::api::is_public(method_str(&m), path);
+            let public = is_public(method_str(&m), path);
             if public {
                 op.security = Some(Vec::new());
             }
@@ -614,24 +614,13 @@ pub fn finish(mut doc: OpenApi) -> OpenApi {
     doc
 }
 
-/// The document, as served.
-pub fn document() -> OpenApi {
-    finish(super::api::api_routes().into_openapi())
-}
-
-/// The document as JSON, made once.
-pub fn document_json() -> &'static str {
-    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DOC.get_or_init(|| {
-        document()
-            .to_json()
-            .expect("the OpenAPI document serializes")
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use super::super::api::{
+        api_routes, is_public, openapi_document as document, openapi_json as document_json,
+    };
 
     fn doc_json() -> Value {
         serde_json::from_str(document_json()).expect("the document is JSON")
@@ -686,7 +675,7 @@ mod tests {
     /// through without credentials, a 401 answer; the public ones say `security: []`.
     #[test]
     fn every_route_is_described() {
-        let table = super::super::api::api_routes().into_openapi();
+        let table = api_routes().into_openapi();
         let from_table: Vec<(String, String)> = operations(&table)
             .into_iter()
             .map(|(m, p, _)| (method_str(&m).to_string(), p.to_string()))
@@ -712,7 +701,7 @@ mod tests {
                 statuses.iter().any(|s| s.starts_with('2')),
                 "{what}: {statuses:?}"
             );
-            let is_public = super::super::api::is_public(method_str(&m), path);
+            let is_public = is_public(method_str(&m), path);
             if is_public {
                 public.push(what.clone());
                 assert_eq!(op.security.as_deref().map(<[_]>::len), Some(0), "{what}");
