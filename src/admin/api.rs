@@ -614,7 +614,7 @@ async fn node_info(State(st): State<ApiState>) -> ApiResult {
 /// The schema of every kind: fields, types, defaults, merge semantics.
 #[utoipa::path(
     get, path = "/v1/schema", tag = "schema",
-    responses((status = 200, description = "`{version, kinds: [{kind, description, singleton, fields: [...]}]}`", body = serde_json::Value))
+    responses((status = 200, description = "`{version, kinds: [{kind, description, singleton, fields: [...]}]}`", body = Object))
 )]
 async fn schema_all() -> ApiResult {
     Ok(Json(crdt_schema::schema_json(None)).into_response())
@@ -624,7 +624,7 @@ async fn schema_all() -> ApiResult {
 #[utoipa::path(
     get, path = "/v1/schema/{kind}", tag = "schema",
     params(("kind" = KindName, Path, description = "the entity kind")),
-    responses((status = 200, description = "`{version, kinds: [...]}` with the one kind", body = serde_json::Value), (status = 400, description = "unknown kind (`unknown_kind`)", body = ErrorBody))
+    responses((status = 200, description = "`{version, kinds: [...]}` with the one kind", body = Object), (status = 400, description = "unknown kind (`unknown_kind`)", body = ErrorBody))
 )]
 async fn schema_kind(Path(k): Path<String>) -> ApiResult {
     Ok(Json(crdt_schema::schema_json(Some(kind(&k)?))).into_response())
@@ -770,7 +770,7 @@ async fn delete_entity(
 #[utoipa::path(
     get, path = "/v1/entities/{kind}/{name}/history", tag = "entities",
     params(("kind" = KindName, Path, description = "the entity kind"), ("name" = EntityName, Path, description = "the entity's name")),
-    responses((status = 200, description = "`{kind, name, changes: [...]}`: who changed what, when, from where", body = serde_json::Value), (status = 400, description = "unknown kind or invalid name", body = ErrorBody), (status = 404, description = "no such entity (`not_found`)", body = ErrorBody))
+    responses((status = 200, description = "`{kind, name, changes: [...]}`: who changed what, when, from where", body = Object), (status = 400, description = "unknown kind or invalid name", body = ErrorBody), (status = 404, description = "no such entity (`not_found`)", body = ErrorBody))
 )]
 async fn history(
     State(st): State<ApiState>,
@@ -794,7 +794,7 @@ async fn history(
 /// Entities whose concurrent writes are not resolved.
 #[utoipa::path(
     get, path = "/v1/conflicts", tag = "entities",
-    responses((status = 200, description = "`{conflicts: [entity, ...]}`: the entities with unresolved concurrent writes the caller may see", body = serde_json::Value))
+    responses((status = 200, description = "`{conflicts: [entity, ...]}`: the entities with unresolved concurrent writes the caller may see", body = Object))
 )]
 async fn conflicts(State(st): State<ApiState>, Extension(who): Extension<Caller>) -> ApiResult {
     let node = st.node.clone();
@@ -860,7 +860,7 @@ impl From<crate::cluster::tokens::TokenAdminError> for ApiError {
 /// The join tokens this node made (superadmin).
 #[utoipa::path(
     get, path = "/v1/tokens", tag = "cluster",
-    responses((status = 200, description = "`{tokens: [{id, expires_wall_ms, used, revoked, state}]}`: never a secret", body = serde_json::Value))
+    responses((status = 200, description = "`{tokens: [{id, expires_wall_ms, used, revoked, state}]}`: never a secret", body = Object))
 )]
 async fn list_tokens(State(st): State<ApiState>, Extension(_who): Extension<Caller>) -> ApiResult {
     let tokens = crate::cluster::tokens::list_tokens(&st.node).await?;
@@ -871,7 +871,7 @@ async fn list_tokens(State(st): State<ApiState>, Extension(_who): Extension<Call
 #[utoipa::path(
     delete, path = "/v1/tokens/{id}", tag = "cluster",
     params(("id" = String, Path, description = "a join token ID (a prefix of its hash, as listed)")),
-    responses((status = 200, description = "`{revoked: {id, expires_wall_ms, used, revoked, state}}`", body = serde_json::Value), (status = 400, description = "malformed ID (`invalid`)", body = ErrorBody), (status = 404, description = "no such token (`not_found`)", body = ErrorBody), (status = 409, description = "the ID names several tokens (`ambiguous`)", body = ErrorBody))
+    responses((status = 200, description = "`{revoked: {id, expires_wall_ms, used, revoked, state}}`", body = Object), (status = 400, description = "malformed ID (`invalid`)", body = ErrorBody), (status = 404, description = "no such token (`not_found`)", body = ErrorBody), (status = 409, description = "the ID names several tokens (`ambiguous`)", body = ErrorBody))
 )]
 async fn revoke_token(
     State(st): State<ApiState>,
@@ -1042,7 +1042,7 @@ async fn create_api_token(
 /// The API tokens the caller may see.
 #[utoipa::path(
     get, path = "/v1/api-tokens", tag = "auth",
-    responses((status = 200, description = "`{tokens: [...]}`: the caller's API tokens (a superadmin's: all), never a secret", body = serde_json::Value))
+    responses((status = 200, description = "`{tokens: [...]}`: the caller's API tokens (a superadmin's: all), never a secret", body = Object))
 )]
 async fn list_api_tokens(
     State(st): State<ApiState>,
@@ -1056,7 +1056,7 @@ async fn list_api_tokens(
 #[utoipa::path(
     delete, path = "/v1/api-tokens/{id}", tag = "auth",
     params(("id" = String, Path, description = "an API token ID (the part after `pcat_` and before the next `_`)")),
-    responses((status = 200, description = "`{revoked: ...}`", body = serde_json::Value), (status = 404, description = "no such token (`not_found`)", body = ErrorBody), (status = 507, description = "the disk is full (`disk_full`)", body = ErrorBody))
+    responses((status = 200, description = "`{revoked: ...}`", body = Object), (status = 404, description = "no such token (`not_found`)", body = ErrorBody), (status = 507, description = "the disk is full (`disk_full`)", body = ErrorBody))
 )]
 async fn revoke_api_token(
     State(st): State<ApiState>,
@@ -1070,7 +1070,7 @@ async fn revoke_api_token(
 /// The cluster's members.
 #[utoipa::path(
     get, path = "/v1/nodes", tag = "cluster",
-    responses((status = 200, description = "`{self, cluster_id, members: [{id, name, addr, version, removed, key}]}`", body = serde_json::Value))
+    responses((status = 200, description = "`{self, cluster_id, members: [{id, name, addr, version, removed, key}]}`", body = Object))
 )]
 async fn nodes(State(st): State<ApiState>) -> ApiResult {
     Ok(Json(json!({"self": st.node.config().node_id, "cluster_id": st.node.config().cluster_id, "members": st.node.members()})).into_response())
@@ -1122,7 +1122,7 @@ async fn readyz(State(st): State<ApiState>) -> Response {
 /// Cluster and node status.
 #[utoipa::path(
     get, path = "/v1/status", tag = "node",
-    responses((status = 200, description = "the node's view of the cluster: members, links, replication, storage", body = serde_json::Value))
+    responses((status = 200, description = "the node's view of the cluster: members, links, replication, storage", body = Object))
 )]
 async fn status(State(st): State<ApiState>) -> ApiResult {
     Ok(Json(crate::cluster::monitor::status(&st.cluster)).into_response())
@@ -1203,7 +1203,7 @@ async fn livez() -> &'static str {
 
 /// This document: the OpenAPI 3.1 description of the admin API, generated from the code.
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "meta",
-    responses((status = 200, description = "the OpenAPI 3.1 document", body = serde_json::Value))
+    responses((status = 200, description = "the OpenAPI 3.1 document", body = Object))
 )]
 async fn openapi_doc() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()

@@ -352,15 +352,17 @@ pub fn entity_schema(kind: Kind) -> Schema {
         .filter(|f| f.secret)
         .map(|f| f.name)
         .collect();
-    let registers: Vec<&str> = kind
+    let registers: Vec<&Field> = kind
         .fields()
         .iter()
         .filter(|f| f.merge == crdt_schema::Merge::Register && !f.secret && !f.read_only)
-        .map(|f| f.name)
         .collect();
     let mut o = ObjectBuilder::new()
         .schema_type(T::Object)
-        .description(Some(format!("a {} as read", kind.as_str())))
+        .description(Some(format!(
+            "an entity of kind `{}`, as read",
+            kind.as_str()
+        )))
         .property(
             "kind",
             ObjectBuilder::new()
@@ -397,24 +399,28 @@ pub fn entity_schema(kind: Kind) -> Schema {
         );
     }
     if !registers.is_empty() {
-        o = o.property(
-            "conflicts",
-            ObjectBuilder::new()
-                .schema_type(T::Object)
-                .property_names(Some(
-                    ObjectBuilder::new()
-                        .schema_type(T::String)
-                        .enum_values(Some(registers)),
-                ))
-                .additional_properties(Some(
-                    ArrayBuilder::new()
-                        .items(RefOr::T(Schema::default()))
-                        .min_items(Some(2)),
-                ))
-                .description(Some(
-                    "fields whose concurrent writes are not resolved (present when any is): every value, the winner first",
-                )),
-        );
+        // Only registers conflict (sets and text merge); each conflict lists the field's values.
+        let mut c = ObjectBuilder::new()
+            .schema_type(T::Object)
+            .additional_properties(Some(AdditionalProperties::<Schema>::FreeForm(false)))
+            .description(Some(
+                "fields whose concurrent writes are not resolved (present when any is): every value, the winner first",
+            ));
+        for f in registers {
+            let mut value = field_schema(f, false);
+            if let Schema::Object(o) = &mut value {
+                o.default = None;
+                o.description = None;
+                o.extensions = None;
+            }
+            c = c.property(
+                f.name,
+                ArrayBuilder::new()
+                    .items(RefOr::T(value))
+                    .min_items(Some(2)),
+            );
+        }
+        o = o.property("conflicts", c);
     }
     o.into()
 }
@@ -656,6 +662,8 @@ mod tests {
             let back: Result<RefOr<Schema>, _> = serde_json::from_value(schema.clone());
             assert!(back.is_ok(), "{name}: {:?} {schema}", back.err());
         }
+        let back: OpenApi = serde_json::from_str(document_json()).expect("reads as OpenAPI");
+        assert_eq!(back.paths.paths.len(), document().paths.paths.len());
         let mut all = Vec::new();
         refs(&v, &mut all);
         assert!(!all.is_empty());
