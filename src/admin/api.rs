@@ -2043,6 +2043,197 @@ mod tests {
         assert!(doc["paths"]["/v1/entities/{kind}/{name}"]["put"].is_object());
     }
 
+    /// Whether `v` fits `schema` of the document `doc` (the parts of JSON Schema the document
+    /// uses: `$ref`, `oneOf` with a discriminator, type, enum, properties, required,
+    /// additionalProperties false, items); the reason when it does not.
+    fn fits(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), String> {
+        if let Some(r) = schema["$ref"].as_str() {
+            let target = doc
+                .pointer(r.trim_start_matches('#'))
+                .ok_or(format!("{at}: {r} does not resolve"))?;
+            return fits(doc, target, v, at);
+        }
+        if let Some(branches) = schema["oneOf"].as_array() {
+            if let Some(prop) = schema["discriminator"]["propertyName"].as_str() {
+                let tag = v[prop].as_str().unwrap_or_default();
+                let r = schema["discriminator"]["mapping"][tag]
+                    .as_str()
+                    .ok_or(format!("{at}: no branch for {prop} {tag:?}"))?;
+                return fits(doc, &json!({ "$ref": r }), v, at);
+            }
+            let ok = branches
+                .iter()
+                .filter(|b| fits(doc, b, v, at).is_ok())
+                .count();
+            return if ok > 0 {
+                Ok(())
+            } else {
+                Err(format!("{at}: no branch fits {v}"))
+            };
+        }
+        let type_of = |v: &Value| match v {
+            Value::Null => "null",
+            Value::Bool(_) => "boolean",
+            Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        };
+        let types: Vec<&str> = match &schema["type"] {
+            Value::String(t) => vec![t.as_str()],
+            Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+            _ => vec![],
+        };
+        let t = type_of(v);
+        if !types.is_empty()
+            && !types.contains(&t)
+            && !(t == "integer" && types.contains(&"number"))
+        {
+            return Err(format!("{at}: {t} where the document says {types:?}: {v}"));
+        }
+        if let Some(e) = schema["enum"].as_array() {
+            if !e.contains(v) {
+                return Err(format!("{at}: {v} is not one of {e:?}"));
+            }
+        }
+        if let Value::Object(o) = v {
+            let props = schema["properties"].as_object();
+            for r in schema["required"].as_array().into_iter().flatten() {
+                let r = r.as_str().unwrap_or_default();
+                if !o.contains_key(r)
+                    && !schema["properties"][r]["writeOnly"]
+                        .as_bool()
+                        .unwrap_or(false)
+                {
+                    return Err(format!("{at}: {r} is required: {v}"));
+                }
+            }
+            for (k, x) in o {
+                match props.and_then(|p| p.get(k)) {
+                    Some(s) => fits(doc, s, x, &format!("{at}.{k}"))?,
+                    None if schema["additionalProperties"] == json!(false) => {
+                        return Err(format!("{at}: {k} is not in the document"))
+                    }
+                    None => {}
+                }
+            }
+        }
+        if let (Value::Array(a), Some(items)) = (v, schema.get("items")) {
+            for (i, x) in a.iter().enumerate() {
+                fits(doc, items, x, &format!("{at}[{i}]"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Real answers fit the schemas the document gives for them: entities of every kind that
+    /// has a field table to fill, lists, errors, the login and the caller.
+    #[tokio::test]
+    async fn answers_fit_the_document() {
+        let (app, _node, _dir) = app().await;
+        let doc: Value = serde_json::from_str(openapi_json()).expect("json");
+        let answer = |path: &str, method: &str, status: &str| {
+            doc["paths"][path][method.to_ascii_lowercase()]["responses"][status]["content"]
+                ["application/json"]["schema"]
+                .clone()
+        };
+        let check = |schema: Value, v: &Value, what: &str| {
+            if let Err(e) = fits(&doc, &schema, v, what) {
+                panic!("{e}\nschema: {schema}");
+            }
+        };
+        let writes = [
+            (
+                "PUT",
+                "site",
+                "s1",
+                json!({"root_dir": "/srv/s1", "protocols": ["sftp"]}),
+            ),
+            ("PUT", "group", "g1", json!({"permissions": ["read"]})),
+            (
+                "PUT",
+                "user",
+                "u1",
+                json!({"password": "User-password-1", "groups": ["g1"], "site": "s1"}),
+            ),
+            ("PUT", "script", "sc1", json!({"source": "log(1)"})),
+            (
+                "PUT",
+                "rule",
+                "r1",
+                json!({"event": "after_upload", "script": "sc1"}),
+            ),
+            (
+                "PUT",
+                "admin",
+                "ops",
+                json!({"role": "admin", "password": "Ops-password-1"}),
+            ),
+            ("PATCH", "settings", "global", json!({"banner": "hi"})),
+            (
+                "PATCH",
+                "security",
+                "global",
+                json!({"password_min_length": 9}),
+            ),
+        ];
+        let entity = "/v1/entities/{kind}/{name}";
+        for (method, kind, name, body) in writes {
+            let path = format!("/v1/entities/{kind}/{name}");
+            let (status, v) = call(&app, method, &path, &body.to_string()).await;
+            assert_eq!(status, StatusCode::OK, "{method} {path}: {v}");
+            check(
+                answer(entity, method, "200"),
+                &v,
+                &format!("{method} {path}"),
+            );
+            let (_, v) = call(&app, "GET", &path, "").await;
+            check(answer(entity, "GET", "200"), &v, &format!("GET {path}"));
+            let (_, v) = call(&app, "GET", &format!("/v1/entities/{kind}"), "").await;
+            check(
+                answer("/v1/entities/{kind}", "GET", "200"),
+                &v,
+                &format!("list {kind}"),
+            );
+        }
+        let (status, v) = call(&app, "PUT", "/v1/entities/site/s2", r#"{"nope": 1}"#).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        check(answer(entity, "PUT", "400"), &v, "an error");
+        let (status, v) = call(&app, "GET", "/v1/entities/site/absent", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        check(answer(entity, "GET", "404"), &v, "not found");
+        for (path, method, body) in [
+            ("/v1/whoami", "GET", ""),
+            ("/v1/node", "GET", ""),
+            ("/v1/api-tokens", "POST", r#"{"ttl":"1h","label":"x"}"#),
+            (
+                "/v1/login",
+                "POST",
+                r#"{"name":"root","password":"Root-password-1"}"#,
+            ),
+            ("/v1/undrain", "POST", ""),
+        ] {
+            let (status, v) = call(&app, method, path, body).await;
+            assert_eq!(status, StatusCode::OK, "{method} {path}: {v}");
+            check(answer(path, method, "200"), &v, &format!("{method} {path}"));
+        }
+        let (status, v) = call(&app, "DELETE", "/v1/entities/rule/r1", "").await;
+        assert_eq!(status, StatusCode::OK);
+        check(answer(entity, "DELETE", "200"), &v, "a delete");
+        // The check itself tells a wrong answer.
+        let read = answer(entity, "GET", "200");
+        for wrong in [
+            json!({"kind": "site", "name": "s", "fields": {"bogus": 1}}),
+            json!({"kind": "site", "name": "s", "fields": {"max_sessions": "many"}}),
+            json!({"kind": "site", "name": "s", "fields": {"protocols": ["gopher"]}}),
+            json!({"kind": "user", "name": "u", "fields": {}, "secrets_set": ["nope"]}),
+            json!({"kind": "rule", "name": "r", "fields": {"script": "sc1"}}),
+        ] {
+            assert!(fits(&doc, &read, &wrong, "wrong").is_err(), "{wrong}");
+        }
+    }
+
     /// The router serves every operation the document describes, and on a described path no
     /// method the document does not name.
     #[tokio::test]
