@@ -24,7 +24,9 @@ use std::sync::Arc;
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::openapi::{Entity, EntityList, EntityName, EntityPatch, EntityPut, ErrorBody, KindName};
+use super::openapi::{
+    Entity, EntityList, EntityName, EntityPatch, EntityPut, ErrorBody, ErrorDetail, KindName,
+};
 
 /// Largest request body: a script of 1 MiB as JSON, escaped, with room to spare.
 pub const BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
@@ -437,10 +439,11 @@ async fn authorize(State(st): State<ApiState>, req: Request, next: Next) -> Resp
     next.run(req).await
 }
 
-/// An error answer: `{"error": {"code", "message", "kind"?, "field"?}}`.
+/// An error answer: `{"error": {"code", "message", "field"?, "kind"?}}` ([`ErrorBody`], the
+/// type the OpenAPI document describes).
 pub struct ApiError {
     status: StatusCode,
-    body: Value,
+    error: ErrorDetail,
     /// Seconds for a `Retry-After` header (429, 503).
     retry_after: Option<u64>,
 }
@@ -449,7 +452,12 @@ impl ApiError {
     fn new(status: StatusCode, code: &str, message: String) -> ApiError {
         ApiError {
             status,
-            body: json!({"error": {"code": code, "message": message}}),
+            error: ErrorDetail {
+                code: code.to_string(),
+                message,
+                field: None,
+                kind: None,
+            },
             retry_after: None,
         }
     }
@@ -457,7 +465,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut r = (self.status, Json(self.body)).into_response();
+        let body = ErrorBody { error: self.error };
+        let mut r = (self.status, Json(body)).into_response();
         if let Some(s) = self.retry_after {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from(s));
@@ -470,10 +479,10 @@ impl From<SchemaError> for ApiError {
     fn from(e: SchemaError) -> Self {
         let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string());
         if let Some(f) = e.field() {
-            err.body["error"]["field"] = json!(f);
+            err.error.field = Some(f.to_string());
         }
         if let SchemaError::UnknownKind { .. } = e {
-            err.body["error"]["code"] = json!("unknown_kind");
+            err.error.code = "unknown_kind".into();
         }
         err
     }
@@ -494,7 +503,7 @@ impl From<Error> for ApiError {
                     "not_found",
                     format!("{kind} {name:?} not found"),
                 );
-                err.body["error"]["kind"] = json!(kind.as_str());
+                err.error.kind = Some(kind.as_str().to_string());
                 err
             }
             Error::Write(WriteError::MissingReference {
@@ -511,7 +520,7 @@ impl From<Error> for ApiError {
                 };
                 let mut err =
                     ApiError::new(StatusCode::BAD_REQUEST, "missing_reference", e.to_string());
-                err.body["error"]["field"] = json!(field);
+                err.error.field = Some(field.to_string());
                 err
             }
             Error::Write(WriteError::LastSuperAdmin { .. }) => {
@@ -903,7 +912,7 @@ async fn login(
                 "invalid",
                 format!("login needs {{\"name\": \"...\", \"password\": \"...\"}}: {f} is missing or not a string"),
             );
-            e.body["error"]["field"] = json!(f);
+            e.error.field = Some(f.to_string());
             e
         })
     };
@@ -948,7 +957,7 @@ impl From<auth::ApiTokenError> for ApiError {
         match e {
             E::Ttl(_) => {
                 let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string());
-                err.body["error"]["field"] = json!("ttl");
+                err.error.field = Some("ttl".to_string());
                 err
             }
             E::NotFound { .. } => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
@@ -1023,7 +1032,7 @@ async fn create_api_token(
                     "invalid",
                     format!("label: expected a string, got {other}"),
                 );
-                e.body["error"]["field"] = json!("label");
+                e.error.field = Some("label".to_string());
                 return Err(e);
             }
         }
@@ -1142,7 +1151,7 @@ async fn drain(
     let deadline = optional_duration(&body, "deadline", "30s")?;
     st.node.drain().try_start(deadline).map_err(|e| {
         let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string());
-        err.body["error"]["field"] = json!("deadline");
+        err.error.field = Some("deadline".to_string());
         err
     })?;
     tracing::info!(deadline = ?deadline, "draining: new client connections are refused");

@@ -459,8 +459,9 @@ pub struct ErrorDetail {
     pub kind: Option<String>,
 }
 
-/// The responses every route may get from the layers in front of the handlers, by status:
-/// (status, component name, description, whether it carries `WWW-Authenticate`).
+/// The answers every route may get from the layers in front of the handlers (`authorize`,
+/// `hygiene`, the body limit, the deadline, the recovery gate) or from any handler (500):
+/// (status, component name, description). A 401 carries `WWW-Authenticate`.
 const LAYER_RESPONSES: &[(&str, &str, &str)] = &[
     (
         "401",
@@ -480,7 +481,7 @@ const LAYER_RESPONSES: &[(&str, &str, &str)] = &[
     (
         "413",
         "PayloadTooLarge",
-        "the body is larger than the limit",
+        "the body is larger than the API's limit (answered as text by the body limit, or as the error shape, `bad_body`)",
     ),
     (
         "415",
@@ -504,11 +505,15 @@ const LAYER_RESPONSES: &[(&str, &str, &str)] = &[
     ),
 ];
 
-fn error_response(description: &str, www_authenticate: bool) -> Response {
+fn error_response(status: &str, description: &str) -> Response {
     let mut r = ResponseBuilder::new().description(description).content(
         "application/json",
         Content::new(Some(schema_ref("ErrorBody"))),
     );
+    if status == "413" {
+        r = r.content("text/plain", Content::new(Some(String::schema())));
+    }
+    let www_authenticate = status == "401";
     if www_authenticate {
         r = r.header(
             "WWW-Authenticate",
@@ -584,7 +589,7 @@ pub fn finish(mut doc: OpenApi, is_public: fn(&str, &str) -> bool) -> OpenApi {
     for (status, name, description) in LAYER_RESPONSES {
         components.responses.insert(
             (*name).into(),
-            RefOr::T(error_response(description, *status == "401")),
+            RefOr::T(error_response(status, description)),
         );
     }
     doc.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
