@@ -16,11 +16,17 @@ use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
 use crdt_schema::{Kind, SchemaError};
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::openapi::{
+    Entity, EntityList, EntityName, EntityPatch, EntityPut, ErrorBody, ErrorDetail, KindName,
+};
 
 /// Largest request body: a script of 1 MiB as JSON, escaped, with room to spare.
 pub const BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
@@ -40,6 +46,57 @@ pub struct ApiState {
     pub auth: Arc<Auth>,
 }
 
+/// Every route of the API, each with its description: the one place routes are registered.
+///
+/// `routes!` takes each handler's method and path from its `#[utoipa::path]` attribute, so a
+/// route cannot be served without being described (the OpenAPI document at
+/// `GET /v1/openapi.json` is made from this table, see [`super::openapi`]). One `routes!` per
+/// path; handlers of one path go in the same call. To add a route, write the handler with its
+/// `#[utoipa::path(...)]` and add one line here.
+pub(super) fn api_routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(livez))
+        .routes(routes!(readyz))
+        .routes(routes!(login))
+        .routes(routes!(logout))
+        .routes(routes!(whoami))
+        .routes(routes!(list_api_tokens, create_api_token))
+        .routes(routes!(revoke_api_token))
+        .routes(routes!(status))
+        .routes(routes!(metrics))
+        .routes(routes!(drain))
+        .routes(routes!(undrain))
+        .routes(routes!(compact))
+        .routes(routes!(node_info))
+        .routes(routes!(openapi_doc))
+        .routes(routes!(schema_all))
+        .routes(routes!(schema_kind))
+        .routes(routes!(list))
+        .routes(routes!(get_entity, put_entity, patch_entity, delete_entity))
+        .routes(routes!(history))
+        .routes(routes!(conflicts))
+        .routes(routes!(watch))
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(revoke_token))
+        .routes(routes!(nodes))
+        .routes(routes!(remove_node))
+}
+
+/// The OpenAPI document of the route table, as served at `GET /v1/openapi.json`.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    super::openapi::finish(api_routes().into_openapi(), is_public)
+}
+
+/// [`openapi_document`] as JSON, made once.
+pub fn openapi_json() -> &'static str {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        openapi_document()
+            .to_json()
+            .expect("the OpenAPI document serializes")
+    })
+}
+
 pub fn router(cluster: Arc<ClusterState>) -> Router {
     let node = cluster.node.clone();
     let auth = Arc::new(Auth::new(node.clone()));
@@ -48,40 +105,8 @@ pub fn router(cluster: Arc<ClusterState>) -> Router {
         cluster,
         auth,
     };
-    Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
-        .route("/v1/login", post(login))
-        .route("/v1/logout", post(logout))
-        .route("/v1/whoami", get(whoami))
-        .route(
-            "/v1/api-tokens",
-            get(list_api_tokens).post(create_api_token),
-        )
-        .route("/v1/api-tokens/{id}", delete(revoke_api_token))
-        .route("/readyz", get(readyz))
-        .route("/v1/status", get(status))
-        .route("/metrics", get(metrics))
-        .route("/v1/drain", axum::routing::post(drain))
-        .route("/v1/undrain", axum::routing::post(undrain))
-        .route("/v1/compact", axum::routing::post(compact))
-        .route("/v1/node", get(node_info))
-        .route("/v1/schema", get(schema_all))
-        .route("/v1/schema/{kind}", get(schema_kind))
-        .route("/v1/entities/{kind}", get(list))
-        .route(
-            "/v1/entities/{kind}/{name}",
-            get(get_entity)
-                .put(put_entity)
-                .patch(patch_entity)
-                .delete(delete_entity),
-        )
-        .route("/v1/entities/{kind}/{name}/history", get(history))
-        .route("/v1/conflicts", get(conflicts))
-        .route("/v1/watch", get(watch))
-        .route("/v1/tokens", get(list_tokens).post(create_token))
-        .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
-        .route("/v1/nodes", get(nodes))
-        .route("/v1/nodes/{id}", axum::routing::delete(remove_node))
+    let (routes, _) = api_routes().split_for_parts();
+    routes
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -327,6 +352,12 @@ fn action_of(method: &Method, path: &str) -> Action {
     }
 }
 
+/// Whether a route needs no credentials (asked by the OpenAPI document, of the same table the
+/// `authorize` layer uses). `path` may be a template (`/v1/entities/{kind}`).
+pub(super) fn is_public(method: &str, path: &str) -> bool {
+    Method::from_bytes(method.as_bytes()).is_ok_and(|m| action_of(&m, path) == Action::Public)
+}
+
 /// The fields a patch body sets (its top-level keys, or those of its `fields` object when the
 /// wrapped form is sent); None when it is not a JSON object.
 fn patch_fields(body: &[u8]) -> Option<Vec<String>> {
@@ -409,10 +440,11 @@ async fn authorize(State(st): State<ApiState>, req: Request, next: Next) -> Resp
     next.run(req).await
 }
 
-/// An error answer: `{"error": {"code", "message", "kind"?, "field"?}}`.
+/// An error answer: `{"error": {"code", "message", "field"?, "kind"?}}` ([`ErrorBody`], the
+/// type the OpenAPI document describes).
 pub struct ApiError {
     status: StatusCode,
-    body: Value,
+    error: ErrorDetail,
     /// Seconds for a `Retry-After` header (429, 503).
     retry_after: Option<u64>,
 }
@@ -421,7 +453,12 @@ impl ApiError {
     fn new(status: StatusCode, code: &str, message: String) -> ApiError {
         ApiError {
             status,
-            body: json!({"error": {"code": code, "message": message}}),
+            error: ErrorDetail {
+                code: code.to_string(),
+                message,
+                field: None,
+                kind: None,
+            },
             retry_after: None,
         }
     }
@@ -429,7 +466,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut r = (self.status, Json(self.body)).into_response();
+        let body = ErrorBody { error: self.error };
+        let mut r = (self.status, Json(body)).into_response();
         if let Some(s) = self.retry_after {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from(s));
@@ -442,10 +480,10 @@ impl From<SchemaError> for ApiError {
     fn from(e: SchemaError) -> Self {
         let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string());
         if let Some(f) = e.field() {
-            err.body["error"]["field"] = json!(f);
+            err.error.field = Some(f.to_string());
         }
         if let SchemaError::UnknownKind { .. } = e {
-            err.body["error"]["code"] = json!("unknown_kind");
+            err.error.code = "unknown_kind".into();
         }
         err
     }
@@ -466,7 +504,7 @@ impl From<Error> for ApiError {
                     "not_found",
                     format!("{kind} {name:?} not found"),
                 );
-                err.body["error"]["kind"] = json!(kind.as_str());
+                err.error.kind = Some(kind.as_str().to_string());
                 err
             }
             Error::Write(WriteError::MissingReference {
@@ -483,7 +521,7 @@ impl From<Error> for ApiError {
                 };
                 let mut err =
                     ApiError::new(StatusCode::BAD_REQUEST, "missing_reference", e.to_string());
-                err.body["error"]["field"] = json!(field);
+                err.error.field = Some(field.to_string());
                 err
             }
             Error::Write(WriteError::LastSuperAdmin { .. }) => {
@@ -565,27 +603,49 @@ fn kind(s: &str) -> Result<Kind, ApiError> {
     Ok(Kind::parse(s)?)
 }
 
+/// This node's ID, name, version, schema version and addresses.
+#[utoipa::path(
+    get, path = "/v1/node", tag = "node",
+    responses((status = 200, description = "this node", body = NodeInfo))
+)]
 async fn node_info(State(st): State<ApiState>) -> ApiResult {
     let c = st.node.config();
-    Ok(Json(json!({
-        "id": c.node_id,
-        "name": c.name,
-        "version": env!("CARGO_PKG_VERSION"),
-        "schema_version": crdt_schema::SCHEMA_VERSION,
-        "api_listen": c.api_listen.to_string(),
-        "ipc_listen": c.ipc_listen.to_string(),
-    }))
+    Ok(Json(NodeInfo {
+        id: c.node_id.clone(),
+        name: c.name.clone(),
+        version: env!("CARGO_PKG_VERSION"),
+        schema_version: crdt_schema::SCHEMA_VERSION,
+        api_listen: c.api_listen.to_string(),
+        ipc_listen: c.ipc_listen.to_string(),
+    })
     .into_response())
 }
 
+/// The schema of every kind: fields, types, defaults, merge semantics.
+#[utoipa::path(
+    get, path = "/v1/schema", tag = "schema",
+    responses((status = 200, description = "`{version, kinds: [{kind, description, singleton, fields: [...]}]}`", body = Object))
+)]
 async fn schema_all() -> ApiResult {
     Ok(Json(crdt_schema::schema_json(None)).into_response())
 }
 
+/// The schema of one kind.
+#[utoipa::path(
+    get, path = "/v1/schema/{kind}", tag = "schema",
+    params(("kind" = KindName, Path, description = "the entity kind")),
+    responses((status = 200, description = "`{version, kinds: [...]}` with the one kind", body = Object), (status = 400, description = "unknown kind (`unknown_kind`)", body = ErrorBody))
+)]
 async fn schema_kind(Path(k): Path<String>) -> ApiResult {
     Ok(Json(crdt_schema::schema_json(Some(kind(&k)?))).into_response())
 }
 
+/// Every entity of a kind.
+#[utoipa::path(
+    get, path = "/v1/entities/{kind}", tag = "entities",
+    params(("kind" = KindName, Path, description = "the entity kind")),
+    responses((status = 200, description = "the entities of the kind (an admin sees only its own account and API tokens)", body = EntityList), (status = 400, description = "unknown kind (`unknown_kind`)", body = ErrorBody))
+)]
 async fn list(
     State(st): State<ApiState>,
     Extension(who): Extension<Caller>,
@@ -614,6 +674,14 @@ async fn list(
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
+/// One entity.
+///
+/// Singletons (`settings/global`, `security/global`) always exist and read as their defaults until written.
+#[utoipa::path(
+    get, path = "/v1/entities/{kind}/{name}", tag = "entities",
+    params(("kind" = KindName, Path, description = "the entity kind"), ("name" = EntityName, Path, description = "the entity's name")),
+    responses((status = 200, description = "the entity as read: secrets never, only whether they are set", body = Entity), (status = 400, description = "unknown kind or invalid name (`unknown_kind`, `invalid`)", body = ErrorBody), (status = 404, description = "no such entity (`not_found`)", body = ErrorBody))
+)]
 async fn get_entity(
     State(st): State<ApiState>,
     Extension(who): Extension<Caller>,
@@ -640,6 +708,15 @@ fn not_yours(who: &Caller, k: Kind, name: &str) -> ApiError {
     )
 }
 
+/// Creates or replaces an entity.
+///
+/// The body is the fields of the kind named in the path (`{kind}_fields`).
+#[utoipa::path(
+    put, path = "/v1/entities/{kind}/{name}", tag = "entities",
+    params(("kind" = KindName, Path, description = "the entity kind"), ("name" = EntityName, Path, description = "the entity's name")),
+    request_body(content = EntityPut, content_type = "application/json"),
+    responses((status = 200, description = "the entity as it now reads, once durable", body = Entity), (status = 400, description = "invalid body or field (`bad_json`, `invalid`, `unknown_kind`, `missing_reference`; `field` names it)", body = ErrorBody), (status = 409, description = "the last enabled superadmin would be lost (`last_superadmin`)", body = ErrorBody), (status = 507, description = "the disk is full: writes are refused (`disk_full`)", body = ErrorBody))
+)]
 async fn put_entity(
     State(st): State<ApiState>,
     Extension(who): Extension<Caller>,
@@ -651,6 +728,15 @@ async fn put_entity(
     Ok(Json(st.node.acting_as(who.recorded()).put(k, &name, v).await?).into_response())
 }
 
+/// Changes some fields of an entity (a JSON merge patch).
+///
+/// An admin may patch its own account's `password` only. A patch of a singleton never written creates it.
+#[utoipa::path(
+    patch, path = "/v1/entities/{kind}/{name}", tag = "entities",
+    params(("kind" = KindName, Path, description = "the entity kind"), ("name" = EntityName, Path, description = "the entity's name")),
+    request_body(content = EntityPatch, content_type = "application/json"),
+    responses((status = 200, description = "the entity as it now reads, once durable", body = Entity), (status = 400, description = "invalid body or field (`bad_json`, `invalid`, `unknown_kind`, `missing_reference`; `field` names it)", body = ErrorBody), (status = 404, description = "no such entity (`not_found`)", body = ErrorBody), (status = 409, description = "the last enabled superadmin would be lost (`last_superadmin`)", body = ErrorBody), (status = 507, description = "the disk is full: writes are refused (`disk_full`)", body = ErrorBody))
+)]
 async fn patch_entity(
     State(st): State<ApiState>,
     Extension(who): Extension<Caller>,
@@ -662,6 +748,14 @@ async fn patch_entity(
     Ok(Json(st.node.acting_as(who.recorded()).patch(k, &name, v).await?).into_response())
 }
 
+/// Deletes an entity.
+///
+/// Deleting an admin account revokes its API tokens.
+#[utoipa::path(
+    delete, path = "/v1/entities/{kind}/{name}", tag = "entities",
+    params(("kind" = KindName, Path, description = "the entity kind"), ("name" = EntityName, Path, description = "the entity's name")),
+    responses((status = 200, description = "deleted (a tombstone that replicates; the name can be used again)", body = Deleted), (status = 400, description = "unknown kind or invalid name", body = ErrorBody), (status = 404, description = "no such entity (`not_found`)", body = ErrorBody), (status = 409, description = "the last enabled superadmin would be lost (`last_superadmin`)", body = ErrorBody), (status = 507, description = "the disk is full (`disk_full`)", body = ErrorBody))
+)]
 async fn delete_entity(
     State(st): State<ApiState>,
     Extension(who): Extension<Caller>,
@@ -673,9 +767,21 @@ async fn delete_entity(
         // A new account made under this name must not inherit the old one's tokens.
         st.auth.drop_tokens_of(&who, &name).await?;
     }
-    Ok(Json(json!({"deleted": {"kind": k.as_str(), "name": name}})).into_response())
+    Ok(Json(Deleted {
+        deleted: DeletedEntity {
+            kind: k.as_str(),
+            name,
+        },
+    })
+    .into_response())
 }
 
+/// The change history of an entity.
+#[utoipa::path(
+    get, path = "/v1/entities/{kind}/{name}/history", tag = "entities",
+    params(("kind" = KindName, Path, description = "the entity kind"), ("name" = EntityName, Path, description = "the entity's name")),
+    responses((status = 200, description = "`{kind, name, changes: [...]}`: who changed what, when, from where", body = Object), (status = 400, description = "unknown kind or invalid name", body = ErrorBody), (status = 404, description = "no such entity (`not_found`)", body = ErrorBody))
+)]
 async fn history(
     State(st): State<ApiState>,
     Extension(who): Extension<Caller>,
@@ -695,7 +801,22 @@ async fn history(
     Ok(Json(json!({"kind": k.as_str(), "name": name, "changes": h})).into_response())
 }
 
-/// `GET /v1/watch`: committed changes as Server-Sent Events (see [`super::watch`]).
+/// Committed changes as Server-Sent Events (see [`super::watch`]).
+#[utoipa::path(
+    get, path = "/v1/watch", tag = "entities",
+    summary = "Follow committed changes (Server-Sent Events)",
+    description = "One event per committed change on this node, local or replicated, in commit order: `id:` the node's change number, `event:` `put` or `delete` (or `reset`: re-list), `data:` one JSON line with `seq`, `kind`, `name`, `origin`, `by` and `entity`. Resume with `Last-Event-ID` or `since`. Keep-alive comments every 15 s.",
+    params(
+        ("kind" = Option<Vec<String>>, Query, description = "only these kinds (repeatable)"),
+        ("name" = Option<String>, Query, description = "only this entity (with kind)"),
+        ("since" = Option<u64>, Query, description = "replay the changes after this number first"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "as `since`; wins over it"),
+    ),
+    responses(
+        (status = 200, description = "the event stream", content_type = "text/event-stream", body = String),
+        (status = 400, description = "an unknown kind, `name` without `kind`, or a position that is not a number", body = ErrorBody),
+    )
+)]
 async fn watch(
     State(st): State<ApiState>,
     Extension(who): Extension<Caller>,
@@ -705,13 +826,18 @@ async fn watch(
     let q = super::watch::parse_query(uri.query(), &headers).map_err(|e| {
         let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string());
         if let super::watch::WatchError::Kind(SchemaError::UnknownKind { .. }) = e {
-            err.body["error"]["code"] = json!("unknown_kind");
+            err.error.code = "unknown_kind".into();
         }
         err
     })?;
     Ok(super::watch::stream(st.node.clone(), who, q))
 }
 
+/// Entities whose concurrent writes are not resolved.
+#[utoipa::path(
+    get, path = "/v1/conflicts", tag = "entities",
+    responses((status = 200, description = "`{conflicts: [entity, ...]}`: the entities with unresolved concurrent writes the caller may see", body = Object))
+)]
 async fn conflicts(State(st): State<ApiState>, Extension(who): Extension<Caller>) -> ApiResult {
     let node = st.node.clone();
     let mut c = tokio::task::spawn_blocking(move || node.conflicts())
@@ -726,6 +852,12 @@ async fn conflicts(State(st): State<ApiState>, Extension(who): Extension<Caller>
     Ok(Json(json!({"conflicts": c})).into_response())
 }
 
+/// Makes a join token for a new node (superadmin).
+#[utoipa::path(
+    post, path = "/v1/tokens", tag = "cluster",
+    request_body(content = Option<JoinTokenRequest>, content_type = "application/json", description = "optional"),
+    responses((status = 200, description = "the token, shown once", body = JoinTokenMade), (status = 400, description = "bad JSON or ttl out of range (`bad_json`, `invalid`)", body = ErrorBody), (status = 507, description = "the disk is full (`disk_full`)", body = ErrorBody))
+)]
 async fn create_token(
     State(st): State<ApiState>,
     Extension(_who): Extension<Caller>,
@@ -746,7 +878,12 @@ async fn create_token(
                     other.to_string(),
                 ),
             })?;
-    Ok(Json(json!({"token": token.encode(), "expires_wall_ms": expires, "ipc": st.node.config().ipc_advertise})).into_response())
+    Ok(Json(JoinTokenMade {
+        token: token.encode(),
+        expires_wall_ms: expires,
+        ipc: st.node.config().ipc_advertise.clone(),
+    })
+    .into_response())
 }
 
 /// Each token-management error maps to one status and one code; none shows a secret.
@@ -762,13 +899,22 @@ impl From<crate::cluster::tokens::TokenAdminError> for ApiError {
     }
 }
 
-/// The join tokens this node made: IDs (a prefix of the stored hash), expiry, state. Never a
-/// secret: a token is shown once, when it is made.
+/// The join tokens this node made (superadmin).
+#[utoipa::path(
+    get, path = "/v1/tokens", tag = "cluster",
+    responses((status = 200, description = "`{tokens: [{id, expires_wall_ms, used, revoked, state}]}`: never a secret", body = Object))
+)]
 async fn list_tokens(State(st): State<ApiState>, Extension(_who): Extension<Caller>) -> ApiResult {
     let tokens = crate::cluster::tokens::list_tokens(&st.node).await?;
     Ok(Json(json!({ "tokens": tokens })).into_response())
 }
 
+/// Revokes a join token (superadmin).
+#[utoipa::path(
+    delete, path = "/v1/tokens/{id}", tag = "cluster",
+    params(("id" = String, Path, description = "a join token ID (a prefix of its hash, as listed)")),
+    responses((status = 200, description = "`{revoked: {id, expires_wall_ms, used, revoked, state}}`", body = Object), (status = 400, description = "malformed ID (`invalid`)", body = ErrorBody), (status = 404, description = "no such token (`not_found`)", body = ErrorBody), (status = 409, description = "the ID names several tokens (`ambiguous`)", body = ErrorBody))
+)]
 async fn revoke_token(
     State(st): State<ApiState>,
     Extension(_who): Extension<Caller>,
@@ -778,8 +924,14 @@ async fn revoke_token(
     Ok(Json(json!({ "revoked": token })).into_response())
 }
 
-/// `POST /v1/login`: `{"name", "password"}` answers a session token. Wrong password, unknown
-/// or disabled account: one 401 for all.
+/// Logs in: a session token for a name and password.
+///
+/// Wrong password, unknown or disabled account: one 401 for all. Failed logins lock out the account and the address (429).
+#[utoipa::path(
+    post, path = "/v1/login", tag = "auth",
+    request_body(content = LoginRequest, content_type = "application/json"),
+    responses((status = 200, description = "a session", body = Session), (status = 400, description = "bad JSON, or name or password missing (`bad_json`, `invalid`)", body = ErrorBody), (status = 401, description = "wrong name or password, or a disabled account: one answer for all (`unauthorized`)", body = ErrorBody), (status = 429, description = "too many failed logins for this account or from this address (`locked_out`)", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds until a login may be tried again"))), (status = 503, description = "too many logins are being checked at once (`busy`)", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds"))))
+)]
 async fn login(
     State(st): State<ApiState>,
     addr: Option<Extension<ClientAddr>>,
@@ -793,19 +945,19 @@ async fn login(
                 "invalid",
                 format!("login needs {{\"name\": \"...\", \"password\": \"...\"}}: {f} is missing or not a string"),
             );
-            e.body["error"]["field"] = json!(f);
+            e.error.field = Some(f.to_string());
             e
         })
     };
     let (name, password) = (field("name")?, field("password")?);
     let from = addr.map(|a| a.0 .0.ip());
     match st.auth.login(name, password, from).await {
-        Ok(s) => Ok(Json(json!({
-            "token": s.token,
-            "expires_at_ms": s.expires_at_ms,
-            "name": s.name,
-            "role": s.role.as_str(),
-        }))
+        Ok(s) => Ok(Json(Session {
+            token: s.token,
+            expires_at_ms: s.expires_at_ms,
+            name: s.name,
+            role: s.role.as_str(),
+        })
         .into_response()),
         Err(e) => Err(e.into()),
     }
@@ -838,7 +990,7 @@ impl From<auth::ApiTokenError> for ApiError {
         match e {
             E::Ttl(_) => {
                 let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string());
-                err.body["error"]["field"] = json!("ttl");
+                err.error.field = Some("ttl".to_string());
                 err
             }
             E::NotFound { .. } => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
@@ -848,17 +1000,26 @@ impl From<auth::ApiTokenError> for ApiError {
     }
 }
 
-/// `POST /v1/logout`: ends the session the request came with (an API token is revoked with
-/// `DELETE /v1/api-tokens/{id}` instead).
+/// Ends the session the request came with.
+///
+/// An API token is revoked with `DELETE /v1/api-tokens/{id}` instead.
+#[utoipa::path(
+    post, path = "/v1/logout", tag = "auth",
+    responses((status = 200, description = "whether a session ended (false for an API token)", body = LoggedOut))
+)]
 async fn logout(State(st): State<ApiState>, Extension(who): Extension<Caller>) -> ApiResult {
     let ended = match &who.via {
         auth::Via::Session(key) => st.auth.end_session(key),
         auth::Via::ApiToken(_) => false,
     };
-    Ok(Json(json!({ "logged_out": ended })).into_response())
+    Ok(Json(LoggedOut { logged_out: ended }).into_response())
 }
 
-/// `GET /v1/whoami`: the caller's account, role and credentials (never the token).
+/// The caller's account, role and credentials (never the token).
+#[utoipa::path(
+    get, path = "/v1/whoami", tag = "auth",
+    responses((status = 200, description = "the caller", body = WhoAmI))
+)]
 async fn whoami(State(st): State<ApiState>, Extension(who): Extension<Caller>) -> ApiResult {
     let (via, id, expires) = match &who.via {
         auth::Via::Session(key) => ("session", None, st.auth.session_end(key)),
@@ -870,17 +1031,22 @@ async fn whoami(State(st): State<ApiState>, Extension(who): Extension<Caller>) -
             ("api_token", Some(id.clone()), exp)
         }
     };
-    Ok(Json(json!({
-        "name": who.name,
-        "role": who.role.as_str(),
-        "via": via,
-        "token_id": id,
-        "expires_at_ms": expires,
-    }))
+    Ok(Json(WhoAmI {
+        name: who.name.clone(),
+        role: who.role.as_str(),
+        via,
+        token_id: id,
+        expires_at_ms: expires,
+    })
     .into_response())
 }
 
-/// `POST /v1/api-tokens` (`{"ttl"?, "label"?}`): a token acting as the caller, shown once.
+/// Makes an API token acting as the caller, shown once.
+#[utoipa::path(
+    post, path = "/v1/api-tokens", tag = "auth",
+    request_body(content = Option<ApiTokenRequest>, content_type = "application/json", description = "optional"),
+    responses((status = 200, description = "the token, shown once", body = ApiTokenMade), (status = 400, description = "bad JSON, ttl or label (`bad_json`, `invalid`; `field` names it)", body = ErrorBody), (status = 507, description = "the disk is full (`disk_full`)", body = ErrorBody))
+)]
 async fn create_api_token(
     State(st): State<ApiState>,
     Extension(who): Extension<Caller>,
@@ -899,22 +1065,27 @@ async fn create_api_token(
                     "invalid",
                     format!("label: expected a string, got {other}"),
                 );
-                e.body["error"]["field"] = json!("label");
+                e.error.field = Some("label".to_string());
                 return Err(e);
             }
         }
     };
     let t = st.auth.create_api_token(&who, ttl, &label).await?;
-    Ok(Json(json!({
-        "id": t.id,
-        "token": t.token,
-        "admin": t.name,
-        "label": label,
-        "expires_at_ms": t.expires_at_ms,
-    }))
+    Ok(Json(ApiTokenMade {
+        id: t.id,
+        token: t.token,
+        admin: t.name,
+        label,
+        expires_at_ms: t.expires_at_ms,
+    })
     .into_response())
 }
 
+/// The API tokens the caller may see.
+#[utoipa::path(
+    get, path = "/v1/api-tokens", tag = "auth",
+    responses((status = 200, description = "`{tokens: [...]}`: the caller's API tokens (a superadmin's: all), never a secret", body = Object))
+)]
 async fn list_api_tokens(
     State(st): State<ApiState>,
     Extension(who): Extension<Caller>,
@@ -923,6 +1094,12 @@ async fn list_api_tokens(
     Ok(Json(json!({ "tokens": tokens })).into_response())
 }
 
+/// Revokes an API token: one's own, or any (superadmin).
+#[utoipa::path(
+    delete, path = "/v1/api-tokens/{id}", tag = "auth",
+    params(("id" = String, Path, description = "an API token ID (the part after `pcat_` and before the next `_`)")),
+    responses((status = 200, description = "`{revoked: ...}`", body = Object), (status = 404, description = "no such token (`not_found`)", body = ErrorBody), (status = 507, description = "the disk is full (`disk_full`)", body = ErrorBody))
+)]
 async fn revoke_api_token(
     State(st): State<ApiState>,
     Extension(who): Extension<Caller>,
@@ -932,10 +1109,21 @@ async fn revoke_api_token(
     Ok(Json(json!({ "revoked": revoked })).into_response())
 }
 
+/// The cluster's members.
+#[utoipa::path(
+    get, path = "/v1/nodes", tag = "cluster",
+    responses((status = 200, description = "`{self, cluster_id, members: [{id, name, addr, version, removed, key}]}`", body = Object))
+)]
 async fn nodes(State(st): State<ApiState>) -> ApiResult {
     Ok(Json(json!({"self": st.node.config().node_id, "cluster_id": st.node.config().cluster_id, "members": st.node.members()})).into_response())
 }
 
+/// Removes a node from the cluster (superadmin), from another member.
+#[utoipa::path(
+    delete, path = "/v1/nodes/{id}", tag = "cluster",
+    params(("id" = String, Path, description = "the ID of the node to remove")),
+    responses((status = 200, description = "removed", body = Removed), (status = 400, description = "a node cannot remove itself (`invalid`)", body = ErrorBody), (status = 404, description = "no such member (`not_found`)", body = ErrorBody), (status = 507, description = "the disk is full (`disk_full`)", body = ErrorBody))
+)]
 async fn remove_node(
     State(st): State<ApiState>,
     Extension(_who): Extension<Caller>,
@@ -949,11 +1137,16 @@ async fn remove_node(
         ));
     }
     st.node.remove_member(&id).await?;
-    Ok(Json(json!({"removed": id})).into_response())
+    Ok(Json(Removed { removed: id }).into_response())
 }
 
-/// 200 while the node takes clients and writes; 503 while it drains (so load balancers stop
-/// sending clients) or its disk is full (writes are refused).
+/// Readiness: 200 while the node takes clients and writes.
+///
+/// 503 while it drains (so load balancers stop sending clients) or its disk is full (writes are refused).
+#[utoipa::path(
+    get, path = "/readyz", tag = "node",
+    responses((status = 200, description = "ready", body = String, content_type = "text/plain"), (status = 503, description = "draining, disk full, or recovering", body = String, content_type = "text/plain"))
+)]
 async fn readyz(State(st): State<ApiState>) -> Response {
     if st.node.drain().is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
@@ -968,10 +1161,21 @@ async fn readyz(State(st): State<ApiState>) -> Response {
     }
 }
 
+/// Cluster and node status.
+#[utoipa::path(
+    get, path = "/v1/status", tag = "node",
+    responses((status = 200, description = "the node's view of the cluster: members, links, replication, storage", body = Object))
+)]
 async fn status(State(st): State<ApiState>) -> ApiResult {
     Ok(Json(crate::cluster::monitor::status(&st.cluster)).into_response())
 }
 
+/// Drains the node (superadmin): new client connections are refused.
+#[utoipa::path(
+    post, path = "/v1/drain", tag = "node",
+    request_body(content = Option<DrainRequest>, content_type = "application/json", description = "optional"),
+    responses((status = 200, description = "draining", body = Draining), (status = 400, description = "bad JSON or deadline (`bad_json`, `invalid`)", body = ErrorBody))
+)]
 async fn drain(
     State(st): State<ApiState>,
     Extension(_who): Extension<Caller>,
@@ -980,37 +1184,231 @@ async fn drain(
     let deadline = optional_duration(&body, "deadline", "30s")?;
     st.node.drain().try_start(deadline).map_err(|e| {
         let mut err = ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string());
-        err.body["error"]["field"] = json!("deadline");
+        err.error.field = Some("deadline".to_string());
         err
     })?;
     tracing::info!(deadline = ?deadline, "draining: new client connections are refused");
-    Ok(Json(json!({"draining": true, "deadline_s": deadline.map(|d| d.as_secs_f64()), "active_connections": st.node.drain().active()})).into_response())
-}
-
-async fn undrain(State(st): State<ApiState>, Extension(_who): Extension<Caller>) -> ApiResult {
-    st.node.drain().stop();
-    tracing::info!("undrained: client connections are accepted again");
-    Ok(Json(json!({"draining": false})).into_response())
-}
-
-/// Rotates the at-rest key now (see [`crate::node::Node::compact`]): answers the new key's ID,
-/// the IDs of the keys deleted and how many secret values were sealed again.
-async fn compact(State(st): State<ApiState>, Extension(_who): Extension<Caller>) -> ApiResult {
-    let rotation = st.node.compact().await?;
-    Ok(Json(json!({
-        "key": rotation.key,
-        "retired": rotation.retired,
-        "resealed": rotation.resealed,
-    }))
+    Ok(Json(Draining {
+        draining: true,
+        deadline_s: deadline.map(|d| d.as_secs_f64()),
+        active_connections: st.node.drain().active(),
+    })
     .into_response())
 }
 
+/// Ends a drain (superadmin).
+#[utoipa::path(
+    post, path = "/v1/undrain", tag = "node",
+    responses((status = 200, description = "not draining", body = Undrained))
+)]
+async fn undrain(State(st): State<ApiState>, Extension(_who): Extension<Caller>) -> ApiResult {
+    st.node.drain().stop();
+    tracing::info!("undrained: client connections are accepted again");
+    Ok(Json(Undrained { draining: false }).into_response())
+}
+
+/// Rotates the at-rest key now (superadmin).
+#[utoipa::path(
+    post, path = "/v1/compact", tag = "node",
+    responses((status = 200, description = "the new key, the keys deleted, how many secrets were sealed again", body = KeyRotation), (status = 507, description = "the disk is full (`disk_full`)", body = ErrorBody))
+)]
+async fn compact(State(st): State<ApiState>, Extension(_who): Extension<Caller>) -> ApiResult {
+    let rotation = st.node.compact().await?;
+    Ok(Json(KeyRotation {
+        key: rotation.key,
+        retired: rotation.retired,
+        resealed: rotation.resealed,
+    })
+    .into_response())
+}
+
+/// Metrics in the OpenMetrics text format.
+#[utoipa::path(
+    get, path = "/metrics", tag = "node",
+    responses((status = 200, description = "OpenMetrics text", body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"))
+)]
 async fn metrics(State(st): State<ApiState>) -> Response {
     (
         [(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)],
         super::metrics::encode(&st.cluster, Some(&st.auth)),
     )
         .into_response()
+}
+
+/// Liveness: 200 while the process runs, recovering or not.
+#[utoipa::path(get, path = "/livez", tag = "node",
+    responses((status = 200, description = "alive (`ok`, or `ok (recovering)` while the store recovers)", body = String, content_type = "text/plain"))
+)]
+async fn livez() -> &'static str {
+    "ok\n"
+}
+
+/// This document: the OpenAPI 3.1 description of the admin API, generated from the code.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "meta",
+    responses((status = 200, description = "the OpenAPI 3.1 document", body = Object))
+)]
+async fn openapi_doc() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_json()).into_response()
+}
+
+// Request bodies (described here; the handlers read them field by field, with errors that name
+// the field) and answers.
+
+/// `POST /v1/login`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct LoginRequest {
+    /// The admin account's name.
+    name: String,
+    /// Its password.
+    #[schema(format = Password, write_only)]
+    password: String,
+}
+
+/// `POST /v1/api-tokens`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct ApiTokenRequest {
+    /// How long the token lives, a duration (`90m`, `30d`): 1m to 366d; 30d if absent.
+    #[schema(example = "30d")]
+    ttl: Option<String>,
+    /// What the token is for.
+    label: Option<String>,
+}
+
+/// `POST /v1/drain`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct DrainRequest {
+    /// How long to wait for client connections to end, a duration (`30s`), at most 24h;
+    /// none: until undrained.
+    #[schema(example = "30s")]
+    deadline: Option<String>,
+}
+
+/// `POST /v1/tokens`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct JoinTokenRequest {
+    /// How long the token is valid, a duration (`1h`).
+    #[schema(example = "1h")]
+    ttl: Option<String>,
+}
+
+/// A login session.
+#[derive(Serialize, ToSchema)]
+struct Session {
+    /// The session token (`pcs_...`), sent as `Authorization: Bearer TOKEN`.
+    token: String,
+    /// When the session ends at the latest, milliseconds since the Unix epoch.
+    expires_at_ms: i64,
+    name: String,
+    /// `admin` or `superadmin`.
+    role: &'static str,
+}
+
+/// The caller.
+#[derive(Serialize, ToSchema)]
+struct WhoAmI {
+    name: String,
+    /// `admin` or `superadmin`.
+    role: &'static str,
+    /// `session` or `api_token`.
+    via: &'static str,
+    /// The API token's ID, when the caller used one.
+    token_id: Option<String>,
+    /// When the credentials end, milliseconds since the Unix epoch.
+    expires_at_ms: Option<i64>,
+}
+
+/// A new API token.
+#[derive(Serialize, ToSchema)]
+struct ApiTokenMade {
+    /// The token's ID (for `DELETE /v1/api-tokens/{id}`).
+    id: Option<String>,
+    /// The token (`pcat_...`), shown this once.
+    token: String,
+    /// The admin the token acts as.
+    admin: String,
+    label: String,
+    /// End of validity, milliseconds since the Unix epoch.
+    expires_at_ms: i64,
+}
+
+/// This node.
+#[derive(Serialize, ToSchema)]
+struct NodeInfo {
+    id: String,
+    name: String,
+    /// The peerconf version.
+    version: &'static str,
+    schema_version: u32,
+    api_listen: String,
+    ipc_listen: String,
+}
+
+/// A deleted entity.
+#[derive(Serialize, ToSchema)]
+struct Deleted {
+    deleted: DeletedEntity,
+}
+
+#[derive(Serialize, ToSchema)]
+struct DeletedEntity {
+    kind: &'static str,
+    name: String,
+}
+
+/// The answer to a logout.
+#[derive(Serialize, ToSchema)]
+struct LoggedOut {
+    /// Whether a session ended.
+    logged_out: bool,
+}
+
+/// A new join token.
+#[derive(Serialize, ToSchema)]
+struct JoinTokenMade {
+    /// The token, shown this once: give it to `peerconf join`.
+    token: String,
+    /// End of validity, milliseconds since the Unix epoch.
+    expires_wall_ms: i64,
+    /// The address the new node reaches this one at.
+    ipc: String,
+}
+
+/// A removed node.
+#[derive(Serialize, ToSchema)]
+struct Removed {
+    /// The node's ID.
+    removed: String,
+}
+
+/// A drain started.
+#[derive(Serialize, ToSchema)]
+struct Draining {
+    draining: bool,
+    /// The deadline in seconds, if one was given.
+    deadline_s: Option<f64>,
+    /// Client connections still open.
+    active_connections: usize,
+}
+
+/// A drain ended.
+#[derive(Serialize, ToSchema)]
+struct Undrained {
+    draining: bool,
+}
+
+/// A key rotation.
+#[derive(Serialize, ToSchema)]
+struct KeyRotation {
+    /// The ID of the key that seals from now on.
+    key: u32,
+    /// The IDs of the keys deleted.
+    retired: Vec<u32>,
+    /// Secret values sealed again under the new key.
+    resealed: usize,
 }
 
 #[cfg(test)]
@@ -1663,6 +2061,273 @@ mod tests {
         let (_, all) = call(&app, "GET", "/v1/entities/admin", "").await;
         assert!(all.as_array().expect("list").len() >= 2, "{all}");
         assert!(!all.to_string().contains("argon2"), "{all}");
+    }
+
+    /// The OpenAPI document needs credentials like every route but the public three.
+    #[tokio::test]
+    async fn the_openapi_document_needs_a_token() {
+        let (app, _node, _dir) = app().await;
+        let (status, headers, _) = send(
+            &app,
+            "GET",
+            "/v1/openapi.json",
+            &[("authorization", "Bearer ")],
+            None,
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(headers.contains_key("www-authenticate"));
+        let (status, headers, doc) = send(&app, "GET", "/v1/openapi.json", &[], None, "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(doc["openapi"], json!("3.1.0"));
+        assert!(doc["paths"]["/v1/entities/{kind}/{name}"]["put"].is_object());
+    }
+
+    /// Whether `v` fits `schema` of the document `doc` (the parts of JSON Schema the document
+    /// uses: `$ref`, `oneOf` with a discriminator, type, enum, properties, required,
+    /// additionalProperties false, items); the reason when it does not.
+    fn fits(doc: &Value, schema: &Value, v: &Value, at: &str) -> Result<(), String> {
+        if let Some(r) = schema["$ref"].as_str() {
+            let target = doc
+                .pointer(r.trim_start_matches('#'))
+                .ok_or(format!("{at}: {r} does not resolve"))?;
+            return fits(doc, target, v, at);
+        }
+        if let Some(branches) = schema["oneOf"].as_array() {
+            if let Some(prop) = schema["discriminator"]["propertyName"].as_str() {
+                let tag = v[prop].as_str().unwrap_or_default();
+                let r = schema["discriminator"]["mapping"][tag]
+                    .as_str()
+                    .ok_or(format!("{at}: no branch for {prop} {tag:?}"))?;
+                return fits(doc, &json!({ "$ref": r }), v, at);
+            }
+            let ok = branches
+                .iter()
+                .filter(|b| fits(doc, b, v, at).is_ok())
+                .count();
+            return if ok > 0 {
+                Ok(())
+            } else {
+                Err(format!("{at}: no branch fits {v}"))
+            };
+        }
+        let type_of = |v: &Value| match v {
+            Value::Null => "null",
+            Value::Bool(_) => "boolean",
+            Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        };
+        let types: Vec<&str> = match &schema["type"] {
+            Value::String(t) => vec![t.as_str()],
+            Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+            _ => vec![],
+        };
+        let t = type_of(v);
+        let allowed =
+            types.is_empty() || types.contains(&t) || (t == "integer" && types.contains(&"number"));
+        if !allowed {
+            return Err(format!("{at}: {t} where the document says {types:?}: {v}"));
+        }
+        if let Some(e) = schema["enum"].as_array() {
+            if !e.contains(v) {
+                return Err(format!("{at}: {v} is not one of {e:?}"));
+            }
+        }
+        if let Value::Object(o) = v {
+            let props = schema["properties"].as_object();
+            for r in schema["required"].as_array().into_iter().flatten() {
+                let r = r.as_str().unwrap_or_default();
+                if !o.contains_key(r)
+                    && !schema["properties"][r]["writeOnly"]
+                        .as_bool()
+                        .unwrap_or(false)
+                {
+                    return Err(format!("{at}: {r} is required: {v}"));
+                }
+            }
+            for (k, x) in o {
+                match props.and_then(|p| p.get(k)) {
+                    Some(s) => fits(doc, s, x, &format!("{at}.{k}"))?,
+                    None if schema["additionalProperties"] == json!(false) => {
+                        return Err(format!("{at}: {k} is not in the document"))
+                    }
+                    None => {}
+                }
+            }
+        }
+        if let (Value::Array(a), Some(items)) = (v, schema.get("items")) {
+            for (i, x) in a.iter().enumerate() {
+                fits(doc, items, x, &format!("{at}[{i}]"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Real answers fit the schemas the document gives for them: entities of every kind that
+    /// has a field table to fill, lists, errors, the login and the caller.
+    #[tokio::test]
+    async fn answers_fit_the_document() {
+        let (app, _node, _dir) = app().await;
+        let doc: Value = serde_json::from_str(openapi_json()).expect("json");
+        let answer = |path: &str, method: &str, status: &str| {
+            doc["paths"][path][method.to_ascii_lowercase()]["responses"][status]["content"]
+                ["application/json"]["schema"]
+                .clone()
+        };
+        let check = |schema: Value, v: &Value, what: &str| {
+            if let Err(e) = fits(&doc, &schema, v, what) {
+                panic!("{e}\nschema: {schema}");
+            }
+        };
+        let writes = [
+            (
+                "PUT",
+                "site",
+                "s1",
+                json!({"root_dir": "/srv/s1", "protocols": ["sftp"]}),
+            ),
+            ("PUT", "group", "g1", json!({"permissions": ["read"]})),
+            (
+                "PUT",
+                "user",
+                "u1",
+                json!({"password": "User-password-1", "groups": ["g1"], "site": "s1"}),
+            ),
+            ("PUT", "script", "sc1", json!({"source": "log(1)"})),
+            (
+                "PUT",
+                "rule",
+                "r1",
+                json!({"event": "after_upload", "script": "sc1"}),
+            ),
+            (
+                "PUT",
+                "admin",
+                "ops",
+                json!({"role": "admin", "password": "Ops-password-1"}),
+            ),
+            ("PATCH", "settings", "global", json!({"banner": "hi"})),
+            (
+                "PATCH",
+                "security",
+                "global",
+                json!({"password_min_length": 9}),
+            ),
+        ];
+        let entity = "/v1/entities/{kind}/{name}";
+        for (method, kind, name, body) in writes {
+            let path = format!("/v1/entities/{kind}/{name}");
+            let (status, v) = call(&app, method, &path, &body.to_string()).await;
+            assert_eq!(status, StatusCode::OK, "{method} {path}: {v}");
+            check(
+                answer(entity, method, "200"),
+                &v,
+                &format!("{method} {path}"),
+            );
+            let (_, v) = call(&app, "GET", &path, "").await;
+            check(answer(entity, "GET", "200"), &v, &format!("GET {path}"));
+            let (_, v) = call(&app, "GET", &format!("/v1/entities/{kind}"), "").await;
+            check(
+                answer("/v1/entities/{kind}", "GET", "200"),
+                &v,
+                &format!("list {kind}"),
+            );
+        }
+        let (status, v) = call(&app, "PUT", "/v1/entities/site/s2", r#"{"nope": 1}"#).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        check(answer(entity, "PUT", "400"), &v, "an error");
+        let (status, v) = call(&app, "GET", "/v1/entities/site/absent", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        check(answer(entity, "GET", "404"), &v, "not found");
+        for (path, method, body) in [
+            ("/v1/whoami", "GET", ""),
+            ("/v1/node", "GET", ""),
+            ("/v1/api-tokens", "POST", r#"{"ttl":"1h","label":"x"}"#),
+            (
+                "/v1/login",
+                "POST",
+                r#"{"name":"root","password":"Root-password-1"}"#,
+            ),
+            ("/v1/undrain", "POST", ""),
+        ] {
+            let (status, v) = call(&app, method, path, body).await;
+            assert_eq!(status, StatusCode::OK, "{method} {path}: {v}");
+            check(answer(path, method, "200"), &v, &format!("{method} {path}"));
+        }
+        let (status, v) = call(&app, "DELETE", "/v1/entities/rule/r1", "").await;
+        assert_eq!(status, StatusCode::OK);
+        check(answer(entity, "DELETE", "200"), &v, "a delete");
+        // The check itself tells a wrong answer.
+        let read = answer(entity, "GET", "200");
+        for wrong in [
+            json!({"kind": "site", "name": "s", "fields": {"bogus": 1}}),
+            json!({"kind": "site", "name": "s", "fields": {"max_sessions": "many"}}),
+            json!({"kind": "site", "name": "s", "fields": {"protocols": ["gopher"]}}),
+            json!({"kind": "user", "name": "u", "fields": {}, "secrets_set": ["nope"]}),
+            json!({"kind": "rule", "name": "r", "fields": {"script": "sc1"}}),
+        ] {
+            assert!(fits(&doc, &read, &wrong, "wrong").is_err(), "{wrong}");
+        }
+    }
+
+    /// The router serves every operation the document describes, and on a described path no
+    /// method the document does not name.
+    #[tokio::test]
+    async fn the_router_serves_exactly_the_described_operations() {
+        let (app, _node, _dir) = app().await;
+        let doc = openapi_document();
+        let ops = super::super::openapi::operations(&doc);
+        let all = ["GET", "PUT", "POST", "DELETE", "PATCH"];
+        for path in doc.paths.paths.keys() {
+            let concrete = path
+                .replace("{kind}", "group")
+                .replace("{name}", "g-openapi")
+                .replace("{id}", "0123456789abcdef");
+            // A stream answers until the client leaves: a bad position is answered at once.
+            let concrete = if path == "/v1/watch" {
+                format!("{concrete}?since=not-a-number")
+            } else {
+                concrete
+            };
+            for m in all {
+                let described = ops
+                    .iter()
+                    .any(|(om, p, _)| p == path && super::super::openapi::method_str(om) == m);
+                if m == "POST"
+                    && ["/v1/drain", "/v1/compact", "/v1/logout"].contains(&path.as_str())
+                {
+                    // Served, but not sent here: it would drain the node, rotate its key or end
+                    // the session of the requests that follow.
+                    assert!(described, "{m} {path}");
+                    continue;
+                }
+                let body = if matches!(m, "PUT" | "PATCH" | "POST") {
+                    "{}"
+                } else {
+                    ""
+                };
+                let (status, _, v) = send(&app, m, &concrete, &[], None, body).await;
+                let fallback = status == StatusCode::NOT_FOUND
+                    && v["error"]["message"] == json!("no such API route");
+                if described {
+                    assert!(
+                        !fallback && status != StatusCode::METHOD_NOT_ALLOWED,
+                        "{m} {concrete} is described but not served: {status} {v}"
+                    );
+                } else {
+                    assert_eq!(
+                        status,
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "{m} {concrete} is served but not described: {v}"
+                    );
+                }
+            }
+        }
     }
 
     /// Unknown account and wrong password get the same answer; failures lock out an account

@@ -8,4 +8,5 @@ pub mod api;
 pub mod auth;
 pub mod daemon;
 pub mod metrics;
+pub mod openapi;
 pub mod watch;
