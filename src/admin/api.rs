@@ -1469,9 +1469,28 @@ mod tests {
     }
 
     fn bare_app() -> (Router, crate::node::Node, tempfile::TempDir) {
+        bare_app_with(crate::node::time::SystemClock::shared())
+    }
+
+    /// A clock the test moves: wall and monotonic time advance together.
+    struct StepClock(std::sync::atomic::AtomicU64);
+
+    impl crate::core::clock::Clock for StepClock {
+        fn wall_ms(&self) -> i64 {
+            1_800_000_000_000 + self.mono_ms() as i64
+        }
+        fn mono_ms(&self) -> u64 {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    fn bare_app_with(
+        clock: Arc<dyn crate::core::clock::Clock>,
+    ) -> (Router, crate::node::Node, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
         let opts = crate::node::NodeOptions {
             seed: Some(1),
+            clock,
             ..Default::default()
         };
         let init = crate::node::InitOptions {
@@ -2515,6 +2534,65 @@ mod tests {
             get(t2).await.0,
             StatusCode::UNAUTHORIZED,
             "a new ops inherited a token"
+        );
+    }
+
+    /// A session ends after `session_idle_timeout_s` without a request, and after
+    /// `session_max_life_s` from the login however busy it is (time from the node's clock).
+    #[tokio::test]
+    async fn sessions_end_after_their_idle_time_and_their_life() {
+        let clock = Arc::new(StepClock(std::sync::atomic::AtomicU64::new(1_000)));
+        let (app, node, _dir) = bare_app_with(clock.clone());
+        node.patch(
+            Kind::Security,
+            "global",
+            json!({"session_idle_timeout_s": 60, "session_max_life_s": 120}),
+        )
+        .await
+        .expect("policy");
+        let advance = |s: u64| {
+            clock
+                .0
+                .fetch_add(s * 1000, std::sync::atomic::Ordering::SeqCst);
+        };
+        let whoami = |token: String| {
+            let app = app.clone();
+            async move {
+                let auth = format!("Bearer {token}");
+                send(
+                    &app,
+                    "GET",
+                    "/v1/whoami",
+                    &[("authorization", &auth)],
+                    None,
+                    "",
+                )
+                .await
+                .0
+            }
+        };
+        let t = login(&app, "root", ROOT_PW).await.expect("login");
+        advance(59);
+        assert_eq!(whoami(t.clone()).await, StatusCode::OK, "idle 59 s of 60");
+        advance(59);
+        assert_eq!(
+            whoami(t.clone()).await,
+            StatusCode::OK,
+            "used 59 s ago, 118 s old"
+        );
+        advance(3);
+        assert_eq!(
+            whoami(t).await,
+            StatusCode::UNAUTHORIZED,
+            "121 s old: past the maximum life"
+        );
+        let t = login(&app, "root", ROOT_PW).await.expect("login again");
+        assert_eq!(whoami(t.clone()).await, StatusCode::OK);
+        advance(61);
+        assert_eq!(
+            whoami(t).await,
+            StatusCode::UNAUTHORIZED,
+            "61 s without a request"
         );
     }
 }

@@ -294,12 +294,6 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(b)
 }
 
-fn security(node: &Node) -> Result<crdt_schema::typed::Security, Error> {
-    Ok(node
-        .get_typed::<crdt_schema::typed::Security>("global")?
-        .unwrap_or_else(crdt_schema::typed::schema_defaults))
-}
-
 impl Auth {
     pub fn new(node: Node) -> Auth {
         Auth {
@@ -347,7 +341,7 @@ impl Auth {
 
     fn session(&self, secret: &str, from: Option<IpAddr>) -> Result<Caller, AuthError> {
         let key = sha256(secret);
-        let sec = security(&self.node)?;
+        let sec = self.node.published().security();
         let now = self.mono();
         let name = {
             let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -472,7 +466,7 @@ impl Auth {
         from: Option<IpAddr>,
     ) -> Result<Issued, LoginError> {
         use std::sync::atomic::Ordering::Relaxed;
-        let sec = security(&self.node)?;
+        let sec = self.node.published().security();
         let now = self.mono();
         // Names longer than any account's are counted under a fixed key: they cannot fill
         // memory, and they lock out nothing real.
