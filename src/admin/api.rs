@@ -1491,7 +1491,6 @@ mod tests {
         let opts = crate::node::NodeOptions {
             seed: Some(1),
             clock,
-            ..Default::default()
         };
         let init = crate::node::InitOptions {
             admin: Some(crate::node::AdminBootstrap {
