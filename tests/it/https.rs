@@ -14,28 +14,13 @@ fn pc(api: &str, cacert: Option<&Path>, args: &[&str]) -> Output {
 }
 
 fn pc_stdin(api: &str, cacert: Option<&Path>, args: &[&str], stdin: &str) -> Output {
-    use std::io::Write;
-    let mut c = Command::new(BIN);
-    c.arg("--api")
-        .arg(api)
-        .env_remove("PEERCONF_CACERT")
-        .env_remove("PEERCONF_TOKEN")
-        .env("XDG_CONFIG_HOME", cli_config_dir());
-    if let Some(p) = cacert {
-        c.arg("--cacert").arg(p);
+    let ca = cacert.map(|p| p.display().to_string());
+    let mut all = vec!["--api", api];
+    if let Some(ca) = &ca {
+        all.extend(["--cacert", ca.as_str()]);
     }
-    let mut child = c
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn peerconf");
-    {
-        let mut i = child.stdin.take().expect("stdin");
-        i.write_all(stdin.as_bytes()).expect("write stdin");
-    }
-    child.wait_with_output().expect("peerconf output")
+    all.extend_from_slice(args);
+    run_cli(&all, Some(stdin), None)
 }
 
 /// `peerconf login --user admin` over `api`, the password on stdin.

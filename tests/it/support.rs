@@ -193,16 +193,24 @@ pub fn cli(api: &str, args: &[&str], stdin: Option<&str>) -> Output {
 /// The CLI against `api` with exactly the credentials given (`PEERCONF_TOKEN`), and a config
 /// folder of this test process.
 pub fn cli_as(api: &str, args: &[&str], stdin: Option<&str>, token: Option<&str>) -> Output {
+    let url = format!("http://{api}");
+    let mut all = vec!["--api", url.as_str()];
+    all.extend_from_slice(args);
+    run_cli(&all, stdin, token)
+}
+
+/// `peerconf ARGS` with `stdin`, exactly the credentials given (`PEERCONF_TOKEN`), no
+/// `PEERCONF_CACERT` from the caller's environment, and the config folder of this test process.
+pub fn run_cli(args: &[&str], stdin: Option<&str>, token: Option<&str>) -> Output {
     use std::io::Write;
     let mut c = Command::new(BIN);
     c.env_remove("PEERCONF_TOKEN")
+        .env_remove("PEERCONF_CACERT")
         .env("XDG_CONFIG_HOME", cli_config_dir());
     if let Some(t) = token {
         c.env("PEERCONF_TOKEN", t);
     }
     let mut child = c
-        .arg("--api")
-        .arg(format!("http://{api}"))
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
