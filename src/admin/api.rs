@@ -296,13 +296,16 @@ impl Gate {
                         }
                     }
                     None if req.uri().path() == "/livez" => "ok (recovering)\n".into_response(),
-                    None => ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "recovering",
-                        "the node is recovering its store after an unclean stop; try again shortly"
-                            .into(),
-                    )
-                    .into_response(),
+                    None => {
+                        let mut err = ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "recovering",
+                            "the node is starting (opening or recovering its store, then starting replication); try again shortly"
+                                .into(),
+                        );
+                        err.retry_after = Some(1);
+                        err.into_response()
+                    }
                 }
             }
         })
@@ -1435,10 +1438,18 @@ mod tests {
             status_of(&app, "/readyz").await,
             StatusCode::SERVICE_UNAVAILABLE
         );
-        assert_eq!(
-            status_of(&app, "/v1/entities/user").await,
-            StatusCode::SERVICE_UNAVAILABLE
-        );
+        let resp = app
+            .clone()
+            .oneshot(
+                axum::http::Request::builder()
+                    .uri("/v1/entities/user")
+                    .body(axum::body::Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("infallible");
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()["retry-after"], "1");
         gate.open(Router::new().route("/readyz", get_route()));
         assert_eq!(status_of(&app, "/readyz").await, StatusCode::IM_A_TEAPOT);
     }

@@ -289,3 +289,81 @@ fn init_without_a_password_prints_a_generated_one_that_logs_in() {
     let (status, b) = try_http_as(&api, "POST", "/v1/login", Some(&body), None).unwrap();
     assert_eq!(status, 200, "{b}");
 }
+
+/// A one-request-per-connection HTTP server on loopback that answers with `answers` in turn
+/// (status, JSON body) and counts the requests it got.
+fn scripted_api(
+    answers: Vec<(u16, &'static str)>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for (status, body) in answers {
+            let Ok((stream, _)) = listener.accept() else {
+                return;
+            };
+            let mut r = BufReader::new(stream);
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut req_body = vec![0; len];
+            let _ = r.read_exact(&mut req_body);
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut s = r.into_inner();
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (addr, count)
+}
+
+/// A command typed right after `peerconf run` meets a node that is still opening its store
+/// (503 `recovering`): the CLI waits for it instead of failing; any other 503 is reported at once.
+#[test]
+fn the_cli_waits_for_a_starting_node_and_reports_other_refusals_at_once() {
+    let starting = r#"{"error":{"code":"recovering","message":"the node is starting"}}"#;
+    let session = r#"{"token":"pcs_0123456789abcdef0123456789abcdef","name":"admin","role":"superadmin","expires_at_ms":4102444800000}"#;
+    let (api, count) = scripted_api(vec![
+        (503, starting),
+        (503, starting),
+        (503, starting),
+        (200, session),
+    ]);
+    let url = format!("http://{api}");
+    let o = run_cli(
+        &["--api", &url, "login", "--user", "admin"],
+        Some("whatever-pw"),
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 4);
+
+    let busy = r#"{"error":{"code":"busy","message":"too many logins are being checked"}}"#;
+    let (api, count) = scripted_api(vec![(503, busy), (200, session)]);
+    let url = format!("http://{api}");
+    let o = run_cli(
+        &["--api", &url, "login", "--user", "admin"],
+        Some("whatever-pw"),
+        None,
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("too many logins are being checked"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -13,6 +13,9 @@ use std::time::Duration;
 /// How long the CLI waits for one answer: a write waits for a commit, and a listing of 100k
 /// entities takes a fraction of a second.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a command waits for a node that is still starting (it answers 503 `recovering` until
+/// its store is open and replication has started) before reporting that answer.
+const STARTING_WAIT: Duration = Duration::from_secs(30);
 
 pub struct ApiClient {
     base: String,
@@ -168,7 +171,7 @@ impl ApiClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Value, CallError> {
-        let resp = self.send(method, path, body).await?;
+        let resp = self.send_when_started(method, path, body).await?;
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -191,7 +194,7 @@ impl ApiClient {
         path: &str,
         mut line: impl FnMut(&str) -> bool,
     ) -> Result<(), CallError> {
-        let resp = self.send(Method::GET, path, None).await?;
+        let resp = self.send_when_started(Method::GET, path, None).await?;
         let status = resp.status();
         let mut body = resp.into_body();
         if !status.is_success() {
@@ -219,6 +222,42 @@ impl ApiClient {
             }
         }
         Ok(())
+    }
+
+    /// Sends a request; while the node answers that it is still starting (503 `recovering`, as
+    /// it does between `peerconf run` and the moment its store is open), sends it again every
+    /// 100 ms for up to [`STARTING_WAIT`], so a command typed right after starting a node works.
+    async fn send_when_started(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, CallError> {
+        let deadline = tokio::time::Instant::now() + STARTING_WAIT;
+        loop {
+            let resp = self.send(method.clone(), path, body.clone()).await?;
+            if resp.status() != StatusCode::SERVICE_UNAVAILABLE {
+                return Ok(resp);
+            }
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| CallError::new(format!("reading the answer from {}: {e}", self.base)))?
+                .to_bytes();
+            let starting = serde_json::from_slice::<Value>(&bytes)
+                .is_ok_and(|v| v["error"]["code"] == "recovering");
+            if !starting || tokio::time::Instant::now() >= deadline {
+                return match self.answer(StatusCode::SERVICE_UNAVAILABLE, None, &bytes) {
+                    Err(e) => Err(e),
+                    Ok(_) => Err(CallError::new(format!(
+                        "{} answered 503 Service Unavailable",
+                        self.base
+                    ))),
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Sends a request and waits (at most [`REQUEST_TIMEOUT`]) for its answer's head.
