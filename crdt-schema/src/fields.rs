@@ -155,9 +155,42 @@ impl Field {
         }
     }
 
+    /// The field's name in words, for forms: `home_dir` is "Home directory",
+    /// `heartbeat_interval_ms` "Heartbeat interval (ms)".
+    pub fn label(&self) -> String {
+        let mut words: Vec<String> = Vec::new();
+        let parts: Vec<&str> = self.name.split('_').collect();
+        for (i, w) in parts.iter().enumerate() {
+            let last = i + 1 == parts.len();
+            let word = match *w {
+                "dir" => "directory",
+                "ip" => "IP",
+                "ips" => "IPs",
+                "ipc" => "IPC",
+                "tls" => "TLS",
+                "ssh" => "SSH",
+                "id" => "ID",
+                "pem" => "(PEM)",
+                "max" => "maximum",
+                "min" => "minimum",
+                "ms" if last => "(ms)",
+                "s" if last => "(seconds)",
+                "at" if !last && parts.get(i + 1) == Some(&"ms") => "at",
+                other => other,
+            };
+            words.push(word.to_string());
+        }
+        let mut out = words.join(" ");
+        if let Some(first) = out.get(..1) {
+            out = first.to_uppercase() + &out[1..];
+        }
+        out
+    }
+
     pub fn to_json(&self) -> Value {
         let mut o = serde_json::Map::new();
         o.insert("name".into(), json!(self.name));
+        o.insert("label".into(), json!(self.label()));
         let (ty, extra) = type_json(self.ty);
         o.insert("type".into(), json!(ty));
         for (k, v) in extra {
@@ -721,5 +754,29 @@ pub(crate) fn fields_of(kind: Kind) -> &'static [Field] {
         Kind::Script => SCRIPT,
         Kind::Rule => RULE,
         Kind::ApiToken => API_TOKEN,
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use crate::Kind;
+
+    #[test]
+    fn labels_are_words() {
+        let label = |k: Kind, f: &str| k.field(f).expect(f).label();
+        assert_eq!(label(Kind::Group, "home_dir"), "Home directory");
+        assert_eq!(label(Kind::Group, "allowed_ips"), "Allowed IPs");
+        assert_eq!(
+            label(Kind::Settings, "heartbeat_interval_ms"),
+            "Heartbeat interval (ms)"
+        );
+        assert_eq!(label(Kind::Security, "lockout_duration_s"), "Lockout duration (seconds)");
+        assert_eq!(label(Kind::Group, "description"), "Description");
+        for k in Kind::ALL {
+            for f in k.fields() {
+                let l = f.label();
+                assert!(!l.is_empty() && !l.contains('_'), "{k}.{}: {l}", f.name);
+            }
+        }
     }
 }

@@ -55,6 +55,11 @@ pub struct ApiState {
 /// `#[utoipa::path(...)]` and add one line here.
 pub(super) fn api_routes() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
+        .routes(routes!(ui_root))
+        .routes(routes!(ui_index))
+        .routes(routes!(ui_asset))
+        .routes(routes!(ui_login))
+        .routes(routes!(status_stream))
         .routes(routes!(livez))
         .routes(routes!(readyz))
         .routes(routes!(login))
@@ -121,6 +126,10 @@ pub fn router(cluster: Arc<ClusterState>) -> Router {
         ))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .layer(middleware::from_fn_with_state(REQUEST_TIMEOUT, deadline))
+        .layer(middleware::map_response(|mut r: Response| async move {
+            super::console::secure_headers(r.headers_mut());
+            r
+        }))
         .with_state(state)
 }
 
@@ -329,6 +338,9 @@ fn action_of(method: &Method, path: &str) -> Action {
     match (method, segs.as_slice()) {
         (&Method::GET | &Method::HEAD, ["livez"] | ["readyz"]) => Action::Public,
         (&Method::POST, ["v1", "login"]) => Action::Public,
+        // The console's page and files, and its login: what a browser loads before signing in.
+        (&Method::GET | &Method::HEAD, [""] | ["ui", ..]) => Action::Public,
+        (&Method::POST, ["ui", "login"]) => Action::Public,
         (_, ["v1", "tokens", ..]) => Action::Cluster("managing join tokens"),
         (&Method::DELETE, ["v1", "nodes", _]) => Action::Cluster("removing a node"),
         (_, ["v1", "drain"]) => Action::Cluster("draining the node"),
@@ -391,11 +403,24 @@ async fn authorize(State(st): State<ApiState>, req: Request, next: Next) -> Resp
         return next.run(req).await;
     }
     let from = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
-    let token = req
+    let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
-        .and_then(auth::bearer);
+        .and_then(auth::bearer)
+        .map(str::to_string);
+    // The console's session cookie counts when no Authorization header is sent.
+    let cookie = match bearer {
+        Some(_) => None,
+        None => req
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|h| h.to_str().ok())
+            .find_map(auth::cookie_token)
+            .map(str::to_string),
+    };
+    let token = bearer.as_deref().or(cookie.as_deref());
     let caller = match token.map(|t| st.auth.authenticate(t, from)) {
         Some(Ok(c)) => c,
         Some(Err(auth::AuthError::Node(e))) => return ApiError::from(e).into_response(),
@@ -409,6 +434,24 @@ async fn authorize(State(st): State<ApiState>, req: Request, next: Next) -> Resp
         }
     };
     let mut req = req;
+    if let Some(t) = &cookie {
+        // A cookie is sent by the browser whatever page asks; a write must also prove that the
+        // page read the session's anti-CSRF value, which only a page of this node can.
+        let sent = req
+            .headers()
+            .get(auth::CSRF_HEADER)
+            .and_then(|h| h.to_str().ok());
+        if !matches!(*req.method(), Method::GET | Method::HEAD) && !auth::csrf_matches(t, sent) {
+            st.auth.counters.refused_403.fetch_add(1, Relaxed);
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "csrf",
+                format!("a request authenticated by the console's cookie must carry the session's {} header (from GET /v1/whoami)", auth::CSRF_HEADER),
+            )
+            .into_response();
+        }
+        req.extensions_mut().insert(CookieSession(auth::csrf_of(t)));
+    }
     // An Admin may patch its own password: what the patch sets decides.
     if let Action::Write {
         kind: Kind::Admin,
@@ -927,6 +970,161 @@ async fn revoke_token(
     Ok(Json(json!({ "revoked": token })).into_response())
 }
 
+/// A request that came with the console's session cookie: the session's anti-CSRF value.
+#[derive(Clone)]
+struct CookieSession(String);
+
+fn page(html: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        html,
+    )
+        .into_response()
+}
+
+/// The web console is at `/ui/`.
+#[utoipa::path(
+    get, path = "/", tag = "console",
+    responses((status = 303, description = "to the web console (`Location: /ui/`)"))
+)]
+async fn ui_root() -> Response {
+    (StatusCode::SEE_OTHER, [(header::LOCATION, "/ui/")]).into_response()
+}
+
+/// The web console's page (it signs in with `POST /ui/login`, then uses this API).
+#[utoipa::path(
+    get, path = "/ui/", tag = "console",
+    responses((status = 200, description = "the console's page", body = String, content_type = "text/html"))
+)]
+async fn ui_index() -> Response {
+    page(super::console::INDEX_HTML)
+}
+
+/// A script or style sheet of the web console, embedded in the binary.
+#[utoipa::path(
+    get, path = "/ui/assets/{file}", tag = "console",
+    params(("file" = String, Path, description = "`app.js`, `common.js`, `setup.js` or `style.css`")),
+    responses((status = 200, description = "the file", body = String, content_type = "text/javascript"), (status = 404, description = "no such file (`not_found`)", body = ErrorBody))
+)]
+async fn ui_asset(Path(file): Path<String>) -> Response {
+    match super::console::asset(&file) {
+        Some((text, ty)) => (
+            [(header::CONTENT_TYPE, ty), (header::CACHE_CONTROL, "no-cache")],
+            text,
+        )
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no console file {:?}",
+                file.chars().take(100).collect::<String>()
+            ),
+        )
+        .into_response(),
+    }
+}
+
+/// The console's session.
+#[derive(Serialize, ToSchema)]
+struct ConsoleSession {
+    name: String,
+    /// `admin` or `superadmin`.
+    role: &'static str,
+    /// When the session ends at the latest, milliseconds since the Unix epoch.
+    expires_at_ms: i64,
+    /// The value every write of the console sends in `X-CSRF-Token`.
+    csrf: String,
+}
+
+/// Signs the web console in: as `POST /v1/login`, but the session goes into an `HttpOnly`,
+/// `SameSite=Strict` cookie (`Secure` over HTTPS) that scripts cannot read, and the answer gives
+/// the anti-CSRF value instead of the token.
+#[utoipa::path(
+    post, path = "/ui/login", tag = "console",
+    request_body(content = LoginRequest, content_type = "application/json"),
+    responses((status = 200, description = "signed in (`Set-Cookie: pc_session=...`)", body = ConsoleSession), (status = 400, description = "bad JSON, or name or password missing (`bad_json`, `invalid`)", body = ErrorBody), (status = 401, description = "wrong name or password, or a disabled account (`unauthorized`)", body = ErrorBody), (status = 429, description = "too many failed logins (`locked_out`)", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds"))), (status = 503, description = "too many logins are being checked at once (`busy`)", body = ErrorBody, headers(("Retry-After" = u64, description = "seconds"))))
+)]
+async fn ui_login(
+    State(st): State<ApiState>,
+    addr: Option<Extension<ClientAddr>>,
+    body: Bytes,
+) -> ApiResult {
+    let (name, password) = login_fields(&body)?;
+    let from = addr.map(|a| a.0 .0.ip());
+    let s = st.auth.login(&name, &password, from).await?;
+    let cookie = auth::session_cookie(Some(&s.token), st.node.config().api_https());
+    let mut resp = Json(ConsoleSession {
+        csrf: auth::csrf_of(&s.token),
+        expires_at_ms: s.expires_at_ms,
+        name: s.name,
+        role: s.role.as_str(),
+    })
+    .into_response();
+    let v = header::HeaderValue::from_str(&cookie).map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the session cookie could not be made".into(),
+        )
+    })?;
+    resp.headers_mut().insert(header::SET_COOKIE, v);
+    Ok(resp)
+}
+
+/// The node's view of the cluster as a stream: `GET /v1/status` as an `event: status` every
+/// second (Server-Sent Events), for dashboards that follow it live.
+#[utoipa::path(
+    get, path = "/v1/status/stream", tag = "node",
+    responses((status = 200, description = "`event: status` with `data:` the JSON of `GET /v1/status`, every second", body = String, content_type = "text/event-stream"))
+)]
+async fn status_stream(State(st): State<ApiState>) -> Response {
+    let cluster = st.cluster.clone();
+    let ticks = tokio::time::interval(STATUS_STREAM_EVERY);
+    let body = futures_util::stream::unfold((cluster, ticks), |(cluster, mut ticks)| async move {
+        ticks.tick().await;
+        let v = serde_json::to_string(&crate::cluster::monitor::status(&cluster))
+            .unwrap_or_else(|_| "{}".into());
+        let text = format!("event: status\ndata: {v}\n\n");
+        Some((
+            Ok::<_, std::convert::Infallible>(Bytes::from(text)),
+            (cluster, ticks),
+        ))
+    });
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// How often `GET /v1/status/stream` sends the status.
+const STATUS_STREAM_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The name and password of a login body.
+fn login_fields(body: &Bytes) -> Result<(String, String), ApiError> {
+    let v = json_body(body)?;
+    let field = |f: &str| {
+        v.get(f).and_then(Value::as_str).map(str::to_string).ok_or_else(|| {
+            let mut e = ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("login needs {{\"name\": \"...\", \"password\": \"...\"}}: {f} is missing or not a string"),
+            );
+            e.error.field = Some(f.to_string());
+            e
+        })
+    };
+    Ok((field("name")?, field("password")?))
+}
+
 /// Logs in: a session token for a name and password.
 ///
 /// Wrong password, unknown or disabled account: one 401 for all. Failed logins lock out the account and the address (429).
@@ -940,21 +1138,9 @@ async fn login(
     addr: Option<Extension<ClientAddr>>,
     body: Bytes,
 ) -> ApiResult {
-    let v = json_body(&body)?;
-    let field = |f: &str| {
-        v.get(f).and_then(Value::as_str).ok_or_else(|| {
-            let mut e = ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid",
-                format!("login needs {{\"name\": \"...\", \"password\": \"...\"}}: {f} is missing or not a string"),
-            );
-            e.error.field = Some(f.to_string());
-            e
-        })
-    };
-    let (name, password) = (field("name")?, field("password")?);
+    let (name, password) = login_fields(&body)?;
     let from = addr.map(|a| a.0 .0.ip());
-    match st.auth.login(name, password, from).await {
+    match st.auth.login(&name, &password, from).await {
         Ok(s) => Ok(Json(Session {
             token: s.token,
             expires_at_ms: s.expires_at_ms,
@@ -1010,12 +1196,23 @@ impl From<auth::ApiTokenError> for ApiError {
     post, path = "/v1/logout", tag = "auth",
     responses((status = 200, description = "whether a session ended (false for an API token)", body = LoggedOut))
 )]
-async fn logout(State(st): State<ApiState>, Extension(who): Extension<Caller>) -> ApiResult {
+async fn logout(
+    State(st): State<ApiState>,
+    Extension(who): Extension<Caller>,
+    cookie: Option<Extension<CookieSession>>,
+) -> ApiResult {
     let ended = match &who.via {
         auth::Via::Session(key) => st.auth.end_session(key),
         auth::Via::ApiToken(_) => false,
     };
-    Ok(Json(LoggedOut { logged_out: ended }).into_response())
+    let mut resp = Json(LoggedOut { logged_out: ended }).into_response();
+    if cookie.is_some() {
+        let clear = auth::session_cookie(None, st.node.config().api_https());
+        if let Ok(v) = header::HeaderValue::from_str(&clear) {
+            resp.headers_mut().insert(header::SET_COOKIE, v);
+        }
+    }
+    Ok(resp)
 }
 
 /// The caller's account, role and credentials (never the token).
@@ -1023,7 +1220,11 @@ async fn logout(State(st): State<ApiState>, Extension(who): Extension<Caller>) -
     get, path = "/v1/whoami", tag = "auth",
     responses((status = 200, description = "the caller", body = WhoAmI))
 )]
-async fn whoami(State(st): State<ApiState>, Extension(who): Extension<Caller>) -> ApiResult {
+async fn whoami(
+    State(st): State<ApiState>,
+    Extension(who): Extension<Caller>,
+    cookie: Option<Extension<CookieSession>>,
+) -> ApiResult {
     let (via, id, expires) = match &who.via {
         auth::Via::Session(key) => ("session", None, st.auth.session_end(key)),
         auth::Via::ApiToken(id) => {
@@ -1040,6 +1241,7 @@ async fn whoami(State(st): State<ApiState>, Extension(who): Extension<Caller>) -
         via,
         token_id: id,
         expires_at_ms: expires,
+        csrf: cookie.map(|c| c.0 .0),
     })
     .into_response())
 }
@@ -1322,6 +1524,10 @@ struct WhoAmI {
     token_id: Option<String>,
     /// When the credentials end, milliseconds since the Unix epoch.
     expires_at_ms: Option<i64>,
+    /// When the caller came with the console's session cookie: the value its writes send in
+    /// `X-CSRF-Token`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    csrf: Option<String>,
 }
 
 /// A new API token.

@@ -701,9 +701,77 @@ pub fn bearer(value: &str) -> Option<&str> {
     .then_some(token)
 }
 
+/// The cookie the web console's session travels in (`HttpOnly`, `SameSite=Strict`, `Secure` over
+/// HTTPS): its value is a session token, as `POST /v1/login` answers.
+pub const SESSION_COOKIE: &str = "pc_session";
+/// The header a request authenticated by the cookie must carry, unless it only reads.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// The session token of a `Cookie` header value, when it holds [`SESSION_COOKIE`].
+pub fn cookie_token(value: &str) -> Option<&str> {
+    value.split(';').find_map(|c| {
+        let (k, v) = c.trim().split_once('=')?;
+        (k == SESSION_COOKIE
+            && !v.is_empty()
+            && v.len() <= 256
+            && v.bytes().all(|b| b.is_ascii_graphic()))
+        .then_some(v)
+    })
+}
+
+/// The anti-CSRF value of a session: derived from the session's secret, so it needs no storage,
+/// ends with the session, and a page of another site (which can make the browser send the
+/// cookie but cannot read it) cannot compute it. The console reads it from `GET /v1/whoami` and
+/// sends it in [`CSRF_HEADER`] with every write.
+pub fn csrf_of(session_token: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"peerconf console csrf\0");
+    h.update(session_token.as_bytes());
+    hex::encode(&h.finalize()[..16])
+}
+
+/// Whether `sent` is the anti-CSRF value of `session_token` (compared in constant time).
+pub fn csrf_matches(session_token: &str, sent: Option<&str>) -> bool {
+    use subtle::ConstantTimeEq;
+    sent.is_some_and(|s| bool::from(s.as_bytes().ct_eq(csrf_of(session_token).as_bytes())))
+}
+
+/// The `Set-Cookie` value that gives the browser a session (`secure` over HTTPS); `None` gives
+/// the value that removes it. The cookie lives until the browser closes; the session's idle time
+/// and maximum life are enforced by the node.
+pub fn session_cookie(token: Option<&str>, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    match token {
+        Some(t) => format!("{SESSION_COOKIE}={t}; Path=/; HttpOnly; SameSite=Strict{secure}"),
+        None => format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_session_cookie_and_its_csrf_value() {
+        assert_eq!(
+            cookie_token("a=b; pc_session=pcs_x1; c=d"),
+            Some("pcs_x1")
+        );
+        assert_eq!(cookie_token("pc_session="), None);
+        assert_eq!(cookie_token("other=pcs_x1"), None);
+        let c = csrf_of("pcs_x1");
+        assert_eq!(c.len(), 32);
+        assert_ne!(c, csrf_of("pcs_x2"));
+        assert!(csrf_matches("pcs_x1", Some(&c)));
+        assert!(!csrf_matches("pcs_x2", Some(&c)));
+        assert!(!csrf_matches("pcs_x1", None));
+        let set = session_cookie(Some("pcs_x1"), true);
+        for part in ["pc_session=pcs_x1;", "HttpOnly", "SameSite=Strict", "Secure", "Path=/"] {
+            assert!(set.contains(part), "{set}");
+        }
+        assert!(!session_cookie(Some("pcs_x1"), false).contains("Secure"));
+        assert!(session_cookie(None, false).contains("Max-Age=0"));
+    }
 
     fn caller(name: &str, role: Role) -> Caller {
         Caller {

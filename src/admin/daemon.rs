@@ -47,6 +47,9 @@ pub enum ServeError {
     Api(#[source] std::io::Error),
     #[error("cannot make the admin API's HTTPS certificate: {0}")]
     Tls(#[from] crate::net::tls::TlsError),
+    /// `peerconf setup` on a directory that already holds a node.
+    #[error("{0} already holds a node: start it with `peerconf run --data-dir {0}` (setup is for a node that does not exist yet)")]
+    AlreadySetUp(String),
 }
 
 /// The admin API's listener, and its TLS configuration when it serves HTTPS.
@@ -214,6 +217,17 @@ pub async fn run(
         stop.await;
         let _ = stop_tx.send(true);
     });
+    start_and_serve(opening, gate, api, stop_rx).await
+}
+
+/// Starts an opened node behind an API already listening (its `gate` closed until then), serves
+/// until `stop_rx` turns true, then shuts the node down.
+async fn start_and_serve(
+    opening: crate::node::Opening,
+    gate: super::api::Gate,
+    api: tokio::task::JoinHandle<std::io::Result<()>>,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ServeError> {
     let started = tokio::task::spawn_blocking(move || opening.start(NodeOptions::default()))
         .await
         .map_err(|_| crate::node::Error::ShuttingDown);
@@ -233,6 +247,100 @@ pub async fn run(
     // reported on stderr.
     let _ = tokio::task::spawn_blocking(move || node.shutdown()).await;
     served
+}
+
+/// What `peerconf setup` tells its operator before the Setup UI waits for them.
+#[derive(Debug, Clone)]
+pub struct SetupAnnouncement {
+    /// The Setup UI's URL, carrying the one-time setup code.
+    pub url: String,
+    /// The SHA-256 fingerprint of the page's self-signed certificate, when it is served over
+    /// HTTPS (any address but loopback).
+    pub cert_sha256: Option<String>,
+}
+
+/// `peerconf setup`: on a data directory that holds no node yet, serves the Setup UI on
+/// `listen` (see [`super::setup_ui`]) and calls `announce` with its URL; once the operator has
+/// created or joined a cluster there, the same process and the same listener go on as the node
+/// (`run`), its API and console on `listen`. Off loopback the page is HTTPS with a self-signed
+/// certificate made for the occasion (its fingerprint is announced); the node keeps serving with
+/// it until it restarts, then with the cluster CA's.
+pub async fn setup(
+    dir: &Path,
+    listen: std::net::SocketAddr,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    announce: impl FnOnce(&SetupAnnouncement),
+) -> Result<(), ServeError> {
+    if dir.join(crate::node::DB_FILE).exists() {
+        return Err(ServeError::AlreadySetUp(dir.display().to_string()));
+    }
+    let (tls, cert_sha256) = if listen.ip().is_loopback() {
+        (None, None)
+    } else {
+        let (cfg, fp) = setup_certificate(listen)?;
+        (Some(cfg), Some(fp))
+    };
+    let tcp = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: listen,
+            source,
+        })?;
+    let code = {
+        use rand::Rng;
+        hex::encode(rand::rng().random::<[u8; 16]>())
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    announce(&SetupAnnouncement {
+        url: format!("{scheme}://{listen}/setup#code={code}"),
+        cert_sha256,
+    });
+    let ui = Arc::new(super::setup_ui::SetupUi::new(
+        dir.to_path_buf(),
+        listen,
+        code,
+    ));
+    let gate = super::api::Gate::default();
+    let app = super::setup_ui::router(ui.clone(), gate.router());
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let mut api_stop = stop_rx.clone();
+    let api = tokio::spawn(serve_api(ApiListener { tcp, tls }, app, async move {
+        let _ = api_stop.wait_for(|s| *s).await;
+    }));
+    tokio::spawn(async move {
+        stop.await;
+        let _ = stop_tx.send(true);
+    });
+    tokio::select! {
+        _ = ui.finished() => {}
+        _ = stop_rx.wait_for(|s| *s) => {
+            api.abort();
+            return Ok(());
+        }
+    }
+    let d = dir.to_path_buf();
+    let opening = tokio::task::spawn_blocking(move || Node::opening(&d))
+        .await
+        .map_err(|_| crate::node::Error::ShuttingDown)??;
+    start_and_serve(opening, gate, api, stop_rx).await
+}
+
+/// A self-signed certificate for the Setup UI off loopback, and its SHA-256 fingerprint.
+fn setup_certificate(
+    listen: std::net::SocketAddr,
+) -> Result<(Arc<rustls::ServerConfig>, String), ServeError> {
+    let tls_err = |e: String| ServeError::Tls(crate::net::tls::TlsError(e));
+    let mut names = vec!["localhost".to_string()];
+    if !listen.ip().is_unspecified() {
+        names.push(listen.ip().to_string());
+    }
+    let made = rcgen::generate_simple_self_signed(names).map_err(|e| tls_err(e.to_string()))?;
+    let fp = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(made.cert.der()))
+    };
+    let cfg = crate::net::tls::api_server_config_pem(&made.cert.pem(), &made.signing_key.serialize_pem())?;
+    Ok((cfg, fp))
 }
 
 /// Serves an open node (admin API, IPC, replication, health) until `stop` resolves. An embedding

@@ -6,7 +6,9 @@
 
 pub mod api;
 pub mod auth;
+pub mod console;
 pub mod daemon;
 pub mod metrics;
 pub mod openapi;
+pub mod setup_ui;
 pub mod watch;

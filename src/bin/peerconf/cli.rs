@@ -143,6 +143,18 @@ pub enum Command {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
     },
+    /// Set up a new node from a browser: serves the Setup UI on --listen (its URL, with a
+    /// one-time setup code, is printed first), where the operator creates a new cluster or joins
+    /// one; then the same process runs the node, its admin API and web console on --listen.
+    Setup {
+        /// The data directory of the node to make (it must not hold a node yet).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Where the Setup UI, then the node's admin API and console, listen. Off loopback they
+        /// are served over HTTPS.
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        listen: std::net::SocketAddr,
+    },
     /// Run the node in DIR until SIGINT or SIGTERM.
     Run {
         #[arg(long)]
@@ -483,6 +495,23 @@ pub fn main(cli: Cli) -> i32 {
                 })
                 .map_err(|e| e.to_string())
         }
+        Command::Setup { data_dir, listen } => runtime().and_then(|rt| {
+            let shown = data_dir.display().to_string();
+            rt.block_on(peerconf::daemon::setup(
+                &data_dir,
+                listen,
+                peerconf::daemon::stop_signal(),
+                |a| {
+                    println!("Set up this node in a browser (the link carries a one-time setup code; keep it private):");
+                    println!("  {}", a.url);
+                    if let Some(fp) = &a.cert_sha256 {
+                        println!("The page is HTTPS with a self-signed certificate; its SHA-256 fingerprint is {fp}");
+                    }
+                    println!("Create a new cluster or join one there; this process then runs the node (data in {shown}), its console at /ui/ on the same address.");
+                },
+            ))
+            .map_err(|e| e.to_string())
+        }),
         Command::Run { data_dir } => runtime().and_then(|rt| {
             rt.block_on(peerconf::daemon::run(&data_dir, peerconf::daemon::stop_signal()))
                 .map_err(|e| e.to_string())
@@ -832,6 +861,7 @@ async fn admin_command(c: &ApiClient, cmd: Command) -> Result<Value, CallError> 
                 .await
         }
         Command::Init { .. }
+        | Command::Setup { .. }
         | Command::Run { .. }
         | Command::Repair { .. }
         | Command::Bench { .. }
