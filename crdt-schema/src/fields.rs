@@ -770,7 +770,10 @@ mod label_tests {
             label(Kind::Settings, "heartbeat_interval_ms"),
             "Heartbeat interval (ms)"
         );
-        assert_eq!(label(Kind::Security, "lockout_duration_s"), "Lockout duration (seconds)");
+        assert_eq!(
+            label(Kind::Security, "lockout_duration_s"),
+            "Lockout duration (seconds)"
+        );
         assert_eq!(label(Kind::Group, "description"), "Description");
         for k in Kind::ALL {
             for f in k.fields() {

@@ -985,13 +985,13 @@ fn page(html: &'static str) -> Response {
         .into_response()
 }
 
-/// The web console is at `/ui/`.
+/// The web console's page, at the root too.
 #[utoipa::path(
     get, path = "/", tag = "console",
-    responses((status = 303, description = "to the web console (`Location: /ui/`)"))
+    responses((status = 200, description = "the console's page (as `/ui/`)", body = String, content_type = "text/html"))
 )]
 async fn ui_root() -> Response {
-    (StatusCode::SEE_OTHER, [(header::LOCATION, "/ui/")]).into_response()
+    page(super::console::INDEX_HTML)
 }
 
 /// The web console's page (it signs in with `POST /ui/login`, then uses this API).
@@ -1012,7 +1012,10 @@ async fn ui_index() -> Response {
 async fn ui_asset(Path(file): Path<String>) -> Response {
     match super::console::asset(&file) {
         Some((text, ty)) => (
-            [(header::CONTENT_TYPE, ty), (header::CACHE_CONTROL, "no-cache")],
+            [
+                (header::CONTENT_TYPE, ty),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
             text,
         )
             .into_response(),
@@ -2539,6 +2542,17 @@ mod tests {
                     // Served, but not sent here: it would drain the node, rotate its key or end
                     // the session of the requests that follow.
                     assert!(described, "{m} {path}");
+                    continue;
+                }
+                if m == "GET" && path == "/v1/status/stream" {
+                    // Endless: only the head is read.
+                    let req = axum::http::Request::builder()
+                        .uri(path.as_str())
+                        .body(axum::body::Body::empty())
+                        .expect("request");
+                    let resp = app.clone().oneshot(req).await.expect("infallible");
+                    assert_eq!(resp.status(), StatusCode::OK, "{m} {path}");
+                    assert_eq!(resp.headers()["content-type"], "text/event-stream");
                     continue;
                 }
                 let body = if matches!(m, "PUT" | "PATCH" | "POST") {

@@ -753,10 +753,7 @@ mod tests {
 
     #[test]
     fn the_session_cookie_and_its_csrf_value() {
-        assert_eq!(
-            cookie_token("a=b; pc_session=pcs_x1; c=d"),
-            Some("pcs_x1")
-        );
+        assert_eq!(cookie_token("a=b; pc_session=pcs_x1; c=d"), Some("pcs_x1"));
         assert_eq!(cookie_token("pc_session="), None);
         assert_eq!(cookie_token("other=pcs_x1"), None);
         let c = csrf_of("pcs_x1");
@@ -766,7 +763,13 @@ mod tests {
         assert!(!csrf_matches("pcs_x2", Some(&c)));
         assert!(!csrf_matches("pcs_x1", None));
         let set = session_cookie(Some("pcs_x1"), true);
-        for part in ["pc_session=pcs_x1;", "HttpOnly", "SameSite=Strict", "Secure", "Path=/"] {
+        for part in [
+            "pc_session=pcs_x1;",
+            "HttpOnly",
+            "SameSite=Strict",
+            "Secure",
+            "Path=/",
+        ] {
             assert!(set.contains(part), "{set}");
         }
         assert!(!session_cookie(Some("pcs_x1"), false).contains("Secure"));

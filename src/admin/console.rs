@@ -19,7 +19,10 @@ pub const SETUP_HTML: &str = include_str!("console/setup.html");
 /// An embedded file under `/ui/assets/`: its bytes and content type; None for any other name.
 pub fn asset(name: &str) -> Option<(&'static str, &'static str)> {
     match name {
-        "app.js" => Some((include_str!("console/app.js"), "text/javascript; charset=utf-8")),
+        "app.js" => Some((
+            include_str!("console/app.js"),
+            "text/javascript; charset=utf-8",
+        )),
         "setup.js" => Some((
             include_str!("console/setup.js"),
             "text/javascript; charset=utf-8",
@@ -45,7 +48,10 @@ pub fn secure_headers(h: &mut axum::http::HeaderMap) {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
 }
 
@@ -58,7 +64,11 @@ mod tests {
     #[test]
     fn pages_load_only_embedded_files_and_have_no_inline_script() {
         for page in [INDEX_HTML, SETUP_HTML] {
-            for src in page.split("src=\"").skip(1).chain(page.split("href=\"").skip(1)) {
+            for src in page
+                .split("src=\"")
+                .skip(1)
+                .chain(page.split("href=\"").skip(1))
+            {
                 let url = &src[..src.find('"').expect("quoted")];
                 let name = url.strip_prefix("/ui/assets/").expect(url);
                 assert!(asset(name).is_some(), "{url} is not embedded");

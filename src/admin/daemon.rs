@@ -339,7 +339,10 @@ fn setup_certificate(
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(made.cert.der()))
     };
-    let cfg = crate::net::tls::api_server_config_pem(&made.cert.pem(), &made.signing_key.serialize_pem())?;
+    let cfg = crate::net::tls::api_server_config_pem(
+        &made.cert.pem(),
+        &made.signing_key.serialize_pem(),
+    )?;
     Ok((cfg, fp))
 }
 

@@ -732,7 +732,18 @@ mod tests {
             }
         }
         public.sort();
-        assert_eq!(public, ["GET /livez", "GET /readyz", "POST /v1/login"]);
+        assert_eq!(
+            public,
+            [
+                "GET /",
+                "GET /livez",
+                "GET /readyz",
+                "GET /ui/",
+                "GET /ui/assets/{file}",
+                "POST /ui/login",
+                "POST /v1/login"
+            ]
+        );
         let v = doc_json();
         let login = &v["paths"]["/v1/login"]["post"];
         assert_eq!(login["security"], json!([]));

@@ -139,7 +139,10 @@ async fn before(ui: &SetupUi, req: Request) -> Response {
         (&Method::GET | &Method::HEAD, p) if p.starts_with("/ui/assets/") => {
             match super::console::asset(&p["/ui/assets/".len()..]) {
                 Some((text, ty)) => (
-                    [(header::CONTENT_TYPE, ty), (header::CACHE_CONTROL, "no-cache")],
+                    [
+                        (header::CONTENT_TYPE, ty),
+                        (header::CACHE_CONTROL, "no-cache"),
+                    ],
                     text,
                 )
                     .into_response(),
@@ -181,12 +184,16 @@ fn text(v: &Value, key: &str) -> Option<String> {
 async fn submit(ui: &SetupUi, req: Request, create: bool) -> Result<NodeConfig, SetupError> {
     // Only the Setup UI's own page may post (a browser names the page's origin).
     if let Some(origin) = req.headers().get(header::ORIGIN) {
-        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok());
         let same = origin.to_str().ok().is_some_and(|o| {
             let rest = o
                 .strip_prefix("http://")
                 .or_else(|| o.strip_prefix("https://"));
-            rest.zip(host).is_some_and(|(r, h)| r.eq_ignore_ascii_case(h))
+            rest.zip(host)
+                .is_some_and(|(r, h)| r.eq_ignore_ascii_case(h))
         });
         if !same {
             return Err(SetupError::general(
@@ -253,8 +260,12 @@ fn common_options(ui: &SetupUi, v: &Value) -> Result<InitOptions, SetupError> {
             "a node name is 1 to 64 of A-Z a-z 0-9 . _ -",
         ));
     }
-    let ipc = text(v, "ipc_listen")
-        .ok_or_else(|| SetupError::field("ipc_listen", "an IPC listen address is needed (address:port, e.g. 127.0.0.1:7701)"))?;
+    let ipc = text(v, "ipc_listen").ok_or_else(|| {
+        SetupError::field(
+            "ipc_listen",
+            "an IPC listen address is needed (address:port, e.g. 127.0.0.1:7701)",
+        )
+    })?;
     let ipc_listen: SocketAddr = ipc.parse().map_err(|_| {
         SetupError::field(
             "ipc_listen",

@@ -6,6 +6,7 @@ mod support;
 mod architecture;
 mod auth;
 mod cluster;
+mod console;
 mod embedded;
 mod fuzz_regressions;
 mod health;

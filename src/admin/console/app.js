@@ -148,7 +148,7 @@ function nodeRows(status, tbody, callouts) {
       h('td', {}, `${Math.round(off)} ms`),
       h('td', {}, String(n.docs_out_of_sync ?? '')),
       h('td', {}, n.self ? '' : when(n.last_replication_cycle)),
-      h('td', {}, n.last_error || 'none'),
+      h('td', {}, n.last_error ? `${n.last_error.message} (${when(n.last_error.at_wall_ms)})` : 'none'),
       superadmin() ? actions : null));
   }
   tbody.replaceChildren(...rows);

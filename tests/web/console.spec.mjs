@@ -1,0 +1,167 @@
+// The web console and the Setup UI, as an operator uses them. Started by run.sh, which passes
+// N1, N2 (admin API addresses of a running two-node cluster), ADMIN_PW (SuperAdmin `admin`),
+// OPS_PW (Admin `ops`), N3_SETUP (a third node's Setup UI URL), N3_TOKEN (a join token),
+// N1_IPC, N3_IPC, UNREACHABLE (addresses), PEERCONF_BIN and PEERCONF_TOKEN (for the CLI).
+// Group `g` holds a conflict on home_dir (n1 wrote /srv/from-n1, n2 /srv/from-n2).
+import { test, expect } from '@playwright/test';
+import { execFileSync } from 'node:child_process';
+
+const env = (k) => { const v = process.env[k]; if (!v) throw new Error(`${k} is not set`); return v; };
+const cli = (at, ...args) => execFileSync(env('PEERCONF_BIN'), ['--api', `http://${at}`, ...args], { encoding: 'utf8' });
+
+// Every page must run under the Content-Security-Policy without errors.
+let problems = [];
+test.beforeEach(({ page }) => {
+  problems = [];
+  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  page.on('console', (m) => { if (m.type() === 'error' && !/401|503|Failed to load resource/.test(m.text())) problems.push(`console: ${m.text()}`); });
+});
+test.afterEach(() => { expect(problems).toEqual([]); });
+
+async function signIn(page, at, name, password) {
+  await page.goto(`http://${at}/`);
+  await page.getByLabel('Name', { exact: true }).fill(name);
+  await page.getByLabel('Password', { exact: true }).fill(password);
+  await page.getByRole('button', { name: 'Log in' }).click();
+  await expect(page.getByRole('link', { name: 'Cluster', exact: true })).toBeVisible();
+}
+
+test('a wrong password is refused on the form', async ({ page }) => {
+  await page.goto(`http://${env('N1')}/ui/`);
+  await page.getByLabel('Name', { exact: true }).fill('admin');
+  await page.getByLabel('Password', { exact: true }).fill('not-the-password');
+  await page.getByRole('button', { name: 'Log in' }).click();
+  await expect(page.getByRole('alert').filter({ hasText: /credentials|password|refused/i })).toBeVisible();
+  await expect(page.getByRole('link', { name: 'Cluster', exact: true })).toHaveCount(0);
+});
+
+test('the cluster page lists both nodes live, with drain and undrain', async ({ page }) => {
+  await signIn(page, env('N1'), 'admin', env('ADMIN_PW'));
+  const row = (n) => page.getByRole('row').filter({ has: page.getByRole('cell', { name: new RegExp(`^${n}\\b`) }) });
+  await expect(row('n1')).toContainText('ONLINE');
+  await expect(row('n2')).toContainText('ONLINE');
+  await page.getByLabel('Drain deadline (seconds)').fill('30');
+  await page.getByRole('button', { name: 'Drain this node' }).click();
+  await expect(page.getByText(/^Draining: new client connections are refused/)).toBeVisible();
+  await expect(row('n1')).toContainText('DRAINING', { timeout: 5_000 });
+  await page.getByRole('button', { name: 'Undrain this node' }).click();
+  await expect(row('n1')).toContainText('ONLINE', { timeout: 5_000 });
+});
+
+test('lists follow the watch stream: a change made on another node shows without a reload', async ({ page }) => {
+  await signIn(page, env('N2'), 'admin', env('ADMIN_PW'));
+  await page.getByRole('link', { name: 'Users', exact: true }).click();
+  await expect(page.getByRole('table')).toBeVisible();
+  cli(env('N1'), 'put', 'user', 'live-bob', '--json', '{"home_dir":"/srv/bob","site":"main"}');
+  await expect(page.getByRole('cell', { name: 'live-bob', exact: true })).toBeVisible({ timeout: 5_000 });
+  cli(env('N1'), 'delete', 'user', 'live-bob');
+  await expect(page.getByRole('cell', { name: 'live-bob', exact: true })).toHaveCount(0, { timeout: 5_000 });
+});
+
+test('forms come from the schema: pickers, write-only secrets, lists, validation next to the field', async ({ page }) => {
+  await signIn(page, env('N1'), 'admin', env('ADMIN_PW'));
+  await page.getByRole('link', { name: 'Users', exact: true }).click();
+  await page.getByRole('button', { name: 'New user' }).click();
+  await page.getByLabel('Name', { exact: true }).fill('carol');
+  // A reference is a picker of the sites that exist; an enum set is a group of checkboxes.
+  await expect(page.getByLabel('Site', { exact: true }).locator('option')).toContainText(['(none)', 'main']);
+  await page.getByLabel('Site', { exact: true }).selectOption('main');
+  await page.getByLabel('read', { exact: true }).check();
+  // A string set is an editable list.
+  await page.getByRole('button', { name: 'Add to allowed ips' }).click();
+  await page.getByLabel('Allowed IPs item 1').fill('not-an-address');
+  await page.getByLabel('Password', { exact: true }).fill('Carol-password-1');
+  await page.getByLabel('Home directory').fill('/srv/carol');
+  await page.getByRole('button', { name: 'Save' }).click();
+  // Refused next to the list, in the schema's words; nothing else is lost from the form.
+  const listError = page.locator('[data-field="allowed_ips"] .error');
+  await expect(listError).toBeVisible();
+  await expect(listError).toContainText(/allowed_ips/);
+  await page.getByLabel('Allowed IPs item 1').fill('10.0.0.0/8');
+  await page.getByRole('button', { name: 'Save' }).click();
+  await expect(page.getByRole('cell', { name: 'carol', exact: true })).toBeVisible();
+  const user = JSON.parse(cli(env('N1'), 'get', 'user', 'carol'));
+  expect(user.fields.site).toBe('main');
+  expect(user.fields.allowed_ips).toEqual(['10.0.0.0/8']);
+  expect(user.fields.permissions).toEqual(['read']);
+  expect(JSON.stringify(user)).not.toContain('Carol-password-1');
+  // The secret is write-only: the edit form says it is set and shows nothing of it.
+  await page.getByRole('link', { name: 'Edit carol' }).click();
+  const pw = page.getByLabel('Password', { exact: true });
+  await expect(pw).toHaveValue('');
+  await expect(pw).toHaveAttribute('type', 'password');
+  await expect(page.getByText(/a value is set/)).toBeVisible();
+  // Scripts are edited in a code area.
+  await page.getByRole('link', { name: 'Scripts', exact: true }).click();
+  await page.getByRole('button', { name: 'New script' }).click();
+  await expect(page.getByLabel('Source', { exact: true })).toHaveClass(/code/);
+  // Delete asks first.
+  await page.getByRole('link', { name: 'Users', exact: true }).click();
+  page.once('dialog', (d) => d.accept());
+  await page.getByRole('button', { name: 'Delete carol' }).click();
+  await expect(page.getByRole('cell', { name: 'carol', exact: true })).toHaveCount(0);
+});
+
+test('a conflict shows both values and where they came from; one click resolves it', async ({ page }) => {
+  await signIn(page, env('N1'), 'admin', env('ADMIN_PW'));
+  await page.getByRole('link', { name: 'Conflicts', exact: true }).click();
+  const section = page.locator('section').filter({ has: page.getByRole('heading', { name: 'group g: home_dir' }) });
+  await expect(section).toContainText('/srv/from-n1');
+  await expect(section).toContainText('/srv/from-n2');
+  await expect(section).toContainText('on node n1');
+  await expect(section).toContainText('on node n2');
+  await section.getByRole('button', { name: 'Use "/srv/from-n2"' }).click();
+  await expect(page.getByText('No conflicts: every field has one value.')).toBeVisible({ timeout: 10_000 });
+  expect(JSON.parse(cli(env('N2'), 'get', 'group', 'g')).fields.home_dir).toBe('/srv/from-n2');
+  // The history says who changed what, from where and on which node.
+  await page.getByRole('link', { name: 'Groups', exact: true }).click();
+  await page.getByRole('link', { name: 'History of g' }).click();
+  const rows = page.getByRole('row');
+  await expect(rows.filter({ hasText: 'home_dir' }).first()).toContainText('admin');
+  await expect(rows.filter({ hasText: 'n2' }).first()).toBeVisible();
+});
+
+test('an Admin is not offered what only a SuperAdmin may do', async ({ page }) => {
+  await signIn(page, env('N1'), 'ops', env('OPS_PW'));
+  await expect(page.getByText('Signed in as ops (admin)')).toBeVisible();
+  await expect(page.getByRole('button', { name: 'Create join token' })).toHaveCount(0);
+  await expect(page.getByRole('button', { name: 'Drain this node' })).toHaveCount(0);
+  await page.getByRole('link', { name: 'Admins', exact: true }).click();
+  await expect(page.getByRole('button', { name: 'New admin' })).toHaveCount(0);
+  await expect(page.getByRole('cell', { name: 'admin', exact: true })).toHaveCount(0);
+  await page.getByRole('link', { name: 'Settings', exact: true }).click();
+  await expect(page.getByRole('button', { name: 'Save' })).toHaveCount(0);
+  await expect(page.getByLabel('Heartbeat interval (ms)')).toBeDisabled();
+  await page.getByRole('link', { name: 'Groups', exact: true }).click();
+  await expect(page.getByRole('button', { name: 'New group' })).toBeVisible();
+});
+
+test('the Setup UI shows each refusal next to its field, and the corrected form joins', async ({ page }) => {
+  await page.goto(env('N3_SETUP'));
+  await page.getByRole('button', { name: 'Join an existing cluster' }).click();
+  const form = page.locator('#join-form');
+  await form.getByLabel('Node name').fill('n3');
+  await form.getByLabel('IPC listen address').fill(env('N1_IPC'));
+  await form.getByLabel('Peer address').fill(env('UNREACHABLE'));
+  await form.getByLabel('Join token').fill('pcjoin1-not-a-token');
+  await form.getByRole('button', { name: 'Join cluster' }).click();
+  const errorOf = (name) => form.locator(`[data-field="${name}"] .error`);
+  await expect(errorOf('ipc_listen')).toContainText(/in use/i);
+  await expect(form.getByLabel('IPC listen address')).toHaveAttribute('aria-invalid', 'true');
+  await form.getByLabel('IPC listen address').fill(env('N3_IPC'));
+  await form.getByRole('button', { name: 'Join cluster' }).click();
+  await expect(errorOf('token')).toContainText(/not a join token/i);
+  await expect(errorOf('ipc_listen')).toBeHidden();
+  await form.getByLabel('Join token').fill(env('N3_TOKEN'));
+  await form.getByRole('button', { name: 'Join cluster' }).click();
+  await expect(errorOf('peer')).toContainText(/join failed/i);
+  await form.getByLabel('Peer address').fill(env('N1_IPC'));
+  await form.getByRole('button', { name: 'Join cluster' }).click();
+  await expect(page.getByLabel('Name', { exact: true })).toBeVisible({ timeout: 30_000 });
+  await page.getByLabel('Name', { exact: true }).fill('admin');
+  await page.getByLabel('Password', { exact: true }).fill(env('ADMIN_PW'));
+  await page.getByRole('button', { name: 'Log in' }).click();
+  const row = (n) => page.getByRole('row').filter({ has: page.getByRole('cell', { name: new RegExp(`^${n}\\b`) }) });
+  await expect(row('n3')).toContainText('ONLINE', { timeout: 20_000 });
+  await expect(row('n1')).toContainText('ONLINE', { timeout: 20_000 });
+});
