@@ -64,4 +64,4 @@ cp tests/web/playwright.config.mjs tests/web/console.spec.mjs "$WORK/"
 ln -s "$mods/node_modules" "$WORK/node_modules"
 export PEERCONF_BIN=$PC N1 N2 N1_IPC N3_SETUP N3_TOKEN ADMIN_PW OPS_PW N3_IPC=127.0.0.1:$(freeport) UNREACHABLE=127.0.0.1:$(freeport)
 (cd "$WORK" && npx playwright test --config playwright.config.mjs console.spec.mjs) || {
-  echo "browser tests failed; node logs:"; tail -5 "$WORK"/n*.log; exit 1; }
+  echo "browser tests failed; node logs:"; tail -n 5 "$WORK"/n*.log; exit 1; }

@@ -65,7 +65,7 @@ function signedOut() {
     submit.disabled = true;
     const r = await call('POST', '/ui/login', { name: name.control.value, password: pw.control.value });
     submit.disabled = false;
-    if (!r.ok) { showError(f, general, errorOf(r)); return; }
+    if (!r.ok) { showError(f, general, (r.body && r.body.error) || { message: `the node answered ${r.status}` }); return; }
     me = r.body;
     await start();
   });
