@@ -59,12 +59,18 @@ fn json_of(body: &str) -> Value {
 /// `peerconf setup` on a fresh directory; returns the process (killed when dropped), its address
 /// and its setup code, read from the first URL it printed.
 fn start_setup(dir: &std::path::Path) -> (Daemon, String, String) {
+    start_setup_env(dir, &[])
+}
+
+/// [`start_setup`] with extra environment variables (an advertised version).
+fn start_setup_env(dir: &std::path::Path, envs: &[(&str, &str)]) -> (Daemon, String, String) {
     let listen = free_addr();
     let log = dir.with_extension("setup.log");
     let child = Command::new(BIN)
         .args(["setup", "--data-dir"])
         .arg(dir)
         .args(["--listen", &listen])
+        .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::fs::File::options().append(true).open(&log).unwrap())
@@ -236,7 +242,10 @@ fn setup_creates_a_cluster_whose_first_superadmin_signs_in() {
         (status, json_of(&text))
     };
     for (fields, field) in [
-        (json!({"password": "short", "confirm_password": "short"}), "password"),
+        (
+            json!({"password": "short", "confirm_password": "short"}),
+            "password",
+        ),
         (
             json!({"confirm_password": "Other-password-1"}),
             "confirm_password",
@@ -405,4 +414,52 @@ fn the_console_session_is_a_cookie_and_its_writes_need_the_csrf_header() {
         raw(&api, "GET", "/v1/whoami", &[("Cookie", &cookie)], "").0,
         401
     );
+}
+
+/// A peer of another cluster than the token's, and a node of another major version: refused at
+/// the peer address, naming why.
+#[test]
+fn setup_names_another_cluster_and_another_major_version_at_the_peer_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a_api, a_ipc, _) = init_node(&tmp.path().join("a"), "a");
+    let _a = Daemon::start(&tmp.path().join("a"), &a_api);
+    let (b_api, b_ipc, _) = init_node(&tmp.path().join("b"), "b");
+    let _b = Daemon::start(&tmp.path().join("b"), &b_api);
+    let token = token_create(&a_api, None);
+    let join = |addr: &str, code: &str, peer: &str| {
+        let body = json!({"code": code, "node_name": "n", "ipc_listen": free_addr(), "peer": peer, "token": token});
+        let (status, _, text) = raw(addr, "POST", "/setup/join", &[], &body.to_string());
+        (status, json_of(&text))
+    };
+    let dir = tmp.path().join("n");
+    let (mut d, addr, code) = start_setup(&dir);
+    let (status, v) = join(&addr, &code, &b_ipc);
+    assert_eq!(
+        (status, v["error"]["field"].as_str()),
+        (400, Some("peer")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not of the cluster"),
+        "{v}"
+    );
+    d.stop();
+    let dir = tmp.path().join("m");
+    let (mut d, addr, code) =
+        start_setup_env(&dir, &[("PEERCONF_TEST_ADVERTISE_VERSION", "99.0.0")]);
+    let (status, v) = join(&addr, &code, &a_ipc);
+    assert_eq!(
+        (status, v["error"]["field"].as_str()),
+        (400, Some("peer")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("99"),
+        "{v}"
+    );
+    assert!(!dir.join("peerconf.redb").exists());
+    d.stop();
 }

@@ -166,4 +166,12 @@ test('the Setup UI shows each refusal next to its field, and the corrected form 
   const row = (n) => page.getByRole('row').filter({ has: page.getByRole('cell', { name: new RegExp(`^${n}\\b`) }) });
   await expect(row('n3')).toContainText('ONLINE', { timeout: 20_000 });
   await expect(row('n1')).toContainText('ONLINE', { timeout: 20_000 });
+  // Removing a node asks first; a dismissed question removes nothing.
+  page.once('dialog', (d) => d.dismiss());
+  await page.getByRole('button', { name: 'Remove n2' }).click();
+  await expect(row('n2')).toBeVisible();
+  page.once('dialog', (d) => d.accept());
+  await page.getByRole('button', { name: 'Remove n2' }).click();
+  await expect(page.getByText('n2 removed.')).toBeVisible();
+  await expect(row('n2')).toHaveCount(0, { timeout: 10_000 });
 });

@@ -164,6 +164,7 @@ pub async fn run(nodes: usize) -> Result<(), String> {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "peerconf".into());
     println!("\nSuperAdmin: {DEMO_ADMIN}  password: {password}");
+    println!("Web console: http://{api}/ (any node's address; sign in as {DEMO_ADMIN})");
     println!("\nTry, in another terminal:");
     println!("  export PEERCONF_API=http://{api}");
     println!("  export PEERCONF_TOKEN={api_token}     # an API token of {DEMO_ADMIN}");
