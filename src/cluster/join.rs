@@ -19,6 +19,8 @@ use std::path::Path;
 use std::time::Duration;
 
 const TOKEN_PREFIX: &str = "pcjoin1";
+/// Handshakes a join tries before it reports a TLS failure.
+const JOIN_HANDSHAKE_TRIES: u32 = 3;
 /// Default life of a join token.
 pub const TOKEN_TTL_DEFAULT: Duration = Duration::from_secs(3600);
 /// Longest life a join token may have: a token is a credential.
@@ -316,14 +318,25 @@ pub async fn join(
         addr: cfg.ipc_advertise.clone(),
         wall_ms: clock.wall_ms(),
     });
-    let resp =
-        client
-            .call(req)
-            .await
-            .map_err(|e| match refusal.lock().ok().and_then(|r| r.clone()) {
-                Some(why) => JoinError::Untrusted(why),
-                None => JoinError::Unreachable(e),
-            })?;
+    let mut attempts = 0;
+    let resp = loop {
+        attempts += 1;
+        match client.call(req.clone()).await {
+            Ok(r) => break r,
+            Err(e) => {
+                if let Some(why) = refusal.lock().ok().and_then(|r| r.clone()) {
+                    return Err(JoinError::Untrusted(why));
+                }
+                // A handshake cut short never carried the request (the token is unspent): try
+                // again, twice, before reporting it.
+                if matches!(e, CallError::Tls { .. }) && attempts < JOIN_HANDSHAKE_TRIES {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                return Err(JoinError::Unreachable(e));
+            }
+        }
+    };
     let joined = match resp {
         Response::Joined(j) => *j,
         Response::Refused { reason, message } => {
