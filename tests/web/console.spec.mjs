@@ -51,7 +51,8 @@ test('the cluster page lists both nodes live, with drain and undrain', async ({ 
 test('lists follow the watch stream: a change made on another node shows without a reload', async ({ page }) => {
   await signIn(page, env('N2'), 'admin', env('ADMIN_PW'));
   await page.getByRole('link', { name: 'Users', exact: true }).click();
-  await expect(page.getByRole('table')).toBeVisible();
+  // The page says when it follows the stream; from then on no change is missed.
+  await expect(page.getByText(/^Live: changes made on any node/)).toBeVisible();
   cli(env('N1'), 'put', 'user', 'live-bob', '--json', '{"home_dir":"/srv/bob","site":"main"}');
   await expect(page.getByRole('cell', { name: 'live-bob', exact: true })).toBeVisible({ timeout: 5_000 });
   cli(env('N1'), 'delete', 'user', 'live-bob');
@@ -112,7 +113,7 @@ test('a conflict shows both values and where they came from; one click resolves 
   await expect(section).toContainText('on node n2');
   await section.getByRole('button', { name: 'Use "/srv/from-n2"' }).click();
   await expect(page.getByText('No conflicts: every field has one value.')).toBeVisible({ timeout: 10_000 });
-  expect(JSON.parse(cli(env('N2'), 'get', 'group', 'g')).fields.home_dir).toBe('/srv/from-n2');
+  await expect.poll(() => JSON.parse(cli(env('N2'), 'get', 'group', 'g')).fields.home_dir, { timeout: 10_000 }).toBe('/srv/from-n2');
   // The history says who changed what, from where and on which node.
   await page.getByRole('link', { name: 'Groups', exact: true }).click();
   await page.getByRole('link', { name: 'History of g' }).click();

@@ -270,13 +270,22 @@ async function list(kind) {
   kids.push(h('table', {}, h('caption', {}, `${titleOf(kind)} (updated live)`),
     h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Name'), cols.map((c) => h('th', { scope: 'col' }, c.label)), h('th', { scope: 'col' }, 'Conflicts'), h('th', { scope: 'col' }, 'Actions'))),
     tbody), note);
+  const live = h('p', { role: 'status', class: 'help' });
+  kids.push(live);
   page(titleOf(kind), ...kids);
-  await load();
+  // Subscribed before the list is read, so no change falls between the two: the stream is open
+  // (the node subscribed it) before `load` reads.
   let pending = null;
-  follow(`/v1/watch?kind=${seg(kind)}`, ['put', 'delete', 'reset'], () => {
+  const s = follow(`/v1/watch?kind=${seg(kind)}`, ['put', 'delete', 'reset'], () => {
     clearTimeout(pending);
     pending = setTimeout(load, 100);
   });
+  await new Promise((resolve) => { s.addEventListener('open', resolve, { once: true }); setTimeout(resolve, 3000); });
+  await load();
+  const following = () => { live.textContent = 'Live: changes made on any node show here as they are committed.'; };
+  if (s.readyState === EventSource.OPEN) following();
+  s.addEventListener('open', following);
+  s.addEventListener('error', () => { live.textContent = 'Live updates interrupted: reconnecting…'; });
 }
 
 // ---- forms, from the schema
