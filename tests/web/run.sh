@@ -8,6 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
+major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+(( major >= 20 )) || { echo "the browser tests need Node.js 20 or later (@playwright/test 1.65); found: $(node --version 2>/dev/null || echo none)"; exit 1; }
 PC=${PEERCONF_BIN:-$root/target/release/peerconf}
 [[ -x $PC ]] || cargo build --release -q
 WORK=$(mktemp -d)
