@@ -14,7 +14,7 @@ PC=${PEERCONF_BIN:-$root/target/release/peerconf}
 [[ -x $PC ]] || cargo build --release -q
 WORK=$(mktemp -d)
 PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do [[ -n $p ]] && kill -9 "$p" 2>/dev/null; done; rm -rf "$WORK"; }
+cleanup() { for p in "${PIDS[@]:-}"; do if [[ -n $p ]]; then kill -9 "$p" 2>/dev/null || true; fi; done; rm -rf "$WORK"; }
 trap cleanup EXIT
 export XDG_CONFIG_HOME=$WORK/config
 freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
@@ -25,7 +25,7 @@ OPS_PW=Web-ops-pw-1
 printf '%s' "$ADMIN_PW" >"$WORK/pw"
 N1=127.0.0.1:$(freeport); N1_IPC=127.0.0.1:$(freeport); N2=127.0.0.1:$(freeport); N2_IPC=127.0.0.1:$(freeport)
 "$PC" init --data-dir "$WORK/n1" --name n1 --api-listen "$N1" --ipc-listen "$N1_IPC" --admin admin --admin-password-file "$WORK/pw" >/dev/null 2>"$WORK/n1.log"
-run() { "$PC" run --data-dir "$WORK/$1" >>"$WORK/$1.log" 2>&1 & PIDS+=($!); eval "PID_$1=$!"; }
+run() { "$PC" run --data-dir "$WORK/$1" >>"$WORK/$1.log" 2>&1 & PIDS+=($!); eval "PID_$1=$!"; disown $!; }
 run n1; wait_up "$N1"
 printf '%s' "$ADMIN_PW" | "$PC" --api "http://$N1" login --user admin 2>/dev/null
 export PEERCONF_TOKEN=$("$PC" --api "http://$N1" api-token create --ttl 2h 2>/dev/null | tail -1)
@@ -39,12 +39,13 @@ pc "$N1" put site main --json '{"protocols":["sftp"],"bindings":["0.0.0.0:2222"]
 pc "$N1" put group g --json '{"home_dir":"/srv/g"}' >/dev/null
 for _ in $(seq 100); do pc "$N2" get group g >/dev/null 2>&1 && break; sleep 0.1; done
 
-# A conflict: n2 writes while n1 is frozen and dies before it can tell n1; n1 writes the same
-# field; n2 comes back and the two concurrent values meet.
-kill -STOP "$PID_n1"
+# A conflict: n2 writes while n1 is stopped, then stops; n1 comes back and writes the same field
+# while n2 is stopped; n2 comes back and the two concurrent values meet.
+stop() { local v="PID_$1"; kill -TERM "${!v}"; for _ in $(seq 100); do kill -0 "${!v}" 2>/dev/null || return 0; sleep 0.1; done; echo "$1 ignored SIGTERM"; exit 1; }
+stop n1
 pc "$N2" patch group g --json '{"home_dir":"/srv/from-n2"}' >/dev/null
-kill -9 "$PID_n2"; wait "$PID_n2" 2>/dev/null || true
-kill -CONT "$PID_n1"
+stop n2
+run n1; wait_up "$N1"
 pc "$N1" patch group g --json '{"home_dir":"/srv/from-n1"}' >/dev/null
 run n2; wait_up "$N2"
 for _ in $(seq 100); do pc "$N1" conflicts 2>/dev/null | grep -q home_dir && break; sleep 0.1; done
@@ -52,7 +53,7 @@ pc "$N1" conflicts 2>/dev/null | grep -q home_dir || { echo "no conflict was mad
 
 # A third node, set up from its Setup UI by the browser.
 N3=127.0.0.1:$(freeport)
-"$PC" setup --data-dir "$WORK/n3" --listen "$N3" >"$WORK/n3.log" 2>&1 & PIDS+=($!)
+"$PC" setup --data-dir "$WORK/n3" --listen "$N3" >"$WORK/n3.log" 2>&1 & PIDS+=($!); disown $!
 for _ in $(seq 100); do grep -qEo 'https?://[^ ]+' "$WORK/n3.log" && break; sleep 0.1; done
 N3_SETUP=$(grep -Eo 'https?://[^ ]+' "$WORK/n3.log" | head -1)
 N3_TOKEN=$(pc "$N1" token create 2>/dev/null | tail -1)
