@@ -127,10 +127,12 @@ impl WatchQuery {
 
 /// One event in SSE form, or None when the caller may not see it.
 fn event_text(node: &Node, who: &Caller, ev: &ChangeEvent) -> Option<String> {
-    let entity = if ev.alive {
-        node.get(ev.kind, &ev.name).ok().flatten()
-    } else {
-        None
+    let entity = match (&ev.entity, ev.alive) {
+        (_, false) => None,
+        // Live: the entity as its commit left it.
+        (Some(json), true) => serde_json::from_slice(json).ok(),
+        // Replayed from the feed: as it reads now.
+        (None, true) => node.get(ev.kind, &ev.name).ok().flatten(),
     };
     let fields = entity
         .as_ref()

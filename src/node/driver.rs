@@ -1307,6 +1307,7 @@ impl Driver {
                 alive: e.alive,
                 origin: origin.clone(),
                 by: b.by.get(id).cloned(),
+                entity: e.alive.then(|| e.json.as_slice().into()),
             };
             next += 1;
             rows.push((

@@ -28,4 +28,9 @@ pub struct ChangeEvent {
     /// Who asked for it, when it was made on this node through a principal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
+    /// The entity's public JSON as this change left it (as `GET` reads it), when alive: a live
+    /// watch stream sends it without reading the store again. Not kept in the feed's rows (a
+    /// replay reads the entity).
+    #[serde(skip)]
+    pub entity: Option<std::sync::Arc<[u8]>>,
 }

@@ -36,6 +36,29 @@ pub mod wal;
 
 use metrics::StoreMetrics;
 
+/// Space used by one table ([`Store::space`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableSpace {
+    pub name: &'static str,
+    /// Bytes of keys and values.
+    pub stored: u64,
+    /// Bytes of branch keys and other metadata.
+    pub metadata: u64,
+    /// Bytes lost to fragmentation.
+    pub fragmented: u64,
+    /// Leaf and branch pages.
+    pub pages: u64,
+}
+
+/// Space used by the database ([`Store::space`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Space {
+    pub tables: Vec<TableSpace>,
+    /// Bytes of every page allocated (tables, redb's own trees, freed pages not yet reused).
+    pub allocated: u64,
+    pub page_size: u64,
+}
+
 const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("docs");
 const CHUNKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("chunks");
 const INDEX: TableDefinition<&str, &[u8]> = TableDefinition::new("index");
@@ -874,6 +897,39 @@ impl Store {
     pub(crate) fn fail_commits(&self, fail: bool) {
         self.fail_commits
             .store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Where the database file's bytes go: per table, what its keys and values hold, what the
+    /// B-tree adds and what fragmentation wastes; and the pages allocated in all. For
+    /// `peerconf bench store`.
+    pub fn space(&self) -> Result<Space, StoreError> {
+        let db = self.db();
+        let txn = db.begin_write()?;
+        let whole = txn.stats()?;
+        let mut tables = Vec::new();
+        {
+            let mut one = |name: &'static str, st: redb::TableStats| {
+                tables.push(TableSpace {
+                    name,
+                    stored: st.stored_bytes(),
+                    metadata: st.metadata_bytes(),
+                    fragmented: st.fragmented_bytes(),
+                    pages: st.leaf_pages() + st.branch_pages(),
+                });
+            };
+            one("docs", txn.open_table(DOCS)?.stats()?);
+            one("chunks", txn.open_table(CHUNKS)?.stats()?);
+            one("index", txn.open_table(INDEX)?.stats()?);
+            one("secrets", txn.open_table(SECRETS)?.stats()?);
+            one("feed", txn.open_table(feed::FEED)?.stats()?);
+            one("local", txn.open_table(LOCAL)?.stats()?);
+        }
+        txn.abort()?;
+        Ok(Space {
+            tables,
+            allocated: whole.allocated_pages() * whole.page_size() as u64,
+            page_size: whole.page_size() as u64,
+        })
     }
 
     /// Makes every commit so far durable in redb itself, so the log can start over. Done when the

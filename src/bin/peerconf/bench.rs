@@ -194,6 +194,13 @@ pub async fn store(n: usize, writers: usize) -> Result<(), String> {
     let db_bytes = std::fs::metadata(dir.path().join(peerconf::node::DB_FILE))
         .map(|m| m.len())
         .unwrap_or(0);
+    let space = {
+        let store = node.store().clone();
+        tokio::task::spawn_blocking(move || store.space())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+    };
     let report = json!({
         "bench": "store",
         "entities": n,
@@ -206,6 +213,8 @@ pub async fn store(n: usize, writers: usize) -> Result<(), String> {
         "peak_rss_mb": peak as f64 / 1048576.0,
         "rss_before_load_mb": rss_start as f64 / 1048576.0,
         "db_file_mb": db_bytes as f64 / 1048576.0,
+        "db_bytes_per_entity": db_bytes / n.max(1) as u64,
+        "space": space,
     });
     println!("peerconf bench store: {n} users, {writers} concurrent writers, durable commits");
     println!("  writes/s           {:>10.0}", n as f64 / load_s);
@@ -218,9 +227,25 @@ pub async fn store(n: usize, writers: usize) -> Result<(), String> {
     );
     println!("  peak RSS           {:>10.1} MB", peak as f64 / 1048576.0);
     println!(
-        "  database file      {:>10.1} MB",
-        db_bytes as f64 / 1048576.0
+        "  database file      {:>10.1} MB ({} bytes per user)",
+        db_bytes as f64 / 1048576.0,
+        db_bytes / n.max(1) as u64
     );
+    println!(
+        "  pages allocated    {:>10.1} MB",
+        space.allocated as f64 / 1048576.0
+    );
+    for t in &space.tables {
+        println!(
+            "    {:8} {:>8.1} MB in {:>7} pages: {:>8.1} MB keys and values, {:>6.1} MB metadata, {:>6.1} MB fragmented",
+            t.name,
+            (t.pages * space.page_size) as f64 / 1048576.0,
+            t.pages,
+            t.stored as f64 / 1048576.0,
+            t.metadata as f64 / 1048576.0,
+            t.fragmented as f64 / 1048576.0
+        );
+    }
     println!("{report}");
     let _ = tokio::task::spawn_blocking(move || node.shutdown()).await;
     Ok(())

@@ -10,6 +10,12 @@ mod demo;
 
 use clap::Parser;
 
+/// mimalloc instead of glibc's malloc: Automerge allocates and frees many small objects per
+/// change, and glibc's allocator took a quarter of the driver thread's time under write load
+/// (ARCHITECTURE.md, "Performance"). Embedders pick their own allocator; this is the daemon's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = cli::Cli::parse();
     // The demo's nodes start together and briefly miss each other: their logs would bury what a
