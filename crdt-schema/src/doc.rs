@@ -322,10 +322,11 @@ pub fn read(doc: &AutoCommit, kind: Kind, name: &str) -> Result<EntityState, Aut
                     }
                     continue;
                 }
-                let winner = match doc.get(ROOT, field.name)? {
-                    Some((v, _)) => scalar(&v).and_then(scalar_json),
-                    None => None,
-                };
+                // The winner is the last of the values (`get` is `get_all`'s last, in
+                // automerge): one seek of the key instead of two.
+                let winner = all
+                    .last()
+                    .and_then(|(v, _)| scalar(v).and_then(scalar_json));
                 if all.len() > 1 {
                     let mut distinct: Vec<Json> = winner.iter().cloned().collect();
                     for v in all

@@ -187,6 +187,18 @@ fn concurrent_register_writes_are_reported_as_conflicts_and_resolved_by_a_write(
     let vals = s.conflicts["home_dir"].as_array().unwrap();
     assert_eq!(vals.len(), 2);
     assert_eq!(vals[0], s.fields["home_dir"], "the winner is listed first");
+    // The winner read is Automerge's own, whichever actor wrote last, on either side.
+    use automerge::ReadDoc;
+    for d in [&m, &merged(&b, &a)] {
+        let (v, _) = d
+            .get(automerge::ROOT, "home_dir")
+            .unwrap()
+            .expect("a value");
+        assert_eq!(
+            json!(v.to_str().expect("a string")),
+            doc::read(d, Kind::User, "alice").unwrap().fields["home_dir"]
+        );
+    }
     // Writing the winner again resolves the conflict.
     let winner = s.fields["home_dir"].clone();
     write(

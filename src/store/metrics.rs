@@ -14,6 +14,8 @@ pub struct StoreMetrics {
     /// Seconds a commit waited for its log record to be on stable storage.
     pub log_write_seconds: Histogram,
     pub checkpoints: Counter,
+    /// Seconds a checkpoint (a durable redb commit) took.
+    pub checkpoint_seconds: Histogram,
     pub replayed_records: Counter,
     pub commit_failures: Counter,
     /// Secret references a document shows whose value this node does not hold (yet).
@@ -32,6 +34,8 @@ impl Default for StoreMetrics {
             // 25 us to about 0.8 s.
             log_write_seconds: Histogram::new(exponential_buckets(25e-6, 2.0, 16)),
             checkpoints: Counter::default(),
+            // 0.1 ms to about 3 s.
+            checkpoint_seconds: Histogram::new(exponential_buckets(1e-4, 2.0, 16)),
             replayed_records: Counter::default(),
             commit_failures: Counter::default(),
             secrets_missing: Counter::default(),
@@ -77,6 +81,11 @@ impl StoreMetrics {
             "peerconf_checkpoints",
             "Durable redb commits that cover the log (full log, big or bulk batch, close)",
             self.checkpoints.clone(),
+        );
+        r.register(
+            "peerconf_checkpoint_seconds",
+            "How long a checkpoint (a durable redb commit) took",
+            self.checkpoint_seconds.clone(),
         );
         r.register(
             "peerconf_log_replayed_records",

@@ -944,10 +944,14 @@ impl Store {
         if !wal.pending() {
             return Ok(());
         }
+        let t = std::time::Instant::now();
         txn.open_table(META)?.insert(WAL_SEQ, wal.seq())?;
         txn.commit()?;
         wal.reset();
         self.metrics.checkpoints.inc();
+        self.metrics
+            .checkpoint_seconds
+            .observe(t.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -1483,10 +1487,14 @@ impl WriteTxn {
         // A record still in flight is covered by this commit either way; its outcome only
         // matters to later writes (a failure marks the log broken).
         let _ = wal.finish();
+        let t = std::time::Instant::now();
         self.txn.open_table(META)?.insert(WAL_SEQ, wal.seq())?;
         self.txn.commit()?;
         wal.reset();
         self.metrics.checkpoints.inc();
+        self.metrics
+            .checkpoint_seconds
+            .observe(t.elapsed().as_secs_f64());
         Ok(())
     }
 

@@ -16,6 +16,17 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// CPU time this process has used (user and system, every thread), in seconds.
+fn process_cpu_s() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -500,9 +511,11 @@ pub async fn cluster(
     converge(&r, std::time::Duration::from_secs(30)).await?;
     eprintln!("bench cluster: 3 nodes up; replication interval {interval_ms} ms");
     if let Some(n) = latency_only {
+        let cpu0 = process_cpu_s();
         let (lat, _) = visibility(&nodes, 1, n, "lat1-").await?;
+        let cpu_ms = (process_cpu_s() - cpu0) * 1000.0 / n.max(1) as f64;
         println!(
-            "  write-to-visible p50/p99/max, 1 writer, {n} writes  {:.3} / {:.3} / {:.3} ms",
+            "  write-to-visible p50/p99/max, 1 writer, {n} writes  {:.3} / {:.3} / {:.3} ms; CPU per replicated write (3 nodes) {cpu_ms:.3} ms",
             percentile(&lat, 0.5),
             percentile(&lat, 0.99),
             percentile(&lat, 1.0)
@@ -529,9 +542,12 @@ pub async fn cluster(
     // Sustained writes to the full count.
     let t = Instant::now();
     let remaining = entities.saturating_sub(1000 + 3300);
+    let cpu0 = process_cpu_s();
     load(&nodes[0].node, "big", remaining, 64).await?;
     converge(&r, std::time::Duration::from_secs(600)).await?;
     let sustained = remaining as f64 / t.elapsed().as_secs_f64();
+    // Every node's work for each write (the writer's and both receivers'), and the load's own.
+    let cpu_per_write_ms = (process_cpu_s() - cpu0) * 1000.0 / remaining.max(1) as f64;
     let total_docs = nodes[0].node.doc_count().map_err(|e| e.to_string())?;
     eprintln!("loaded {total_docs} documents");
     tokio::time::sleep(std::time::Duration::from_millis(interval_ms * 2)).await;
@@ -569,6 +585,7 @@ pub async fn cluster(
         "latency_64_writers_ms": {"p50": percentile(&lat64, 0.5), "p99": percentile(&lat64, 0.99), "samples": lat64.len()},
         "replicated_writes_per_s_64_writers": rate64.round(),
         "sustained_writes_per_s": sustained.round(),
+        "cpu_ms_per_replicated_write": cpu_per_write_ms,
         "catch_up": {"documents": total_docs, "seconds": catch_up_s, "bytes": catch_up_bytes},
         "idle_bytes_per_s_per_pair": {"1000": idle_1k.round(), "all": idle_big.round(), "all_count": total_docs},
         "replication_interval_ms": interval_ms,
@@ -587,6 +604,7 @@ pub async fn cluster(
     );
     println!("  replicated writes/s, 64 writers       {rate64:>8.0}");
     println!("  sustained writes/s to {total_docs} docs   {sustained:>8.0}");
+    println!("  CPU per replicated write, 3 nodes     {cpu_per_write_ms:>8.3} ms");
     println!("  new node catch-up                     {catch_up_s:>8.2} s, {catch_up_bytes} bytes");
     println!("  idle bytes/s per pair, 1,000 docs     {idle_1k:>8.0}");
     println!("  idle bytes/s per pair, {total_docs} docs {idle_big:>8.0}");
