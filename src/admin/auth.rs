@@ -78,6 +78,11 @@ impl Caller {
 
     /// Whether the caller may see this entity (`fields` as read): an Admin sees every entity but
     /// other admins' accounts and API tokens.
+    /// Whether [`Caller::may_see`] reads `fields` for this kind (else any value will do).
+    pub fn may_see_reads_fields(&self, kind: Kind) -> bool {
+        self.role != Role::SuperAdmin && kind == Kind::ApiToken
+    }
+
     pub fn may_see(&self, kind: Kind, name: &str, fields: &Value) -> bool {
         if self.role == Role::SuperAdmin {
             return true;

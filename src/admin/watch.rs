@@ -127,17 +127,26 @@ impl WatchQuery {
 
 /// One event in SSE form, or None when the caller may not see it.
 fn event_text(node: &Node, who: &Caller, ev: &ChangeEvent) -> Option<String> {
-    let entity = match (&ev.entity, ev.alive) {
+    // The entity's JSON text: as its commit left it (live), or as it reads now (replayed).
+    let replayed;
+    let raw: Option<&[u8]> = match (&ev.entity, ev.alive) {
         (_, false) => None,
-        // Live: the entity as its commit left it.
-        (Some(json), true) => serde_json::from_slice(json).ok(),
-        // Replayed from the feed: as it reads now.
-        (None, true) => node.get(ev.kind, &ev.name).ok().flatten(),
+        (Some(json), true) => Some(json),
+        (None, true) => {
+            replayed = node
+                .get(ev.kind, &ev.name)
+                .ok()
+                .flatten()
+                .and_then(|v| serde_json::to_vec(&v).ok());
+            replayed.as_deref()
+        }
     };
-    let fields = entity
-        .as_ref()
-        .map(|e| e["fields"].clone())
-        .unwrap_or(Value::Null);
+    let fields = match raw {
+        Some(r) if who.may_see_reads_fields(ev.kind) => serde_json::from_slice::<Value>(r)
+            .map(|mut v| v["fields"].take())
+            .unwrap_or(Value::Null),
+        _ => Value::Null,
+    };
     if !who.may_see(ev.kind, &ev.name, &fields) {
         return None;
     }
@@ -145,14 +154,23 @@ fn event_text(node: &Node, who: &Caller, ev: &ChangeEvent) -> Option<String> {
         Origin::Local => "local".to_string(),
         Origin::Remote { peer } => peer.clone(),
     };
-    let data = json!({
+    let head = json!({
         "seq": ev.seq,
         "kind": ev.kind.as_str(),
         "name": ev.name,
         "origin": origin,
         "by": ev.by,
-        "entity": entity,
     });
+    // The entity's text goes in as it is (compact JSON from serde_json: one line), not parsed
+    // and printed again.
+    let mut data = head.to_string();
+    data.pop();
+    data.push_str(",\"entity\":");
+    match raw.and_then(|r| std::str::from_utf8(r).ok()) {
+        Some(text) => data.push_str(text),
+        None => data.push_str("null"),
+    }
+    data.push('}');
     let kind = if ev.alive { "put" } else { "delete" };
     Some(format!("id: {}\nevent: {kind}\ndata: {data}\n\n", ev.seq))
 }

@@ -12,10 +12,9 @@
 //!
 //! The newest [`FEED_KEEP`] rows are kept; resuming from before the oldest kept also re-lists.
 
-use super::{StoreError, WriteTxn, META};
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use super::{StoreError, WriteTxn, FEED, META};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
-pub(super) const FEED: TableDefinition<u64, &[u8]> = TableDefinition::new("feed");
 const FEED_BASE: &str = "feed_base";
 /// Rows kept: a client may resume from any of the last this many changes.
 pub const FEED_KEEP: u64 = 100_000;

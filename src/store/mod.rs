@@ -60,6 +60,8 @@ pub struct Space {
 }
 
 const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("docs");
+/// The change feed (`feed.rs`): sequence number -> change event.
+const FEED: TableDefinition<u64, &[u8]> = TableDefinition::new("feed");
 const CHUNKS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("chunks");
 const INDEX: TableDefinition<&str, &[u8]> = TableDefinition::new("index");
 const LOCAL: TableDefinition<&str, &[u8]> = TableDefinition::new("local");
@@ -921,7 +923,7 @@ impl Store {
             one("chunks", txn.open_table(CHUNKS)?.stats()?);
             one("index", txn.open_table(INDEX)?.stats()?);
             one("secrets", txn.open_table(SECRETS)?.stats()?);
-            one("feed", txn.open_table(feed::FEED)?.stats()?);
+            one("feed", txn.open_table(FEED)?.stats()?);
             one("local", txn.open_table(LOCAL)?.stats()?);
         }
         txn.abort()?;
