@@ -195,7 +195,7 @@ fn concurrent_register_writes_are_reported_as_conflicts_and_resolved_by_a_write(
             .unwrap()
             .expect("a value");
         assert_eq!(
-            json!(v.to_str().expect("a string")),
+            json!(v.as_str().expect("a string")),
             doc::read(d, Kind::User, "alice").unwrap().fields["home_dir"]
         );
     }
