@@ -524,7 +524,10 @@ fn a_node_restored_from_an_old_copy_learns_the_members_from_its_peers() {
         .is_some(),
         "a write on the restored n1 does not reach n2 and n3"
     );
-    // A removed member stays removed for the healed node.
+    // A removed member stays removed for the healed node. n3 is stopped while it is removed, so
+    // that it cannot learn of its removal (a removed node stops calling its peers) and calls n1
+    // when it runs again.
+    ns[2].stop();
     let o = ns[1].d.cli(&["node", "remove", &ns[2].id]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
@@ -543,6 +546,7 @@ fn a_node_restored_from_an_old_copy_learns_the_members_from_its_peers() {
         "n1 does not see n3 removed"
     );
     group(&ns[0].api, "after-removal", "not for n3");
+    ns[2].restart();
     // n3 keeps trying every replication interval (0.5 s) and heartbeat (0.1 s): 3 s is six
     // intervals, enough for a write to cross many times over if it were let through.
     std::thread::sleep(Duration::from_secs(3));
