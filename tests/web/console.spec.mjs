@@ -4,7 +4,8 @@
 // N1_IPC, N3_IPC, UNREACHABLE (addresses), PEERCONF_BIN and PEERCONF_TOKEN (for the CLI).
 // Group `g` holds a conflict on home_dir (n1 wrote /srv/from-n1, n2 /srv/from-n2).
 import { test, expect } from '@playwright/test';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
+import { openSync, readFileSync } from 'node:fs';
 
 const env = (k) => { const v = process.env[k]; if (!v) throw new Error(`${k} is not set`); return v; };
 const cli = (at, ...args) => execFileSync(env('PEERCONF_BIN'), ['--api', `http://${at}`, ...args], { encoding: 'utf8' });
@@ -17,6 +18,9 @@ test.beforeEach(({ page }) => {
   page.on('console', (m) => { if (m.type() === 'error' && !/401|503|Failed to load resource/.test(m.text())) problems.push(`console: ${m.text()}`); });
 });
 test.afterEach(() => { expect(problems).toEqual([]); });
+
+// A screenshot of each page, kept in the folder run.sh names (target/web-screenshots by default).
+const shot = (page, name) => page.screenshot({ path: `${env('SHOTS')}/${name}.png`, fullPage: true });
 
 async function signIn(page, at, name, password) {
   await page.goto(`http://${at}/`);
@@ -32,6 +36,7 @@ test('a wrong password is refused on the form', async ({ page }) => {
   await page.getByLabel('Password', { exact: true }).fill('not-the-password');
   await page.getByRole('button', { name: 'Log in' }).click();
   await expect(page.getByRole('alert').filter({ hasText: /credentials|password|refused/i })).toBeVisible();
+  await shot(page, 'sign-in-refused');
   await expect(page.getByRole('link', { name: 'Cluster', exact: true })).toHaveCount(0);
 });
 
@@ -40,6 +45,7 @@ test('the cluster page lists both nodes live, with drain and undrain', async ({ 
   const row = (n) => page.getByRole('row').filter({ has: page.getByRole('cell', { name: new RegExp(`^${n}\\b`) }) });
   await expect(row('n1')).toContainText('ONLINE');
   await expect(row('n2')).toContainText('ONLINE');
+  await shot(page, 'cluster');
   await page.getByLabel('Drain deadline (seconds)').fill('30');
   await page.getByRole('button', { name: 'Drain this node', exact: true }).click();
   await expect(page.getByText(/^Draining: new client connections are refused/)).toBeVisible();
@@ -55,6 +61,7 @@ test('lists follow the watch stream: a change made on another node shows without
   await expect(page.getByText(/^Live: changes made on any node/)).toBeVisible();
   cli(env('N1'), 'put', 'user', 'live-bob', '--json', '{"home_dir":"/srv/bob","site":"main"}');
   await expect(page.getByRole('cell', { name: 'live-bob', exact: true })).toBeVisible({ timeout: 5_000 });
+  await shot(page, 'users-live');
   cli(env('N1'), 'delete', 'user', 'live-bob');
   await expect(page.getByRole('cell', { name: 'live-bob', exact: true })).toHaveCount(0, { timeout: 5_000 });
 });
@@ -103,6 +110,95 @@ test('forms come from the schema: pickers, write-only secrets, lists, validation
   await expect(page.getByRole('cell', { name: 'carol', exact: true })).toHaveCount(0);
 });
 
+// Every kind's page: a value the schema refuses is shown next to its field (the form keeps what
+// was typed), then the corrected form saves, and the node holds what the form sent. Fields are
+// found by their data-field, and every control of the form must have an accessible name.
+const PEM = () => ({ cert: readFileSync(env('CERT_PEM'), 'utf8'), key: readFileSync(env('KEY_PEM'), 'utf8') });
+const FORMS = [
+  { kind: 'site', title: 'Sites', name: 'ui-site', fill: { root_dir: '/srv/ui' }, check: ['protocols-sftp'],
+    bad: ['bindings', 'not-an-address', '0.0.0.0:2224'], expect: { bindings: ['0.0.0.0:2224'], root_dir: '/srv/ui', protocols: ['sftp'] } },
+  { kind: 'user', title: 'Users', name: 'ui-user', fill: { home_dir: '/srv/ui-user', password: 'Ui-user-password-1' },
+    bad: ['email', 'not-an-email', 'ui@example.com'], expect: { email: 'ui@example.com', home_dir: '/srv/ui-user' }, secrets: ['password'] },
+  { kind: 'group', title: 'Groups', name: 'ui-group', fill: { description: 'made in the browser' },
+    bad: ['home_dir', 'relative/dir', '/srv/ui-group'], expect: { home_dir: '/srv/ui-group', description: 'made in the browser' } },
+  { kind: 'admin', title: 'Admins', name: 'ui-admin', select: { role: 'admin' },
+    bad: ['password', 'short', 'Ui-admin-password-1'], expect: { role: 'admin' }, secrets: ['password'] },
+  { kind: 'settings', title: 'Settings', name: 'global', singleton: true,
+    bad: ['replication_interval_ms', '5', '5000'], expect: { replication_interval_ms: 5000 } },
+  { kind: 'certificate', title: 'Certificates', name: 'ui-cert', fill: () => ({ key_pem: PEM().key }),
+    bad: ['cert_pem', 'not a certificate', () => PEM().cert], expect: { subject: 'CN=ui.example' }, secrets: ['key_pem'] },
+  { kind: 'security', title: 'Security', name: 'global', singleton: true,
+    bad: ['max_login_attempts', '-1', '6'], expect: { max_login_attempts: 6 } },
+  { kind: 'script', title: 'Scripts', name: 'ui-script', select: { language: 'shell' }, fill: { source: 'echo "$1"\n' },
+    bad: ['name', 'bad name!', 'ui-script'], expect: { source: 'echo "$1"\n' } },
+  { kind: 'rule', title: 'Rules', name: 'ui-rule', select: { event: 'after_upload', script: 'ui-script' },
+    bad: ['priority', '5000', '5'], expect: { priority: 5, script: 'ui-script', event: 'after_upload' } },
+];
+
+test('every kind\'s form: a refused value is shown next to its field, the corrected form saves', async ({ page }) => {
+  await signIn(page, env('N1'), 'admin', env('ADMIN_PW'));
+  for (const c of FORMS) {
+    await page.getByRole('link', { name: c.title, exact: true }).click();
+    if (!c.singleton) {
+      await shot(page, `${c.kind}-list`);
+      await page.getByRole('button', { name: `New ${c.kind}` }).click();
+    }
+    const form = page.locator('#main form');
+    await expect(form.getByRole('button', { name: 'Save' })).toBeVisible();
+    // No part of the page is a stray "null".
+    expect(await page.locator('#main').evaluate((m) => [...m.childNodes].filter((n) => n.nodeType === 3).map((n) => n.textContent.trim()))).not.toContain('null');
+    for (const control of await form.locator('input, select, textarea').all()) await expect(control).toHaveAccessibleName(/\S/);
+    const at = (field) => form.locator(`[data-field="${field}"]`);
+    const set = async (field, value) => {
+      const box = at(field);
+      if (await box.locator('ul.items').count()) {
+        if (!(await box.locator('ul.items input').count())) await box.getByRole('button', { name: /^Add to / }).click();
+        await box.locator('ul.items input').first().fill(value);
+      } else {
+        await box.locator('input, textarea').first().fill(value);
+      }
+    };
+    const [badField, badValue, fixed] = c.bad;
+    if (!c.singleton && badField !== 'name') await set('name', c.name);
+    for (const [f, v] of Object.entries(typeof c.fill === 'function' ? c.fill() : c.fill || {})) await set(f, v);
+    for (const [f, v] of Object.entries(c.select || {})) await at(f).locator('select').selectOption(v);
+    for (const id of c.check || []) await form.locator(`#${id}`).check();
+    await set(badField, badValue);
+    await form.getByRole('button', { name: 'Save' }).click();
+    const error = at(badField).locator('.error');
+    await expect(error, `${c.kind}: the refusal of ${badField}`).toBeVisible();
+    await expect(error).not.toBeEmpty();
+    await shot(page, `${c.kind}-refused`);
+    await set(badField, typeof fixed === 'function' ? fixed() : fixed);
+    await form.getByRole('button', { name: 'Save' }).click();
+    if (c.singleton) {
+      await expect(page.getByText(`Saved ${c.kind} ${c.name}.`)).toBeVisible();
+      await expect(at(badField).locator('.error')).toBeHidden();
+    } else {
+      await expect(page.getByRole('cell', { name: c.name, exact: true })).toBeVisible();
+    }
+    const saved = JSON.parse(cli(env('N1'), 'get', c.kind, c.name));
+    for (const [f, v] of Object.entries(c.expect)) expect(saved.fields[f], `${c.kind}.${f}`).toEqual(v);
+    for (const f of c.secrets || []) expect(saved.secrets_set, `${c.kind}: ${f} is set`).toContain(f);
+    expect(JSON.stringify(saved)).not.toMatch(/PRIVATE KEY|Ui-user-password-1|Ui-admin-password-1/);
+  }
+});
+
+// A node killed without warning turns OFFLINE in the table without a reload, and ONLINE again
+// when it runs again.
+test('a killed node shows OFFLINE live, and ONLINE once it runs again', async ({ page }) => {
+  await signIn(page, env('N1'), 'admin', env('ADMIN_PW'));
+  const row = (n) => page.getByRole('row').filter({ has: page.getByRole('cell', { name: new RegExp(`^${n}\\b`) }) });
+  await expect(row('n2')).toContainText('ONLINE');
+  process.kill(Number(env('N2_PID')), 'SIGKILL');
+  await expect(row('n2')).toContainText('OFFLINE', { timeout: 10_000 });
+  await expect(page.getByText(/n2/).first()).toBeVisible();
+  await shot(page, 'cluster-node-offline');
+  const log = openSync(`${env('WORK')}/n2.log`, 'a');
+  spawn(env('PEERCONF_BIN'), ['run', '--data-dir', `${env('WORK')}/n2`], { detached: true, stdio: ['ignore', log, log] }).unref();
+  await expect(row('n2')).toContainText('ONLINE', { timeout: 20_000 });
+});
+
 test('a conflict shows both values and where they came from; one click resolves it', async ({ page }) => {
   await signIn(page, env('N1'), 'admin', env('ADMIN_PW'));
   await page.getByRole('link', { name: 'Conflicts', exact: true }).click();
@@ -111,6 +207,7 @@ test('a conflict shows both values and where they came from; one click resolves 
   await expect(section).toContainText('/srv/from-n2');
   await expect(section).toContainText('on node n1');
   await expect(section).toContainText('on node n2');
+  await shot(page, 'conflicts');
   await section.getByRole('button', { name: 'Use "/srv/from-n2"' }).click();
   await expect(page.getByText('No conflicts: every field has one value.')).toBeVisible({ timeout: 10_000 });
   await expect.poll(() => JSON.parse(cli(env('N2'), 'get', 'group', 'g')).fields.home_dir, { timeout: 10_000 }).toBe('/srv/from-n2');
@@ -120,6 +217,7 @@ test('a conflict shows both values and where they came from; one click resolves 
   const rows = page.getByRole('row');
   await expect(rows.filter({ hasText: 'home_dir' }).first()).toContainText('admin');
   await expect(rows.filter({ hasText: 'n2' }).first()).toBeVisible();
+  await shot(page, 'history');
 });
 
 test('an Admin is not offered what only a SuperAdmin may do', async ({ page }) => {
@@ -132,6 +230,7 @@ test('an Admin is not offered what only a SuperAdmin may do', async ({ page }) =
   // Only its own account is listed.
   await expect(page.getByRole('cell', { name: 'ops', exact: true })).toBeVisible();
   await expect(page.locator('tbody tr')).toHaveCount(1);
+  await shot(page, 'admins-as-admin');
   await page.getByRole('link', { name: 'Settings', exact: true }).click();
   await expect(page.getByRole('button', { name: 'Save' })).toHaveCount(0);
   await expect(page.getByLabel('Heartbeat interval (ms)')).toBeDisabled();
@@ -141,6 +240,7 @@ test('an Admin is not offered what only a SuperAdmin may do', async ({ page }) =
 
 test('the Setup UI shows each refusal next to its field, and the corrected form joins', async ({ page }) => {
   await page.goto(env('N3_SETUP'));
+  await shot(page, 'setup');
   await page.getByRole('button', { name: 'Join an existing cluster' }).click();
   const form = page.locator('#join-form');
   await form.getByLabel('Node name').fill('n3');
@@ -151,6 +251,7 @@ test('the Setup UI shows each refusal next to its field, and the corrected form 
   const errorOf = (name) => form.locator(`[data-field="${name}"] .error`);
   await expect(errorOf('ipc_listen')).toContainText(/in use/i);
   await expect(form.getByLabel('IPC listen address')).toHaveAttribute('aria-invalid', 'true');
+  await shot(page, 'setup-join-refused');
   await form.getByLabel('IPC listen address').fill(env('N3_IPC'));
   await form.getByRole('button', { name: 'Join cluster' }).click();
   await expect(errorOf('token')).toContainText(/not a join token/i);

@@ -5,6 +5,8 @@
 # third node's `peerconf setup`) on loopback in a temporary folder, installs @playwright/test there
 # (node_modules cached in target/web-node-modules), uses Debian's chromium, and stops every process
 # it started. PEERCONF_BIN names the binary (default: target/release/peerconf, built if missing).
+# A screenshot of each page is written to PEERCONF_SCREENSHOTS (default: target/web-screenshots),
+# which CI keeps as an artifact.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -14,7 +16,12 @@ PC=${PEERCONF_BIN:-$root/target/release/peerconf}
 [[ -x $PC ]] || cargo build --release -q
 WORK=$(mktemp -d)
 PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do if [[ -n $p ]]; then kill -9 "$p" 2>/dev/null || true; fi; done; rm -rf "$WORK"; }
+# The tests restart a node themselves: every process whose data directory is in $WORK is stopped.
+cleanup() {
+  for p in "${PIDS[@]:-}"; do if [[ -n $p ]]; then kill -9 "$p" 2>/dev/null || true; fi; done
+  pkill -9 -f -- "--data-dir $WORK/" 2>/dev/null || true
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 export XDG_CONFIG_HOME=$WORK/config
 freeport() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
@@ -65,6 +72,13 @@ if [[ ! -d $mods/node_modules/@playwright/test ]]; then
 fi
 cp tests/web/playwright.config.mjs tests/web/console.spec.mjs "$WORK/"
 ln -s "$mods/node_modules" "$WORK/node_modules"
+# A certificate and its key for the Certificates form.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 -subj /CN=ui.example \
+  -keyout "$WORK/ui-key.pem" -out "$WORK/ui-cert.pem" 2>/dev/null
+SHOTS=${PEERCONF_SCREENSHOTS:-$root/target/web-screenshots}
+rm -rf "$SHOTS"; mkdir -p "$SHOTS"
 export PEERCONF_BIN=$PC N1 N2 N1_IPC N3_SETUP N3_TOKEN ADMIN_PW OPS_PW N3_IPC=127.0.0.1:$(freeport) UNREACHABLE=127.0.0.1:$(freeport)
+export WORK SHOTS N2_PID=$PID_n2 CERT_PEM=$WORK/ui-cert.pem KEY_PEM=$WORK/ui-key.pem
 (cd "$WORK" && npx playwright test --config playwright.config.mjs console.spec.mjs) || {
   echo "browser tests failed; node logs:"; tail -n 5 "$WORK"/n*.log; exit 1; }
+echo "screenshots of every page: $SHOTS" 

@@ -44,7 +44,8 @@ function follow(path, events, onEvent) {
 
 function page(title, ...kids) {
   closeStreams();
-  main.replaceChildren(h('h1', {}, title), ...kids);
+  // A page part that is absent (null) is left out, not shown as text.
+  main.replaceChildren(h('h1', {}, title), ...kids.filter((k) => k !== null && k !== undefined));
   document.title = `${title} · peerconf`;
   main.focus();
 }
@@ -301,7 +302,13 @@ async function namesOf(kind) {
 async function control(f, value, secretSet) {
   const help = [f.doc, f.format && f.format !== 'text' && f.format !== 'password' ? `(${f.format})` : null].filter(Boolean).join(' ');
   if (f.secret) {
-    const c = labelled(f.label, h('input', { type: 'password', autocomplete: 'new-password', placeholder: secretSet ? 'set: leave empty to keep' : 'not set' }),
+    // A private key spans lines, which a one-line input would drop: it gets an editing area that
+    // starts empty like any secret input.
+    const placeholder = secretSet ? 'set: leave empty to keep' : 'not set';
+    const input = (f.format || '').startsWith('pem')
+      ? h('textarea', { rows: 8, spellcheck: 'false', autocomplete: 'off', class: 'pem', placeholder })
+      : h('input', { type: 'password', autocomplete: 'new-password', placeholder });
+    const c = labelled(f.label, input,
       `${help} Write-only: ${secretSet ? 'a value is set' : 'no value is set'}; it is never shown.`, f.name);
     return { row: c.row, read: () => c.control.value ? c.control.value : undefined, secret: true };
   }
