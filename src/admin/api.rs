@@ -606,6 +606,7 @@ impl From<Error> for ApiError {
             | Error::NotInitialised(_)
             | Error::Damaged { .. }
             | Error::BadName(_)
+            | Error::BadApiCertificate { .. }
             | Error::AlreadyInitialised { .. } => internal(&e),
         }
     }

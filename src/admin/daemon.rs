@@ -56,12 +56,23 @@ pub enum ServeError {
 struct ApiListener {
     tcp: tokio::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// The certificate to replace with the `certificate` entity the node names
+    /// ([`NodeConfig::api_certificate`]) once the node runs.
+    entity_cert: Option<EntityCert>,
+}
+
+/// A `certificate` entity the admin API serves, and the slot its handshakes read it from.
+#[derive(Clone)]
+struct EntityCert {
+    name: String,
+    slot: Arc<crate::net::tls::SwappableCert>,
 }
 
 /// Binds the admin API. Off loopback (or with `api_tls`) it serves HTTPS only, with a certificate
 /// issued by the cluster CA at each start for the addresses and names the node is reached by;
 /// there is no way to serve plain HTTP off loopback.
 async fn listen_api(cfg: &NodeConfig, dir: &Path) -> Result<ApiListener, ServeError> {
+    let mut entity_cert = None;
     let tls = if let Some(files) = &cfg.api_cert {
         let read = |p: &std::path::Path| {
             std::fs::read_to_string(p)
@@ -80,12 +91,17 @@ async fn listen_api(cfg: &NodeConfig, dir: &Path) -> Result<ApiListener, ServeEr
     } else if cfg.api_https() {
         let material = crate::net::tls::TlsFiles::new(dir).read()?;
         let (dns, ips) = super::api::node_names(cfg);
-        Some(crate::net::tls::api_server_config(
-            &material,
-            &cfg.node_id,
-            &dns,
-            &ips,
-        )?)
+        let ca_issued = crate::net::tls::api_ca_key(&material, &cfg.node_id, &dns, &ips)?;
+        // With a certificate entity named, the cluster CA's certificate is served until the
+        // node has read the entity (`follow_api_certificate`).
+        let slot = Arc::new(crate::net::tls::SwappableCert::new(ca_issued));
+        if let Some(name) = &cfg.api_certificate {
+            entity_cert = Some(EntityCert {
+                name: name.clone(),
+                slot: slot.clone(),
+            });
+        }
+        Some(crate::net::tls::api_config(slot)?)
     } else {
         None
     };
@@ -95,7 +111,82 @@ async fn listen_api(cfg: &NodeConfig, dir: &Path) -> Result<ApiListener, ServeEr
             addr: cfg.api_listen,
             source,
         })?;
-    Ok(ApiListener { tcp, tls })
+    Ok(ApiListener {
+        tcp,
+        tls,
+        entity_cert,
+    })
+}
+
+/// Serves the `certificate` entity `cert.name` on the admin API and follows it: every committed
+/// change of it, local or replicated, is read (its chain and its unsealed key) and served from
+/// the next handshake. A version that cannot be served (the key does not match, the entity was
+/// deleted) is logged and the API keeps the certificate it has. Ends when the node stops.
+fn follow_api_certificate(node: Node, cert: EntityCert) -> tokio::task::JoinHandle<()> {
+    use tokio::sync::broadcast::error::RecvError;
+    // Subscribed before the first read, so no change falls between the two.
+    let mut changes = node.subscribe();
+    tokio::spawn(async move {
+        let mut served = None;
+        load_api_certificate(&node, &cert, &mut served).await;
+        loop {
+            match changes.recv().await {
+                Ok(ev) if ev.kind == crdt_schema::Kind::Certificate && ev.name == cert.name => {
+                    load_api_certificate(&node, &cert, &mut served).await
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => load_api_certificate(&node, &cert, &mut served).await,
+                Err(RecvError::Closed) => break,
+            }
+        }
+    })
+}
+
+/// Reads the certificate entity and, when its chain differs from `served` (the PEM served now,
+/// None while the cluster CA's is), serves it.
+async fn load_api_certificate(node: &Node, cert: &EntityCert, served: &mut Option<String>) {
+    use crdt_schema::Kind;
+    let (n, name) = (node.clone(), cert.name.clone());
+    let read = tokio::task::spawn_blocking(move || {
+        let pem = n
+            .get(Kind::Certificate, &name)?
+            .and_then(|e| e["fields"]["cert_pem"].as_str().map(str::to_string));
+        let key = n.secret(Kind::Certificate, &name, "key_pem")?;
+        Ok::<_, crate::node::Error>(pem.zip(key))
+    })
+    .await;
+    let name = &cert.name;
+    match read {
+        Ok(Ok(Some((pem, key)))) => {
+            if served.as_deref() == Some(pem.as_str()) {
+                return;
+            }
+            match crate::net::tls::certified_key_pem(&pem, &key) {
+                Ok(k) => {
+                    cert.slot.set(k);
+                    let (subject, not_after, _) = crdt_schema::cert_info(&pem).unwrap_or_default();
+                    tracing::info!(certificate = %name, %subject, %not_after, "the admin API serves this certificate entity");
+                    *served = Some(pem);
+                }
+                Err(e) => tracing::warn!(
+                    certificate = %name, error = %e,
+                    "cannot serve this certificate entity on the admin API; it keeps the certificate it serves"
+                ),
+            }
+        }
+        Ok(Ok(None)) if served.is_none() => tracing::warn!(
+            certificate = %name,
+            "no such certificate entity on this node yet: the admin API serves a certificate of the cluster CA until it arrives"
+        ),
+        Ok(Ok(None)) => tracing::warn!(
+            certificate = %name,
+            "the certificate entity the admin API serves is gone; it keeps serving the last one"
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(certificate = %name, error = %e, "cannot read the certificate entity")
+        }
+        Err(_) => {}
+    }
 }
 
 /// How long a client has to finish its TLS handshake with the admin API.
@@ -210,6 +301,7 @@ pub async fn run(
         .map_err(|_| crate::node::Error::ShuttingDown)??;
     let cfg = opening.config().clone();
     let listener = listen_api(&cfg, dir).await?;
+    let entity_cert = listener.entity_cert.clone();
     let gate = super::api::Gate::default();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut api_stop = stop_rx.clone();
@@ -221,7 +313,7 @@ pub async fn run(
         stop.await;
         let _ = stop_tx.send(true);
     });
-    start_and_serve(opening, gate, api, stop_rx).await
+    start_and_serve(opening, gate, api, stop_rx, entity_cert).await
 }
 
 /// Starts an opened node behind an API already listening (its `gate` closed until then), serves
@@ -231,6 +323,7 @@ async fn start_and_serve(
     gate: super::api::Gate,
     api: tokio::task::JoinHandle<std::io::Result<()>>,
     stop_rx: tokio::sync::watch::Receiver<bool>,
+    entity_cert: Option<EntityCert>,
 ) -> Result<(), ServeError> {
     let started = tokio::task::spawn_blocking(move || opening.start(NodeOptions::default()))
         .await
@@ -243,7 +336,7 @@ async fn start_and_serve(
         }
     };
     let mut rx = stop_rx.clone();
-    let served = serve_on(node.clone(), gate, api, async move {
+    let served = serve_on(node.clone(), gate, api, entity_cert, async move {
         let _ = rx.wait_for(|s| *s).await;
     })
     .await;
@@ -308,9 +401,17 @@ pub async fn setup(
     let app = super::setup_ui::router(ui.clone(), gate.router());
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut api_stop = stop_rx.clone();
-    let api = tokio::spawn(serve_api(ApiListener { tcp, tls }, app, async move {
-        let _ = api_stop.wait_for(|s| *s).await;
-    }));
+    let api = tokio::spawn(serve_api(
+        ApiListener {
+            tcp,
+            tls,
+            entity_cert: None,
+        },
+        app,
+        async move {
+            let _ = api_stop.wait_for(|s| *s).await;
+        },
+    ));
     tokio::spawn(async move {
         stop.await;
         let _ = stop_tx.send(true);
@@ -326,7 +427,7 @@ pub async fn setup(
     let opening = tokio::task::spawn_blocking(move || Node::opening(&d))
         .await
         .map_err(|_| crate::node::Error::ShuttingDown)??;
-    start_and_serve(opening, gate, api, stop_rx).await
+    start_and_serve(opening, gate, api, stop_rx, None).await
 }
 
 /// A self-signed certificate for the Setup UI off loopback, and its SHA-256 fingerprint.
@@ -358,10 +459,11 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let cfg = node.config().clone();
     let listener = listen_api(&cfg, node.data_dir()).await?;
+    let entity_cert = listener.entity_cert.clone();
     let gate = super::api::Gate::default();
     let app = gate.router();
     let api = tokio::spawn(serve_api(listener, app, stop));
-    serve_on(node, gate, api, std::future::pending()).await
+    serve_on(node, gate, api, entity_cert, std::future::pending()).await
 }
 
 /// Starts the cluster side of an open node, opens the gate of an API already listening, and
@@ -370,9 +472,11 @@ async fn serve_on(
     node: Node,
     gate: super::api::Gate,
     api: tokio::task::JoinHandle<std::io::Result<()>>,
+    entity_cert: Option<EntityCert>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let cfg = node.config().clone();
+    let follower = entity_cert.map(|c| follow_api_certificate(node.clone(), c));
     let cluster = match crate::cluster::Cluster::start(node.clone()).await {
         Ok(c) => c,
         Err(e) => {
@@ -395,6 +499,9 @@ async fn serve_on(
         _ = stop => Ok(()),
     };
     tracing::info!("shutting down");
+    if let Some(f) = follower {
+        f.abort();
+    }
     cluster.stop().await;
     served.map_err(ServeError::Api)
 }

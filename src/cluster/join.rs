@@ -309,6 +309,7 @@ pub async fn join(
             return Err(JoinError::BadName(name.chars().take(80).collect()));
         }
     }
+    setup::check_api_certificate(opts)?;
     let cfg = setup::new_config(node_id.clone(), String::new(), opts, clock.as_ref());
     let req = Request::Join(JoinRequest {
         token_secret: token.secret.clone(),

@@ -14,6 +14,8 @@ use rcgen::{
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::ResolvesServerCert;
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -324,6 +326,17 @@ pub fn api_server_config(
     dns: &[String],
     ips: &[std::net::IpAddr],
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    api_config(Arc::new(FixedCert(api_ca_key(m, node_id, dns, ips)?)))
+}
+
+/// A certificate for the admin API issued by the cluster CA for the names and addresses the node
+/// is reached by, with the CA certificate after it in the chain.
+pub fn api_ca_key(
+    m: &Material,
+    node_id: &str,
+    dns: &[String],
+    ips: &[std::net::IpAddr],
+) -> Result<Arc<CertifiedKey>, TlsError> {
     let key = KeyPair::generate().map_err(err("API key"))?;
     let mut p = CertificateParams::new(dns.to_vec()).map_err(err("API certificate names"))?;
     for ip in ips {
@@ -339,22 +352,24 @@ pub fn api_server_config(
     let ca_key = KeyPair::from_pem(&m.ca_key_pem).map_err(err("CA key"))?;
     let issuer = Issuer::from_ca_cert_pem(&m.ca_cert_pem, ca_key).map_err(err("CA certificate"))?;
     let cert = p.signed_by(&key, &issuer).map_err(err("API certificate"))?;
-    let mut c = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone(), pem_der(&m.ca_cert_pem)?],
-            key_der(&key.serialize_pem())?,
-        )
-        .map_err(|e| TlsError(format!("API certificate: {e}")))?;
-    c.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(c))
+    CertifiedKey::from_der(
+        vec![cert.der().clone(), pem_der(&m.ca_cert_pem)?],
+        key_der(&key.serialize_pem())?,
+        &provider(),
+    )
+    .map(Arc::new)
+    .map_err(|e| TlsError(format!("API certificate: {e}")))
 }
 
 /// The admin API's server configuration with a certificate the operator provides: `cert_pem`
 /// (the chain, the node's certificate first) and `key_pem` (its private key, which must match).
 pub fn api_server_config_pem(cert_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, TlsError> {
+    api_config(Arc::new(FixedCert(certified_key_pem(cert_pem, key_pem)?)))
+}
+
+/// A certificate chain and its private key, both PEM, as rustls serves them; refused when the key
+/// is not the certificate's.
+pub fn certified_key_pem(cert_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>, TlsError> {
     use rustls::pki_types::pem::PemObject;
     let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
@@ -364,14 +379,58 @@ pub fn api_server_config_pem(cert_pem: &str, key_pem: &str) -> Result<Arc<Server
             "certificate: the file holds no CERTIFICATE block".into(),
         ));
     }
+    CertifiedKey::from_der(chain, key_der(key_pem)?, &provider())
+        .map(Arc::new)
+        .map_err(|e| TlsError(format!("certificate and key: {e}")))
+}
+
+/// The admin API's server configuration (HTTP/2 and HTTP/1.1) with certificates from `resolver`.
+pub fn api_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<Arc<ServerConfig>, TlsError> {
     let mut c = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(chain, key_der(key_pem)?)
-        .map_err(|e| TlsError(format!("certificate and key: {e}")))?;
+        .with_cert_resolver(resolver);
     c.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(c))
+}
+
+/// One certificate for every handshake.
+#[derive(Debug)]
+struct FixedCert(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for FixedCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// The certificate of a server that can change while it runs (the admin API serving a
+/// `certificate` entity, which replicates and may be replaced): every handshake takes the one
+/// set last.
+#[derive(Debug)]
+pub struct SwappableCert(std::sync::RwLock<Arc<CertifiedKey>>);
+
+impl SwappableCert {
+    pub fn new(first: Arc<CertifiedKey>) -> Self {
+        SwappableCert(std::sync::RwLock::new(first))
+    }
+
+    /// Serves `key` from the next handshake on.
+    pub fn set(&self, key: Arc<CertifiedKey>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = key;
+    }
+
+    /// The certificate served now (its end-entity certificate first).
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl ResolvesServerCert for SwappableCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
 }
 
 /// A client of the admin API over HTTPS that trusts only the CA certificate(s) in `ca_pem`.

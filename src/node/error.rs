@@ -29,6 +29,9 @@ pub enum Error {
     /// A node name outside the safe set; nothing was created.
     #[error("--name {0:?}: a node name is 1 to 64 of A-Z a-z 0-9 . _ -")]
     BadName(String),
+    /// `--api-certificate` names no possible `certificate` entity; nothing was created.
+    #[error("--api-certificate {name:?}: {reason}")]
+    BadApiCertificate { name: String, reason: String },
     /// A file of the data directory could not be made or read; nothing was initialised.
     #[error("{what} {path}: {source}")]
     Io {

@@ -45,6 +45,11 @@ pub struct NodeConfig {
     /// issued by the cluster CA at each start.
     #[serde(default)]
     pub api_cert: Option<ApiCertFiles>,
+    /// The name of a `certificate` entity the admin API serves (HTTPS, on loopback too): read
+    /// from the store once the node runs and followed as it changes; until it exists here, the
+    /// API serves a certificate of the cluster CA.
+    #[serde(default)]
+    pub api_certificate: Option<String>,
 }
 
 /// An admin API certificate the operator provides (`--api-cert FILE --api-key FILE`).
@@ -60,7 +65,10 @@ impl NodeConfig {
     /// Whether the admin API is served over HTTPS: always off loopback (`0.0.0.0` included), and
     /// on loopback when asked for (`init --api-tls`, or a certificate named with `--api-cert`).
     pub fn api_https(&self) -> bool {
-        self.api_tls || self.api_cert.is_some() || !self.api_listen.ip().is_loopback()
+        self.api_tls
+            || self.api_cert.is_some()
+            || self.api_certificate.is_some()
+            || !self.api_listen.ip().is_loopback()
     }
 }
 
@@ -76,6 +84,8 @@ pub struct InitOptions {
     pub api_tls: bool,
     /// The admin API's certificate, when not one of the cluster CA ([`NodeConfig::api_cert`]).
     pub api_cert: Option<ApiCertFiles>,
+    /// A `certificate` entity the admin API serves ([`NodeConfig::api_certificate`]).
+    pub api_certificate: Option<String>,
     /// The first SuperAdmin, created in the same transaction as the node (`peerconf init`
     /// always names one; an embedding server may manage without).
     pub admin: Option<AdminBootstrap>,
@@ -179,6 +189,7 @@ impl Default for InitOptions {
             ipc_advertise: None,
             api_tls: false,
             api_cert: None,
+            api_certificate: None,
             admin: None,
         }
     }
@@ -222,6 +233,7 @@ pub fn new_config(
         schema_version: crdt_schema::SCHEMA_VERSION,
         api_tls: opts.api_tls,
         api_cert: opts.api_cert.clone(),
+        api_certificate: opts.api_certificate.clone(),
     }
 }
 
@@ -238,6 +250,7 @@ pub fn init(
             return Err(Error::BadName(name.chars().take(80).collect()));
         }
     }
+    check_api_certificate(opts)?;
     let mut rng = seeded(seed);
     let node_id = random_hex(&mut rng);
     let cluster_id = random_hex(&mut rng);
@@ -255,6 +268,21 @@ pub fn init(
         .map_err(|e| Error::Tls(e.to_string()))?;
     write_store(dir, &cfg, &material, None, admin, clock.as_ref(), &mut rng)?;
     Ok(cfg)
+}
+
+/// `--api-certificate` must be a name a `certificate` entity can have (it need not exist yet).
+pub fn check_api_certificate(opts: &InitOptions) -> Result<(), Error> {
+    match &opts.api_certificate {
+        Some(name) => {
+            crdt_schema::validate_name(crdt_schema::Kind::Certificate, name).map_err(|e| {
+                Error::BadApiCertificate {
+                    name: name.chars().take(80).collect(),
+                    reason: e.to_string(),
+                }
+            })
+        }
+        None => Ok(()),
+    }
 }
 
 fn make_private_dir(dir: &Path) -> Result<(), Error> {

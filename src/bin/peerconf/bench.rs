@@ -475,6 +475,7 @@ pub async fn cluster(
         ipc_advertise: None,
         api_tls: false,
         api_cert: None,
+        api_certificate: None,
         admin: None,
     };
     let dir = |i: usize| tmp.path().join(format!("n{i}"));

@@ -227,6 +227,11 @@ pub struct NodeArgs {
     /// The private key (PEM) of --api-cert.
     #[arg(long, requires = "api_cert")]
     api_key: Option<PathBuf>,
+    /// Serve the admin API over HTTPS with the `certificate` entity NAME (its chain and its
+    /// write-only key, as the cluster replicates them), following it as it changes; a certificate
+    /// of the cluster CA until it exists on this node.
+    #[arg(long, value_name = "NAME", conflicts_with = "api_cert")]
+    api_certificate: Option<String>,
 }
 
 impl NodeArgs {
@@ -248,6 +253,7 @@ impl NodeArgs {
                         key: abs(k),
                     }
                 }),
+            api_certificate: self.api_certificate.clone(),
             admin: None,
         }
     }

@@ -89,6 +89,7 @@ pub async fn run(nodes: usize) -> Result<(), String> {
             ipc_advertise: None,
             api_tls: false,
             api_cert: None,
+            api_certificate: None,
             admin: (i == 0).then(|| AdminBootstrap {
                 name: DEMO_ADMIN.into(),
                 password: password.clone(),
