@@ -28,6 +28,41 @@ fn pc_login(api: &str, cacert: Option<&Path>) -> Output {
     pc_stdin(api, cacert, &["login", "--user", "admin"], ADMIN_PW)
 }
 
+/// `peerconf init` of a node in `dir` with the test SuperAdmin, fresh addresses and `extra`
+/// arguments: its API address and the command's output.
+fn init_api(dir: &Path, extra: &[&std::ffi::OsStr]) -> (String, Output) {
+    let api = free_addr();
+    let o = Command::new(BIN)
+        .arg("init")
+        .args(admin_args())
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--api-listen", &api, "--ipc-listen", &free_addr()])
+        .args(extra)
+        .output()
+        .unwrap();
+    (api, o)
+}
+
+/// `peerconf run` of the node in `dir`, logging to `n1.log` in `logs`; an API served over
+/// HTTPS is not waited for here (the caller knows which CA verifies it).
+fn spawn_https(dir: &Path, api: &str, logs: &Path) -> Daemon {
+    let log = logs.join("n1.log");
+    let child = Command::new(BIN)
+        .args(["run", "--data-dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Daemon {
+        child: Some(child),
+        api: api.to_string(),
+        log,
+    }
+}
+
 fn ca_show(dir: &Path) -> String {
     let o = Command::new(BIN)
         .args(["ca", "show", "--data-dir"])
@@ -94,20 +129,7 @@ fn an_api_served_over_https_is_verified_with_the_cluster_ca() {
     let other_ca = tmp.path().join("other-ca.pem");
     std::fs::write(&other_ca, ca_show(&other)).unwrap();
 
-    let log = tmp.path().join("n1.log");
-    let child = Command::new(BIN)
-        .args(["run", "--data-dir"])
-        .arg(&dir)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut d = Daemon {
-        child: Some(child),
-        api: api.clone(),
-        log,
-    };
+    let mut d = spawn_https(&dir, &api, tmp.path());
     let https = format!("https://{api}");
     wait_for(Duration::from_secs(20), || {
         pc_login(&https, Some(&ca)).status.success().then_some(())
@@ -214,38 +236,21 @@ fn an_operator_certificate_serves_the_api() {
         files("api.key", &key),
     );
     let init_with = |dir: &Path, key: &Path| {
-        let api = free_addr();
-        let o = Command::new(BIN)
-            .arg("init")
-            .args(admin_args())
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["--api-listen", &api, "--ipc-listen", &free_addr()])
-            .arg("--api-cert")
-            .arg(&cert_f)
-            .arg("--api-key")
-            .arg(key)
-            .output()
-            .unwrap();
+        let (api, o) = init_api(
+            dir,
+            &[
+                "--api-cert".as_ref(),
+                cert_f.as_ref(),
+                "--api-key".as_ref(),
+                key.as_ref(),
+            ],
+        );
         assert!(o.status.success(), "init: {}", stderr(&o));
         api
     };
     let dir = tmp.path().join("n1");
     let api = init_with(&dir, &key_f);
-    let log = tmp.path().join("n1.log");
-    let child = Command::new(BIN)
-        .args(["run", "--data-dir"])
-        .arg(&dir)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let d = Daemon {
-        child: Some(child),
-        api: api.clone(),
-        log,
-    };
+    let d = spawn_https(&dir, &api, tmp.path());
     let https = format!("https://{api}");
     wait_for(Duration::from_secs(20), || {
         pc_login(&https, Some(&ca_f)).status.success().then_some(())
@@ -288,19 +293,8 @@ fn a_certificate_entity_serves_the_api_and_is_followed() {
         std::fs::write(&p, body).unwrap();
         p
     };
-    let init = |dir: &Path, cert: &str| {
-        let api = free_addr();
-        let o = Command::new(BIN)
-            .arg("init")
-            .args(admin_args())
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["--api-listen", &api, "--ipc-listen", &free_addr()])
-            .args(["--api-certificate", cert])
-            .output()
-            .unwrap();
-        (api, o)
-    };
+    let init =
+        |dir: &Path, cert: &str| init_api(dir, &["--api-certificate".as_ref(), cert.as_ref()]);
     let o = init(&tmp.path().join("bad"), "not a name!");
     assert!(!o.1.status.success(), "init took a bad certificate name");
     assert!(
@@ -316,20 +310,7 @@ fn a_certificate_entity_serves_the_api_and_is_followed() {
     let dir = tmp.path().join("n1");
     let (api, o) = init(&dir, "api");
     assert!(o.status.success(), "init: {}", stderr(&o));
-    let log = tmp.path().join("n1.log");
-    let child = Command::new(BIN)
-        .args(["run", "--data-dir"])
-        .arg(&dir)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::options().append(true).open(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut d = Daemon {
-        child: Some(child),
-        api: api.clone(),
-        log,
-    };
+    let mut d = spawn_https(&dir, &api, tmp.path());
     let https = format!("https://{api}");
     // No such entity yet: the cluster CA's certificate.
     let cluster_ca = file("cluster-ca.pem", &ca_show(&dir));
