@@ -803,6 +803,12 @@ impl Store {
     /// value). For the embedding server's own use (a login, loading a key); no read path of
     /// peerconf serves it.
     pub fn secret(&self, id: &str, field: &str) -> Result<Option<String>, StoreError> {
+        // The key ring is held from before the snapshot is taken until the value is opened. A
+        // rotation drops the old key only after the values sealed again are committed, and needs
+        // this lock to drop it: the snapshot's value is then always under a key the ring holds.
+        // (Taken after the snapshot, a rotation in between made a stored value unreadable to this
+        // read: UnknownKey.)
+        let keys = self.keys.lock().map_err(|_| poisoned())?;
         let txn = self.db().begin_read()?;
         let Some(entry) = txn
             .open_table(INDEX)?
@@ -824,7 +830,6 @@ impl Store {
         let Some(sealed) = table.get(row.as_str())? else {
             return Ok(None);
         };
-        let keys = self.keys.lock().map_err(|_| poisoned())?;
         open_value(&keys, &row, sealed.value()).map(Some)
     }
 
