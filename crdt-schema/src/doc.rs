@@ -410,6 +410,22 @@ pub struct HistoryEntry {
     pub from: Option<String>,
 }
 
+/// The note of the newest change at the document's heads (by its timestamp, then its hash): who
+/// made the change a node just received, and on which node. None when no head carries a note
+/// (genesis only, or a change from outside peerconf).
+pub fn latest_note(doc: &mut AutoCommit) -> Option<ChangeNote> {
+    let heads = doc.get_heads();
+    heads
+        .iter()
+        .filter_map(|h| {
+            let meta = doc.get_change_meta_by_hash(h)?;
+            let note: ChangeNote = serde_json::from_str(meta.message.as_deref()?).ok()?;
+            Some(((meta.timestamp, *h), note))
+        })
+        .max_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, note)| note)
+}
+
 /// Every change of the document after genesis, in causal order.
 pub fn history(doc: &mut AutoCommit) -> Vec<HistoryEntry> {
     let genesis = ActorId::from(GENESIS_ACTOR.as_slice());

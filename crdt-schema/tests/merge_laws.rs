@@ -345,3 +345,45 @@ fn history_records_node_op_fields_and_time() {
     assert_eq!(h[1].node.as_deref(), Some("n"));
     assert_eq!(h[1].time_ms, 1);
 }
+
+/// `latest_note` names who made the newest change at the heads, and on which node: for a
+/// linear history its last change, for concurrent heads the one with the later timestamp; a
+/// document with no note (genesis only) has none.
+#[test]
+fn the_latest_note_names_the_newest_change_at_the_heads() {
+    let by = |d: &mut AutoCommit, node: &str, who: &str, home: &str, t: i64| {
+        let values = crdt_schema::validate_write(
+            Kind::User,
+            &json!({ "home_dir": home }),
+            WriteMode::Patch,
+            true,
+        )
+        .unwrap();
+        let note = ChangeNote {
+            node: node.into(),
+            op: "patch".into(),
+            by: Some(who.into()),
+            ..Default::default()
+        };
+        let edit = Edit {
+            alive: Some(true),
+            values: &values,
+        };
+        doc::apply(d, Kind::User, &edit, &note, t).unwrap();
+    };
+    let mut a = user_doc(1);
+    assert_eq!(doc::latest_note(&mut a), None, "genesis carries no note");
+    by(&mut a, "n1", "alice", "/one", 10);
+    by(&mut a, "n1", "bob", "/two", 20);
+    let n = doc::latest_note(&mut a).expect("a note");
+    assert_eq!((n.node.as_str(), n.by.as_deref()), ("n1", Some("bob")));
+    let mut b = a.fork();
+    b.set_actor(ActorId::from(vec![2; 16]));
+    by(&mut a, "n1", "carol", "/a", 30);
+    by(&mut b, "n2", "dave", "/b", 40);
+    for mut m in [merged(&a, &b), merged(&b, &a)] {
+        assert_eq!(m.get_heads().len(), 2);
+        let n = doc::latest_note(&mut m).expect("a note");
+        assert_eq!((n.node.as_str(), n.by.as_deref()), ("n2", Some("dave")));
+    }
+}

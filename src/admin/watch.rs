@@ -4,7 +4,8 @@
 //!
 //! - Each event: `id:` its number in the node's change feed ([`crate::store::feed`]), `event:`
 //!   `put` or `delete`, `data:` one line of JSON: `seq`, `kind`, `name`, `origin` (`local`, or
-//!   the peer it came from), `by` where known, and `entity` as `GET /v1/entities/{kind}/{name}`
+//!   the node that made it, from the change's note; the peer that sent it where no note says),
+//!   `by` where known (the principal, for peers' changes too), and `entity` as `GET /v1/entities/{kind}/{name}`
 //!   reads it when the event is sent (null once deleted). Secrets are never in it.
 //! - Resume: `Last-Event-ID` (or `?since=SEQ`) replays the feed rows after it, then follows live
 //!   events, skipping any the replay already sent: the live subscription starts before the
@@ -150,9 +151,10 @@ fn event_text(node: &Node, who: &Caller, ev: &ChangeEvent) -> Option<String> {
     if !who.may_see(ev.kind, &ev.name, &fields) {
         return None;
     }
+    // The node that made the change: its note says so; else the peer that sent it.
     let origin = match &ev.origin {
         Origin::Local => "local".to_string(),
-        Origin::Remote { peer } => peer.clone(),
+        Origin::Remote { peer } => ev.made_on.clone().unwrap_or_else(|| peer.clone()),
     };
     let head = json!({
         "seq": ev.seq,

@@ -25,7 +25,11 @@ pub struct ChangeEvent {
     pub alive: bool,
     #[serde(flatten)]
     pub origin: Origin,
-    /// Who asked for it, when it was made on this node through a principal.
+    /// The node that made a change a peer sent, as the change's note names it (the sending peer
+    /// may only have passed it on). None for local changes and where no note says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub made_on: Option<String>,
+    /// Who asked for it: the principal of a change made here, or the one a peer's change names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
     /// The entity's public JSON as this change left it (as `GET` reads it), when alive: a live
