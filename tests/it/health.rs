@@ -426,14 +426,24 @@ fn example_server() -> PathBuf {
         "the example server {} does not exist: it is built by `cargo nextest run` / `cargo test` without a target filter, or by `cargo build --examples` (a run filtered with `--test it` does not build it)",
         p.display()
     );
-    // Built by an earlier build than the peerconf binary under test: it would test old code.
+    // Built before the library it links was last rebuilt: it would test old code. (Linked after
+    // the library in every build that builds it; how long after depends on the machine's load.)
     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).unwrap();
-    let lag = mtime(bin)
-        .duration_since(mtime(&p))
-        .unwrap_or(Duration::ZERO);
+    let newest_lib = std::fs::read_dir(bin.parent().unwrap().join("deps"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("libpeerconf-") && n.ends_with(".rlib")
+        })
+        .filter_map(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .max()
+        .unwrap_or_else(|| mtime(bin));
     assert!(
-        lag < Duration::from_secs(60),
-        "the example server {} is {lag:?} older than {BIN}: it comes from an earlier build (a run filtered with `--test it` does not rebuild it); run `cargo build --examples` first",
+        mtime(&p) >= newest_lib,
+        "the example server {} is older than the peerconf library: it comes from an earlier build (a run filtered with `--test it` does not rebuild it); run `cargo build --examples` first",
         p.display()
     );
     p
