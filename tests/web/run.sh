@@ -2,9 +2,9 @@
 # The web console and the Setup UI in a real browser (tests/web/console.spec.mjs): forms
 # generated from the schema, errors next to their fields, roles, conflicts, history, lists that
 # follow the watch stream, the Setup UI's refusals. Starts a two-node cluster with the CLI (and a
-# third node's `peerconf setup`) on loopback in a temporary folder, installs @playwright/test there
-# (node_modules cached in target/web-node-modules), uses Debian's chromium, and stops every process
-# it started. PEERCONF_BIN names the binary (default: target/release/peerconf, built if missing).
+# third node's `peerconf setup`) on loopback in a temporary folder, installs @playwright/test from
+# the lockfile (node_modules cached in target/web-node-modules), uses Debian's chromium, and stops
+# every process it started. PEERCONF_BIN names the binary (default: target/release/peerconf, built if missing).
 # A screenshot of each page is written to PEERCONF_SCREENSHOTS (default: target/web-screenshots),
 # which CI keeps as an artifact.
 set -euo pipefail
@@ -65,10 +65,12 @@ for _ in $(seq 100); do grep -qEo 'https?://[^ ]+' "$WORK/n3.log" && break; slee
 N3_SETUP=$(grep -Eo 'https?://[^ ]+' "$WORK/n3.log" | head -1)
 N3_TOKEN=$(pc "$N1" token create 2>/dev/null | tail -1)
 
+# The npm packages exactly as tests/web/package-lock.json names them (npm ci), installed again
+# when the lockfile changes.
 mods=$root/target/web-node-modules
-if [[ ! -d $mods/node_modules/@playwright/test ]]; then
-  mkdir -p "$mods"; cp tests/web/package.json "$mods/"
-  (cd "$mods" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --no-audit --no-fund --silent)
+if [[ ! -d $mods/node_modules/@playwright/test ]] || ! cmp -s tests/web/package-lock.json "$mods/package-lock.json"; then
+  rm -rf "$mods"; mkdir -p "$mods"; cp tests/web/package.json tests/web/package-lock.json "$mods/"
+  (cd "$mods" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --silent)
 fi
 cp tests/web/playwright.config.mjs tests/web/console.spec.mjs "$WORK/"
 ln -s "$mods/node_modules" "$WORK/node_modules"
