@@ -367,3 +367,37 @@ fn the_cli_waits_for_a_starting_node_and_reports_other_refusals_at_once() {
     );
     assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+/// Promise: a client command whose reader goes away (`peerconf list group | head -1`) ends
+/// quietly, like other Unix tools, instead of panicking on the broken pipe (seen as "failed
+/// printing to stdout: Broken pipe" in an acceptance run that piped `history` into `grep -q`).
+#[test]
+fn a_closed_stdout_ends_a_client_command_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n");
+    let api = init(&dir, "n");
+    let d = Daemon::start(&dir, &api);
+    let o = d.cli(&["put", "group", "g", "--json", r#"{"description":"x"}"#]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut child = Command::new(BIN)
+        .env("XDG_CONFIG_HOME", cli_config_dir())
+        .env("PEERCONF_TOKEN", token_for(&api).expect("a token"))
+        .args(["--api", &format!("http://{api}"), "list", "group"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // The reading end closes before the command prints anything.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?}: {err}",
+        out.status
+    );
+}

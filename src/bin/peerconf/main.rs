@@ -18,6 +18,24 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let cli = cli::Cli::parse();
+    // A client command whose reader goes away (`peerconf history user bob | grep -q ops`) ends
+    // quietly, as Unix tools do, instead of panicking in `println!` on EPIPE. Rust ignores
+    // SIGPIPE so that writes to a closed socket return EPIPE; the commands that serve (run,
+    // setup, demo, bench) keep that. Sockets are written with MSG_NOSIGNAL on Linux, so for the
+    // others only stdout and stderr raise the signal.
+    #[cfg(unix)]
+    if !matches!(
+        cli.command,
+        cli::Command::Run { .. }
+            | cli::Command::Setup { .. }
+            | cli::Command::Demo { .. }
+            | cli::Command::Bench { .. }
+    ) {
+        // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // The demo's nodes start together and briefly miss each other: their logs would bury what a
     // newcomer needs (PEERCONF_LOG still shows them).
     let default_filter = if matches!(cli.command, cli::Command::Demo { .. }) {
