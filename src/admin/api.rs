@@ -278,9 +278,13 @@ async fn hygiene(State(hosts): State<Arc<Hosts>>, req: Request, next: Next) -> R
     next.run(req).await
 }
 
+/// How long a watch stream asked for while the node starts waits for it to serve.
+pub const WATCH_START_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The API before and after the node is ready: until [`Gate::open`], `/livez` answers 200 and
 /// every other route 503 (`recovering`), so supervisors see the process alive while its store
-/// recovers and load balancers keep traffic away.
+/// recovers and load balancers keep traffic away. `GET /v1/watch` waits for the node first, up to
+/// [`WATCH_START_WAIT`].
 #[derive(Clone, Default)]
 pub struct Gate {
     ready: Arc<std::sync::OnceLock<Router>>,
@@ -296,6 +300,15 @@ impl Gate {
         Router::new().fallback(move |req: Request| {
             let ready = ready.clone();
             async move {
+                // A watcher that connects while the node starts (an EventSource reconnecting to
+                // a restarted node, a tool started with the node) gets its stream once the node
+                // serves, rather than a 503 it must retry: it waits up to WATCH_START_WAIT.
+                if ready.get().is_none() && req.uri().path() == "/v1/watch" {
+                    let deadline = tokio::time::Instant::now() + WATCH_START_WAIT;
+                    while ready.get().is_none() && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                }
                 match ready.get() {
                     Some(r) => {
                         use tower::ServiceExt;
@@ -1662,6 +1675,31 @@ mod tests {
         assert_eq!(resp.headers()["retry-after"], "1");
         gate.open(Router::new().route("/readyz", get_route()));
         assert_eq!(status_of(&app, "/readyz").await, StatusCode::IM_A_TEAPOT);
+    }
+
+    /// A watch stream asked for while the node starts waits for the node, and is then the
+    /// node's; every other route still answers 503 at once.
+    #[tokio::test]
+    async fn a_watch_asked_for_while_the_node_starts_waits_for_it() {
+        let gate = Gate::default();
+        let app = gate.router();
+        let t0 = tokio::time::Instant::now();
+        let waiting = tokio::spawn({
+            let app = app.clone();
+            async move { status_of(&app, "/v1/watch").await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        assert_eq!(
+            status_of(&app, "/v1/status").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert!(
+            !waiting.is_finished(),
+            "the watch did not wait for the node"
+        );
+        gate.open(Router::new().route("/v1/watch", get_route()));
+        assert_eq!(waiting.await.expect("joined"), StatusCode::IM_A_TEAPOT);
+        assert!(t0.elapsed() < WATCH_START_WAIT);
     }
 
     fn get_route() -> axum::routing::MethodRouter {
