@@ -12,9 +12,12 @@
 //!   replay reads the store, so nothing falls between them. A position the node cannot replay
 //!   from (older than the rows kept, from before an unclean stop, or not yet reached) gets a
 //!   first `event: reset`, and the stream goes on from now: the client re-lists.
-//! - A reader that falls [`STREAM_BUFFER`] events behind live changes is sent `reset` and
-//!   closed; a writer never waits for a reader (the node's change feed is a broadcast channel
-//!   and each stream copies from it into its own bounded buffer).
+//! - A reader that falls [`STREAM_BUFFER_BYTES`] of events behind live changes is sent `reset`
+//!   and closed; a writer never waits for a reader (the node's change feed is a broadcast channel
+//!   and each stream copies from it into its own bounded buffer). The feeder takes every event
+//!   already published at once into one chunk, so a commit of many changes (a peer's push of
+//!   hundreds of documents) costs one write to the socket, and a reader that keeps up is never
+//!   reset for the size of one commit. The bound is in bytes, the memory a stream may hold.
 //! - `: keep-alive` comments every [`KEEP_ALIVE`].
 
 use super::auth::Caller;
@@ -24,11 +27,18 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use crdt_schema::Kind;
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
-/// Events a stream holds for a slow reader before it is reset.
-pub const STREAM_BUFFER: usize = 256;
+/// Bytes of events a stream holds for a slow reader before it is reset: 4,096 events of 256
+/// bytes, as many as the node's change feed keeps for a lagging stream
+/// ([`crate::node::state::EVENTS_MAX`]).
+pub const STREAM_BUFFER_BYTES: usize = 1 << 20;
+/// Chunks a stream's buffer holds (a bound the byte budget normally reaches first).
+const STREAM_CHUNKS: usize = 4096;
+/// Events published together go out in chunks of about this size.
+const CHUNK_BYTES: usize = 64 << 10;
 /// A comment line this often keeps proxies and clients from closing an idle stream.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Feed rows read from the store at a time while replaying.
@@ -202,7 +212,8 @@ impl Drop for Open {
 pub fn stream(node: Node, who: Caller, q: WatchQuery) -> Response {
     // Subscribed before anything is read: every change committed from now on reaches `live`.
     let live = node.subscribe();
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(STREAM_BUFFER);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(STREAM_CHUNKS);
+    let held = std::sync::Arc::new(AtomicUsize::new(0));
     // The last words of a stream the feeder ended (a reset), sent once the buffer is read.
     let tail: Tail = Default::default();
     tokio::spawn(feed(
@@ -213,18 +224,23 @@ pub fn stream(node: Node, who: Caller, q: WatchQuery) -> Response {
         Out {
             tx,
             tail: tail.clone(),
+            held: held.clone(),
         },
     ));
-    let body = futures_util::stream::unfold((rx, tail), |(mut rx, tail)| async move {
-        let b = match rx.recv().await {
-            Some(b) => {
-                METRICS.buffered.fetch_sub(1, Relaxed);
-                b
-            }
-            None => Bytes::from(tail.lock().ok()?.take()?),
-        };
-        METRICS.bytes.fetch_add(b.len() as u64, Relaxed);
-        Some((Ok::<_, std::convert::Infallible>(b), (rx, tail)))
+    let body = futures_util::stream::unfold((rx, tail), move |(mut rx, tail)| {
+        let held = held.clone();
+        async move {
+            let b = match rx.recv().await {
+                Some(c) => {
+                    METRICS.buffered.fetch_sub(c.events as i64, Relaxed);
+                    held.fetch_sub(c.bytes.len(), Relaxed);
+                    c.bytes
+                }
+                None => Bytes::from(tail.lock().ok()?.take()?),
+            };
+            METRICS.bytes.fetch_add(b.len() as u64, Relaxed);
+            Some((Ok::<_, std::convert::Infallible>(b), (rx, tail)))
+        }
     });
     (
         StatusCode::OK,
@@ -239,17 +255,32 @@ pub fn stream(node: Node, who: Caller, q: WatchQuery) -> Response {
 
 type Tail = std::sync::Arc<std::sync::Mutex<Option<String>>>;
 
-/// Where a stream's feeder writes: the bounded buffer, and the tail read after it.
+/// Text of `events` events (or none: a comment) that goes out as one write.
+struct Chunk {
+    bytes: Bytes,
+    events: usize,
+}
+
+/// Where a stream's feeder writes: the bounded buffer, the bytes it holds, and the tail read
+/// after it.
 struct Out {
-    tx: tokio::sync::mpsc::Sender<Bytes>,
+    tx: tokio::sync::mpsc::Sender<Chunk>,
     tail: Tail,
+    held: std::sync::Arc<AtomicUsize>,
 }
 
 /// Sends `text` into the stream, waiting for room (replay); false once the reader is gone.
 async fn send_wait(out: &Out, text: String) -> bool {
+    let len = text.len();
     METRICS.buffered.fetch_add(1, Relaxed);
-    if out.tx.send(Bytes::from(text)).await.is_err() {
+    out.held.fetch_add(len, Relaxed);
+    let chunk = Chunk {
+        bytes: Bytes::from(text),
+        events: 1,
+    };
+    if out.tx.send(chunk).await.is_err() {
         METRICS.buffered.fetch_sub(1, Relaxed);
+        out.held.fetch_sub(len, Relaxed);
         return false;
     }
     true
@@ -323,56 +354,96 @@ async fn feed(
     let mut tick = tokio::time::interval(KEEP_ALIVE);
     tick.reset();
     loop {
-        let ev = tokio::select! {
+        let first = tokio::select! {
             r = live.recv() => r,
             _ = tick.tick() => {
-                if !push(tx, ": keep-alive\n\n".to_string()) {
+                match offer(tx, ": keep-alive\n\n".to_string(), 0) {
+                    Offered::Gone => return,
+                    Offered::Taken | Offered::NoRoom => continue,
+                }
+            }
+        };
+        // This event and every one published with it, as one chunk.
+        let mut text = String::new();
+        let mut events = 0;
+        let mut next = first;
+        let end = loop {
+            let ev = match next {
+                Ok(ev) => ev,
+                Err(e) => break Some(e),
+            };
+            if ev.seq > last {
+                last = ev.seq;
+                if q.wants(&ev) {
+                    if let Some(t) = event_text(&node, &who, &ev) {
+                        METRICS.events.fetch_add(1, Relaxed);
+                        text.push_str(&t);
+                        events += 1;
+                    }
+                }
+            }
+            if text.len() >= CHUNK_BYTES {
+                break None;
+            }
+            next = match live.try_recv() {
+                Ok(ev) => Ok(ev),
+                Err(TryRecvError::Empty) => break None,
+                Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                Err(TryRecvError::Closed) => Err(RecvError::Closed),
+            };
+        };
+        if events > 0 {
+            match offer(tx, text, events) {
+                Offered::Taken => {}
+                Offered::Gone => return,
+                Offered::NoRoom => {
+                    overflow(tx, last);
                     return;
                 }
-                continue;
             }
-        };
-        let ev = match ev {
-            Ok(ev) => ev,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+        }
+        match end {
+            None => {}
+            Some(RecvError::Lagged(_)) => {
                 overflow(tx, last);
                 return;
             }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        };
-        if ev.seq <= last {
-            continue;
-        }
-        last = ev.seq;
-        if !q.wants(&ev) {
-            continue;
-        }
-        let Some(t) = event_text(&node, &who, &ev) else {
-            continue;
-        };
-        METRICS.events.fetch_add(1, Relaxed);
-        match tx.tx.try_send(Bytes::from(t)) {
-            Ok(()) => {
-                METRICS.buffered.fetch_add(1, Relaxed);
-            }
-            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                overflow(tx, last);
-                return;
-            }
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return,
+            Some(RecvError::Closed) => return,
         }
     }
 }
 
-/// Queues `text` if there is room; false once the reader is gone or the buffer is full.
-fn push(out: &Out, text: String) -> bool {
-    match out.tx.try_send(Bytes::from(text)) {
-        Ok(()) => {
-            METRICS.buffered.fetch_add(1, Relaxed);
-            true
+enum Offered {
+    Taken,
+    /// The stream holds [`STREAM_BUFFER_BYTES`] already (or its chunk count is reached).
+    NoRoom,
+    /// The reader is gone.
+    Gone,
+}
+
+/// Queues `text` (`events` events) if the stream has room for it, without waiting.
+fn offer(out: &Out, text: String, events: usize) -> Offered {
+    let len = text.len();
+    if out.held.load(Relaxed) + len > STREAM_BUFFER_BYTES {
+        return Offered::NoRoom;
+    }
+    let chunk = Chunk {
+        bytes: Bytes::from(text),
+        events,
+    };
+    // Counted before the reader can take it, so that its decrement never comes first.
+    out.held.fetch_add(len, Relaxed);
+    METRICS.buffered.fetch_add(events as i64, Relaxed);
+    match out.tx.try_send(chunk) {
+        Ok(()) => Offered::Taken,
+        Err(e) => {
+            out.held.fetch_sub(len, Relaxed);
+            METRICS.buffered.fetch_sub(events as i64, Relaxed);
+            match e {
+                tokio::sync::mpsc::error::TrySendError::Full(_) => Offered::NoRoom,
+                tokio::sync::mpsc::error::TrySendError::Closed(_) => Offered::Gone,
+            }
         }
-        Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => true,
-        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
     }
 }
 
