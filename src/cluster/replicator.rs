@@ -14,7 +14,7 @@ use crate::net::ipc::{CallError, PeerClient};
 use crate::node::state::{LinkWork, PeerInbox};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -35,6 +35,8 @@ pub struct Inbox {
     tx: mpsc::UnboundedSender<Mail>,
     /// The link's [`PeerLink::accepting`], as of its last step.
     accepting: AtomicBool,
+    /// The link's [`PeerLink::backlog`], as of its last step.
+    backlog: AtomicUsize,
 }
 
 impl Inbox {
@@ -44,6 +46,7 @@ impl Inbox {
             Arc::new(Inbox {
                 tx,
                 accepting: AtomicBool::new(true),
+                backlog: AtomicUsize::new(0),
             }),
             rx,
         )
@@ -60,6 +63,9 @@ impl PeerInbox for Inbox {
     }
     fn deliver(&self, work: LinkWork) {
         let _ = self.tx.send(Mail::Work(work));
+    }
+    fn backlog(&self) -> usize {
+        self.backlog.load(Ordering::Relaxed)
     }
 }
 
@@ -86,7 +92,13 @@ pub async fn run(
     loop {
         if let Some(i) = input.take() {
             let outputs = step(&state, &mut link, i);
-            inbox.accepting.store(link.accepting(), Ordering::Relaxed);
+            let accepting = link.accepting();
+            let backlog = link.backlog();
+            let was_accepting = inbox.accepting.swap(accepting, Ordering::Relaxed);
+            let was = inbox.backlog.swap(backlog, Ordering::Relaxed);
+            if backlog < was || (was_accepting && !accepting) {
+                node.published().peers.room_made();
+            }
             for o in outputs {
                 carry_out(&state, &peer, o, &mut client, &mut call, &mut jobs).await;
             }

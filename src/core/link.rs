@@ -281,6 +281,16 @@ impl PeerLink {
         !self.failing && self.ready.len() < READY_MAX
     }
 
+    /// Messages the peer has not answered yet: ready ones, and those of the push or sync
+    /// exchange on the wire. The node paces local writes by it.
+    pub fn backlog(&self) -> usize {
+        self.ready.len()
+            + match &self.job {
+                Job::Push { ids, .. } | Job::Sync { ids, .. } => ids.len(),
+                _ => 0,
+            }
+    }
+
     /// Whether anything is under way or waiting.
     pub fn idle(&self) -> bool {
         matches!(self.job, Job::Idle) && self.ready.is_empty() && self.dirty.is_empty()
@@ -800,11 +810,13 @@ mod tests {
         let (t1, req) = sent(&out).expect("pushed at once");
         assert!(matches!(req, Request::Sync { msgs } if msgs.len() == 1));
         // While it is on the wire, more pushes wait.
+        assert_eq!(link.backlog(), 1, "the push on the wire is unanswered");
         let out = w.step(&mut link, Input::Ready(vec![ready("user/b")]));
         assert!(
             sent(&out).is_none(),
             "a second request while one is in flight"
         );
+        assert_eq!(link.backlog(), 2, "one on the wire, one waiting");
         let out = w.step(
             &mut link,
             Input::Answer {
@@ -812,8 +824,17 @@ mod tests {
                 resp: Response::Sync { msgs: vec![] },
             },
         );
-        let (_, req) = sent(&out).expect("the next push follows the answer");
+        let (t2, req) = sent(&out).expect("the next push follows the answer");
         assert!(matches!(req, Request::Sync { msgs } if msgs[0].0 == "user/b"));
+        assert_eq!(link.backlog(), 1, "the answered push no longer counts");
+        w.step(
+            &mut link,
+            Input::Answer {
+                token: t2,
+                resp: Response::Sync { msgs: vec![] },
+            },
+        );
+        assert_eq!(link.backlog(), 0);
     }
 
     #[test]

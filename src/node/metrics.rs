@@ -32,6 +32,9 @@ pub struct NodeMetrics {
     pub remote_changes: Family<PeerLabel, Counter>,
     /// Peers' sync messages and documents refused (malformed, or not of their kind).
     pub rejected: Family<PeerLabel, Counter>,
+    /// Local writes that waited for a peer's link to catch up, and the seconds they waited.
+    pub paced: Counter,
+    pub paced_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for NodeMetrics {
@@ -45,6 +48,8 @@ impl Default for NodeMetrics {
             batch_seconds: Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
             remote_changes: Family::default(),
             rejected: Family::default(),
+            paced: Counter::default(),
+            paced_seconds: Counter::default(),
         }
     }
 }
@@ -88,6 +93,16 @@ impl NodeMetrics {
             "peerconf_peer_rejections",
             "Peers' sync messages and documents refused (malformed, not of their layout, or holding a secret value)",
             self.rejected.clone(),
+        );
+        r.register(
+            "peerconf_writes_paced",
+            "Local writes that waited for a peer's link to catch up",
+            self.paced.clone(),
+        );
+        r.register(
+            "peerconf_writes_paced_seconds",
+            "Seconds local writes waited for peers' links to catch up",
+            self.paced_seconds.clone(),
         );
     }
 }

@@ -34,15 +34,71 @@ pub trait PeerInbox: Send + Sync {
     /// Whether it takes ready messages now (else the driver lists documents instead).
     fn accepting(&self) -> bool;
     fn deliver(&self, work: LinkWork);
+    /// Messages handed to the link that its peer has not answered yet: waiting, or on the wire
+    /// (0 where the link does not count them).
+    fn backlog(&self) -> usize {
+        0
+    }
 }
 
 /// The links to peers, registered by whoever runs them.
 #[derive(Default)]
 pub struct Peers {
     map: Mutex<BTreeMap<String, Arc<dyn PeerInbox>>>,
+    /// Woken when a link's backlog shrank or it stopped taking messages.
+    room: tokio::sync::Notify,
+    /// A wait ran out with no link making room: a link is stuck (its peer silent, its request
+    /// not yet timed out), and writes do not wait again until a link makes room.
+    stalled: std::sync::atomic::AtomicBool,
 }
 
 impl Peers {
+    /// Whether every link that takes messages has at most `max` unanswered.
+    pub fn caught_up(&self, max: usize) -> bool {
+        self.lock()
+            .values()
+            .all(|i| !i.accepting() || i.backlog() <= max)
+    }
+
+    /// Called by a link whose backlog shrank or that stopped taking messages.
+    pub fn room_made(&self) {
+        self.stalled
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.room.notify_waiters();
+    }
+
+    /// Waits until [`Peers::caught_up`] with `max`, or for `at_most`; true when caught up.
+    /// Pacing only: a write that waited the whole time goes ahead like any other, and so do the
+    /// writes after it without waiting, until a link makes room again: a link whose peer went
+    /// silent costs the writes of that moment `at_most` once, not each write until its request
+    /// times out.
+    pub async fn wait_for_room(&self, max: usize, at_most: std::time::Duration) -> bool {
+        if self.caught_up(max) {
+            return true;
+        }
+        if self.stalled.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + at_most;
+        loop {
+            // Registered before the check, so that a wake-up between the two is not lost.
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.caught_up(max) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let caught_up = self.caught_up(max);
+                if !caught_up {
+                    self.stalled
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                return caught_up;
+            }
+        }
+    }
+
     pub fn register(&self, peer: &str, inbox: Arc<dyn PeerInbox>) {
         self.lock().insert(peer.to_string(), inbox);
     }
@@ -113,5 +169,97 @@ impl Published {
 
     pub fn members(&self) -> Vec<Member> {
         self.members.borrow().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    struct Link {
+        accepting: AtomicBool,
+        backlog: AtomicUsize,
+    }
+
+    impl PeerInbox for Link {
+        fn accepting(&self) -> bool {
+            self.accepting.load(Ordering::SeqCst)
+        }
+        fn deliver(&self, _work: LinkWork) {}
+        fn backlog(&self) -> usize {
+            self.backlog.load(Ordering::SeqCst)
+        }
+    }
+
+    fn peers(backlog: usize, accepting: bool) -> (Arc<Peers>, Arc<Link>) {
+        let peers = Arc::new(Peers::default());
+        let link = Arc::new(Link {
+            accepting: AtomicBool::new(accepting),
+            backlog: AtomicUsize::new(backlog),
+        });
+        peers.register("b", link.clone());
+        (peers, link)
+    }
+
+    /// Promise: a write waits while a link that takes messages is over the bound, goes on as
+    /// soon as the link says it caught up, and never waits past the cap; a link that takes no
+    /// messages (its peer down or failing) is not waited for.
+    #[tokio::test(start_paused = true)]
+    async fn writes_wait_for_a_link_that_is_behind_and_no_longer_than_the_cap() {
+        let cap = Duration::from_millis(100);
+        let (p, link) = peers(300, true);
+        assert!(!p.caught_up(256));
+        let waiting = tokio::spawn({
+            let p = p.clone();
+            async move { p.wait_for_room(256, cap).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiting.is_finished(),
+            "went ahead while the link was behind"
+        );
+        link.backlog.store(10, Ordering::SeqCst);
+        p.room_made();
+        let t = tokio::time::Instant::now();
+        assert!(waiting.await.expect("joined"), "caught up");
+        assert_eq!(t.elapsed(), Duration::ZERO, "woken at once by the link");
+
+        // A link that never catches up costs the cap, then the write goes on; the writes after
+        // it do not wait, until the link makes room again.
+        let (p, link) = peers(300, true);
+        let t = tokio::time::Instant::now();
+        assert!(!p.wait_for_room(256, cap).await);
+        assert_eq!(t.elapsed(), cap);
+        assert!(!p.wait_for_room(256, cap).await);
+        assert_eq!(t.elapsed(), cap, "waited again for a stuck link");
+        link.backlog.store(290, Ordering::SeqCst);
+        p.room_made();
+        let t = tokio::time::Instant::now();
+        assert!(!p.wait_for_room(256, cap).await);
+        assert_eq!(
+            t.elapsed(),
+            cap,
+            "a link that made room is waited for again"
+        );
+
+        // A link that takes no messages is not waited for, however far behind.
+        let (p, _link) = peers(100_000, false);
+        assert!(p.caught_up(256));
+        let t = tokio::time::Instant::now();
+        assert!(p.wait_for_room(256, cap).await);
+        assert_eq!(t.elapsed(), Duration::ZERO);
+
+        // Nor one that stops taking messages while the write waits.
+        let (p, link) = peers(300, true);
+        let waiting = tokio::spawn({
+            let p = p.clone();
+            async move { p.wait_for_room(256, cap).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        link.accepting.store(false, Ordering::SeqCst);
+        p.room_made();
+        assert!(waiting.await.expect("joined"));
     }
 }
