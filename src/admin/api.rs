@@ -1758,6 +1758,41 @@ mod tests {
             .map(|x| x.parse().expect("an event number"))
             .collect();
         assert_eq!(ids, (0..1000).map(|i| base + i).collect::<Vec<_>>());
+
+        // One event larger than the whole buffer still reaches a reader that keeps up.
+        let big: std::sync::Arc<[u8]> = serde_json::to_vec(&json!({
+            "kind": "group", "name": "big", "fields": {"description": "y".repeat(3 << 20)}
+        }))
+        .expect("json")
+        .into();
+        let ev = crate::node::ChangeEvent {
+            seq: base + 1000,
+            kind: Kind::Group,
+            name: "big".into(),
+            alive: true,
+            origin: crate::node::Origin::Local,
+            made_on: None,
+            by: None,
+            entity: Some(big),
+        };
+        node.published().events.send(ev).expect("subscribed");
+        let mut rest = String::new();
+        while !rest.contains("\n\n") {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+                .await
+                .expect("the large event within 10 s")
+                .expect("the stream goes on")
+                .expect("a frame");
+            if let Ok(data) = frame.into_data() {
+                rest.push_str(std::str::from_utf8(&data).expect("utf-8"));
+            }
+        }
+        assert!(
+            rest.starts_with(&format!("id: {}\nevent: put\n", base + 1000)),
+            "{}",
+            &rest[..100.min(rest.len())]
+        );
+        assert!(rest.len() > 3 << 20, "the whole event");
     }
 
     fn get_route() -> axum::routing::MethodRouter {

@@ -421,10 +421,13 @@ enum Offered {
     Gone,
 }
 
-/// Queues `text` (`events` events) if the stream has room for it, without waiting.
+/// Queues `text` (`events` events) if the stream has room for it, without waiting. An empty
+/// buffer takes any chunk, so that an event larger than the bound (an entity near the 4 MiB
+/// body limit) reaches a reader that keeps up.
 fn offer(out: &Out, text: String, events: usize) -> Offered {
     let len = text.len();
-    if out.held.load(Relaxed) + len > STREAM_BUFFER_BYTES {
+    let held = out.held.load(Relaxed);
+    if held > 0 && held + len > STREAM_BUFFER_BYTES {
         return Offered::NoRoom;
     }
     let chunk = Chunk {
