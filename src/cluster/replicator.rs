@@ -97,7 +97,7 @@ pub async fn run(
             let was_accepting = inbox.accepting.swap(accepting, Ordering::Relaxed);
             let was = inbox.backlog.swap(backlog, Ordering::Relaxed);
             if backlog < was || (was_accepting && !accepting) {
-                node.published().peers.room_made();
+                node.published().peers.room_made(&peer.id);
             }
             for o in outputs {
                 carry_out(&state, &peer, o, &mut client, &mut call, &mut jobs).await;

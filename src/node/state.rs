@@ -47,37 +47,40 @@ pub struct Peers {
     map: Mutex<BTreeMap<String, Arc<dyn PeerInbox>>>,
     /// Woken when a link's backlog shrank or it stopped taking messages.
     room: tokio::sync::Notify,
-    /// A wait ran out with no link making room: a link is stuck (its peer silent, its request
-    /// not yet timed out), and writes do not wait again until a link makes room.
-    stalled: std::sync::atomic::AtomicBool,
+    /// Links a wait ran out on: stuck (the peer silent, its request not yet timed out). Writes
+    /// do not wait for them again until they make room.
+    stalled: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Peers {
-    /// Whether every link that takes messages has at most `max` unanswered.
+    /// Whether every link that takes messages has at most `max` unanswered, leaving out the
+    /// links a wait ran out on.
     pub fn caught_up(&self, max: usize) -> bool {
+        let stalled = self.stalled();
         self.lock()
-            .values()
-            .all(|i| !i.accepting() || i.backlog() <= max)
+            .iter()
+            .all(|(p, i)| !i.accepting() || i.backlog() <= max || stalled.contains(p))
     }
 
-    /// Called by a link whose backlog shrank or that stopped taking messages.
-    pub fn room_made(&self) {
-        self.stalled
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+    /// Called by the link to `peer` when its backlog shrank or it stopped taking messages.
+    pub fn room_made(&self, peer: &str) {
+        {
+            let mut stalled = self.stalled();
+            if !stalled.is_empty() {
+                stalled.remove(peer);
+            }
+        }
         self.room.notify_waiters();
     }
 
     /// Waits until [`Peers::caught_up`] with `max`, or for `at_most`; true when caught up.
-    /// Pacing only: a write that waited the whole time goes ahead like any other, and so do the
-    /// writes after it without waiting, until a link makes room again: a link whose peer went
-    /// silent costs the writes of that moment `at_most` once, not each write until its request
-    /// times out.
+    /// Pacing only: a write that waited the whole time goes ahead like any other. The links
+    /// still behind then count as stalled, and no write waits for them again until they make
+    /// room: a peer gone silent costs the writes of that moment `at_most` once, not every write
+    /// until its request times out, whatever the other links do.
     pub async fn wait_for_room(&self, max: usize, at_most: std::time::Duration) -> bool {
         if self.caught_up(max) {
             return true;
-        }
-        if self.stalled.load(std::sync::atomic::Ordering::Relaxed) {
-            return false;
         }
         let deadline = tokio::time::Instant::now() + at_most;
         loop {
@@ -89,11 +92,14 @@ impl Peers {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                let caught_up = self.caught_up(max);
-                if !caught_up {
-                    self.stalled
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
-                }
+                let behind: Vec<String> = self
+                    .lock()
+                    .iter()
+                    .filter(|(_, i)| i.accepting() && i.backlog() > max)
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                let caught_up = behind.is_empty();
+                self.stalled().extend(behind);
                 return caught_up;
             }
         }
@@ -110,6 +116,9 @@ impl Peers {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+    fn stalled(&self) -> MutexGuard<'_, std::collections::BTreeSet<String>> {
+        self.stalled.lock().unwrap_or_else(|p| p.into_inner())
     }
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Arc<dyn PeerInbox>>> {
         // A panic while holding this lock left a map, which is still a map.
@@ -221,7 +230,7 @@ mod tests {
             "went ahead while the link was behind"
         );
         link.backlog.store(10, Ordering::SeqCst);
-        p.room_made();
+        p.room_made("b");
         let t = tokio::time::Instant::now();
         assert!(waiting.await.expect("joined"), "caught up");
         assert_eq!(t.elapsed(), Duration::ZERO, "woken at once by the link");
@@ -232,10 +241,10 @@ mod tests {
         let t = tokio::time::Instant::now();
         assert!(!p.wait_for_room(256, cap).await);
         assert_eq!(t.elapsed(), cap);
-        assert!(!p.wait_for_room(256, cap).await);
+        assert!(p.wait_for_room(256, cap).await, "the stuck link is left out");
         assert_eq!(t.elapsed(), cap, "waited again for a stuck link");
         link.backlog.store(290, Ordering::SeqCst);
-        p.room_made();
+        p.room_made("b");
         let t = tokio::time::Instant::now();
         assert!(!p.wait_for_room(256, cap).await);
         assert_eq!(
@@ -259,7 +268,34 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
         link.accepting.store(false, Ordering::SeqCst);
-        p.room_made();
+        p.room_made("b");
+        assert!(waiting.await.expect("joined"));
+
+        // A stuck link stays out of the reckoning while another link keeps making room.
+        let (p, _stuck) = peers(300, true);
+        let busy = Arc::new(Link {
+            accepting: AtomicBool::new(true),
+            backlog: AtomicUsize::new(0),
+        });
+        p.register("c", busy.clone());
+        let t = tokio::time::Instant::now();
+        assert!(!p.wait_for_room(256, cap).await);
+        assert_eq!(t.elapsed(), cap);
+        p.room_made("c");
+        assert!(p.wait_for_room(256, cap).await);
+        assert_eq!(t.elapsed(), cap, "waited again for the stuck link");
+        busy.backlog.store(300, Ordering::SeqCst);
+        let waiting = tokio::spawn({
+            let p = p.clone();
+            async move { p.wait_for_room(256, cap).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the link that makes room is still waited for"
+        );
+        busy.backlog.store(0, Ordering::SeqCst);
+        p.room_made("c");
         assert!(waiting.await.expect("joined"));
     }
 }
