@@ -241,7 +241,10 @@ mod tests {
         let t = tokio::time::Instant::now();
         assert!(!p.wait_for_room(256, cap).await);
         assert_eq!(t.elapsed(), cap);
-        assert!(p.wait_for_room(256, cap).await, "the stuck link is left out");
+        assert!(
+            p.wait_for_room(256, cap).await,
+            "the stuck link is left out"
+        );
         assert_eq!(t.elapsed(), cap, "waited again for a stuck link");
         link.backlog.store(290, Ordering::SeqCst);
         p.room_made("b");
