@@ -1709,7 +1709,6 @@ mod tests {
     /// with 64 writers lost the rest of its stream on member 3.)
     #[tokio::test]
     async fn a_commit_of_a_thousand_changes_reaches_a_reader_that_keeps_up() {
-        use http_body_util::BodyExt;
         let (app, node, _dir) = app().await;
         let req = axum::http::Request::builder()
             .uri("/v1/watch?kind=group")
@@ -1740,18 +1739,11 @@ mod tests {
                 .send(ev)
                 .expect("the stream is subscribed");
         }
-        let mut text = String::new();
-        while text.matches("event: put").count() < 1000 {
-            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
-                .await
-                .expect("events within 10 s")
-                .expect("the stream goes on")
-                .expect("a frame");
-            if let Ok(data) = frame.into_data() {
-                text.push_str(std::str::from_utf8(&data).expect("utf-8"));
-            }
-            assert!(!text.contains("event: reset"), "the reader was reset");
-        }
+        let text = read_until(&mut body, |t| {
+            t.contains("event: reset") || t.matches("event: put").count() >= 1000
+        })
+        .await;
+        assert!(!text.contains("event: reset"), "the reader was reset");
         let ids: Vec<u64> = text
             .lines()
             .filter_map(|l| l.strip_prefix("id: "))
@@ -1776,23 +1768,30 @@ mod tests {
             entity: Some(big),
         };
         node.published().events.send(ev).expect("subscribed");
-        let mut rest = String::new();
-        while !rest.contains("\n\n") {
-            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
-                .await
-                .expect("the large event within 10 s")
-                .expect("the stream goes on")
-                .expect("a frame");
-            if let Ok(data) = frame.into_data() {
-                rest.push_str(std::str::from_utf8(&data).expect("utf-8"));
-            }
-        }
+        let rest = read_until(&mut body, |t| t.contains("\n\n")).await;
         assert!(
             rest.starts_with(&format!("id: {}\nevent: put\n", base + 1000)),
             "{}",
             &rest[..100.min(rest.len())]
         );
         assert!(rest.len() > 3 << 20, "the whole event");
+    }
+
+    /// A streamed body's text, read until `done` says so (each frame within 10 s).
+    async fn read_until(body: &mut axum::body::Body, done: impl Fn(&str) -> bool) -> String {
+        use http_body_util::BodyExt;
+        let mut text = String::new();
+        while !done(&text) {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+                .await
+                .expect("a frame within 10 s")
+                .expect("the stream goes on")
+                .expect("a frame");
+            if let Ok(data) = frame.into_data() {
+                text.push_str(std::str::from_utf8(&data).expect("utf-8"));
+            }
+        }
+        text
     }
 
     fn get_route() -> axum::routing::MethodRouter {

@@ -227,20 +227,16 @@ pub fn stream(node: Node, who: Caller, q: WatchQuery) -> Response {
             held: held.clone(),
         },
     ));
-    let body = futures_util::stream::unfold((rx, tail), move |(mut rx, tail)| {
-        let held = held.clone();
-        async move {
-            let b = match rx.recv().await {
-                Some(c) => {
-                    METRICS.buffered.fetch_sub(c.events as i64, Relaxed);
-                    held.fetch_sub(c.bytes.len(), Relaxed);
-                    c.bytes
-                }
-                None => Bytes::from(tail.lock().ok()?.take()?),
-            };
-            METRICS.bytes.fetch_add(b.len() as u64, Relaxed);
-            Some((Ok::<_, std::convert::Infallible>(b), (rx, tail)))
-        }
+    let body = futures_util::stream::unfold((rx, tail, held), |(mut rx, tail, held)| async move {
+        let b = match rx.recv().await {
+            Some(c) => {
+                release(&held, &c);
+                c.bytes
+            }
+            None => Bytes::from(tail.lock().ok()?.take()?),
+        };
+        METRICS.bytes.fetch_add(b.len() as u64, Relaxed);
+        Some((Ok::<_, std::convert::Infallible>(b), (rx, tail, held)))
     });
     (
         StatusCode::OK,
@@ -269,21 +265,32 @@ struct Out {
     held: std::sync::Arc<AtomicUsize>,
 }
 
+/// `text` as a chunk counted as held: counted before the reader can take it, so that its
+/// release never comes first.
+fn hold(out: &Out, text: String, events: usize) -> Chunk {
+    out.held.fetch_add(text.len(), Relaxed);
+    METRICS.buffered.fetch_add(events as i64, Relaxed);
+    Chunk {
+        bytes: Bytes::from(text),
+        events,
+    }
+}
+
+/// Uncounts a chunk the reader took, or one that was not queued.
+fn release(held: &AtomicUsize, c: &Chunk) {
+    held.fetch_sub(c.bytes.len(), Relaxed);
+    METRICS.buffered.fetch_sub(c.events as i64, Relaxed);
+}
+
 /// Sends `text` into the stream, waiting for room (replay); false once the reader is gone.
 async fn send_wait(out: &Out, text: String) -> bool {
-    let len = text.len();
-    METRICS.buffered.fetch_add(1, Relaxed);
-    out.held.fetch_add(len, Relaxed);
-    let chunk = Chunk {
-        bytes: Bytes::from(text),
-        events: 1,
-    };
-    if out.tx.send(chunk).await.is_err() {
-        METRICS.buffered.fetch_sub(1, Relaxed);
-        out.held.fetch_sub(len, Relaxed);
-        return false;
+    match out.tx.send(hold(out, text, 1)).await {
+        Ok(()) => true,
+        Err(e) => {
+            release(&out.held, &e.0);
+            false
+        }
     }
-    true
 }
 
 /// Copies replayed and live events into one stream's buffer (see the module doc).
@@ -425,27 +432,19 @@ enum Offered {
 /// buffer takes any chunk, so that an event larger than the bound (an entity near the 4 MiB
 /// body limit) reaches a reader that keeps up.
 fn offer(out: &Out, text: String, events: usize) -> Offered {
-    let len = text.len();
     let held = out.held.load(Relaxed);
-    if held > 0 && held + len > STREAM_BUFFER_BYTES {
+    if held > 0 && held + text.len() > STREAM_BUFFER_BYTES {
         return Offered::NoRoom;
     }
-    let chunk = Chunk {
-        bytes: Bytes::from(text),
-        events,
-    };
-    // Counted before the reader can take it, so that its decrement never comes first.
-    out.held.fetch_add(len, Relaxed);
-    METRICS.buffered.fetch_add(events as i64, Relaxed);
-    match out.tx.try_send(chunk) {
+    match out.tx.try_send(hold(out, text, events)) {
         Ok(()) => Offered::Taken,
-        Err(e) => {
-            out.held.fetch_sub(len, Relaxed);
-            METRICS.buffered.fetch_sub(events as i64, Relaxed);
-            match e {
-                tokio::sync::mpsc::error::TrySendError::Full(_) => Offered::NoRoom,
-                tokio::sync::mpsc::error::TrySendError::Closed(_) => Offered::Gone,
-            }
+        Err(tokio::sync::mpsc::error::TrySendError::Full(c)) => {
+            release(&out.held, &c);
+            Offered::NoRoom
+        }
+        Err(tokio::sync::mpsc::error::TrySendError::Closed(c)) => {
+            release(&out.held, &c);
+            Offered::Gone
         }
     }
 }

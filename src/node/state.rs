@@ -64,12 +64,7 @@ impl Peers {
 
     /// Called by the link to `peer` when its backlog shrank or it stopped taking messages.
     pub fn room_made(&self, peer: &str) {
-        {
-            let mut stalled = self.stalled();
-            if !stalled.is_empty() {
-                stalled.remove(peer);
-            }
-        }
+        self.stalled().remove(peer);
         self.room.notify_waiters();
     }
 
@@ -79,9 +74,6 @@ impl Peers {
     /// room: a peer gone silent costs the writes of that moment `at_most` once, not every write
     /// until its request times out, whatever the other links do.
     pub async fn wait_for_room(&self, max: usize, at_most: std::time::Duration) -> bool {
-        if self.caught_up(max) {
-            return true;
-        }
         let deadline = tokio::time::Instant::now() + at_most;
         loop {
             // Registered before the check, so that a wake-up between the two is not lost.
@@ -202,6 +194,12 @@ mod tests {
         }
     }
 
+    /// A write's wait, running.
+    fn spawn_wait(p: &Arc<Peers>, cap: Duration) -> tokio::task::JoinHandle<bool> {
+        let p = p.clone();
+        tokio::spawn(async move { p.wait_for_room(256, cap).await })
+    }
+
     fn peers(backlog: usize, accepting: bool) -> (Arc<Peers>, Arc<Link>) {
         let peers = Arc::new(Peers::default());
         let link = Arc::new(Link {
@@ -220,10 +218,7 @@ mod tests {
         let cap = Duration::from_millis(100);
         let (p, link) = peers(300, true);
         assert!(!p.caught_up(256));
-        let waiting = tokio::spawn({
-            let p = p.clone();
-            async move { p.wait_for_room(256, cap).await }
-        });
+        let waiting = spawn_wait(&p, cap);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
             !waiting.is_finished(),
@@ -265,10 +260,7 @@ mod tests {
 
         // Nor one that stops taking messages while the write waits.
         let (p, link) = peers(300, true);
-        let waiting = tokio::spawn({
-            let p = p.clone();
-            async move { p.wait_for_room(256, cap).await }
-        });
+        let waiting = spawn_wait(&p, cap);
         tokio::time::sleep(Duration::from_millis(10)).await;
         link.accepting.store(false, Ordering::SeqCst);
         p.room_made("b");
@@ -288,10 +280,7 @@ mod tests {
         assert!(p.wait_for_room(256, cap).await);
         assert_eq!(t.elapsed(), cap, "waited again for the stuck link");
         busy.backlog.store(300, Ordering::SeqCst);
-        let waiting = tokio::spawn({
-            let p = p.clone();
-            async move { p.wait_for_room(256, cap).await }
-        });
+        let waiting = spawn_wait(&p, cap);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(
             !waiting.is_finished(),

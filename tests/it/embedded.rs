@@ -262,6 +262,65 @@ fn secrets_never_come_back() {
     node.shutdown();
 }
 
+/// A peer's link as the node's pacing sees it: how many messages it holds unanswered.
+struct Behind(std::sync::atomic::AtomicUsize);
+
+impl peerconf::node::state::PeerInbox for Behind {
+    fn accepting(&self) -> bool {
+        true
+    }
+    fn deliver(&self, _work: peerconf::node::state::LinkWork) {}
+    fn backlog(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Promise (issue 16, pacing): through the embedding API, a write waits while a peer's link
+/// holds more than `PEER_BACKLOG_MAX` unanswered messages, at most `PEER_WAIT_MAX`, and is then
+/// stored; the link counts as stalled and the next write does not wait, until the link makes
+/// room again. Waiting writes are counted in `/metrics`.
+#[test]
+fn a_write_waits_for_a_peer_that_is_behind_at_most_the_cap() {
+    use peerconf::node::{PEER_BACKLOG_MAX, PEER_WAIT_MAX};
+    let dir = tempfile::tempdir().unwrap();
+    let node = fresh(dir.path());
+    let link = std::sync::Arc::new(Behind(PEER_BACKLOG_MAX.into()));
+    node.published().peers.register("b", link.clone());
+    let paced = || node.published().metrics.paced.get();
+    rt().block_on(async {
+        node.put(Kind::Group, "at-the-bound", json!({}))
+            .await
+            .unwrap();
+        assert_eq!(paced(), 0, "a link at the bound is not waited for");
+
+        link.0.store(1000, std::sync::atomic::Ordering::SeqCst);
+        let t = std::time::Instant::now();
+        node.put(Kind::Group, "behind", json!({})).await.unwrap();
+        assert!(
+            t.elapsed() >= PEER_WAIT_MAX,
+            "went ahead of a link that is behind"
+        );
+        assert_eq!(paced(), 1);
+        assert!(
+            node.get(Kind::Group, "behind").unwrap().is_some(),
+            "stored after the wait"
+        );
+
+        node.put(Kind::Group, "stalled", json!({})).await.unwrap();
+        assert_eq!(paced(), 1, "waited again for a stalled link");
+
+        node.published().peers.room_made("b");
+        let t = std::time::Instant::now();
+        node.put(Kind::Group, "again", json!({})).await.unwrap();
+        assert!(
+            t.elapsed() >= PEER_WAIT_MAX,
+            "a link that made room is waited for again"
+        );
+        assert_eq!(paced(), 2);
+    });
+    node.shutdown();
+}
+
 #[test]
 fn change_feed_reports_committed_changes() {
     let dir = tempfile::tempdir().unwrap();
